@@ -1,0 +1,178 @@
+"""The ``unetlab`` command line. Heavy modules (torch, mlflow) are imported inside the commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from .errors import UnetlabError
+
+EPILOG = """examples:
+  unetlab plugins                                   what the installed plugins offer
+  unetlab validate experiments/concat_vs_add.yaml   check a file, list its resolved runs
+  unetlab summary experiments/seed_unet.yaml        parameters, GFLOPs and output shape per run
+  unetlab run experiments/concat_vs_add.yaml        train every run, log each to MLflow
+  unetlab compare experiments/concat_vs_add.yaml    variants side by side (mean +- std over seeds)
+  unetlab run FILE --set train.epochs=3 --set model.fusion=add
+"""
+
+
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key for every run (value read as YAML), e.g. train.epochs=3")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``unetlab`` command."""
+    parser = argparse.ArgumentParser(
+        prog="unetlab", description="Compare U-Net variants honestly: plugin-based experiments logged to MLflow.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("plugins", help="list plugins and the components they register")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--kind", help="only components of this kind")
+
+    p = sub.add_parser("validate", help="validate an experiment file and print its resolved runs")
+    p.add_argument("file")
+    _add_set(p)
+    p.add_argument("--json", action="store_true", help="print every run's resolved config as JSON")
+
+    p = sub.add_parser("summary", help="parameters, forward GFLOPs and output shape of every run's model")
+    p.add_argument("file")
+    _add_set(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"),
+                   help="input size (default: the dataset's image size)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``unetlab`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from . import __version__
+
+        print(f"unetlab {__version__}")
+        return 0
+    if not args.command:
+        parser.print_help()
+        return 0
+    handler = COMMANDS[args.command]
+    try:
+        return handler(args)
+    except UnetlabError as exc:
+        print(f"unetlab: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("unetlab: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `unetlab plugins | head`
+        return 0
+
+
+def _warn_broken(host) -> None:
+    for info in host.broken():
+        print(f"unetlab: warning: {info.error} (skipped; see 'unetlab plugins')", file=sys.stderr)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return repr(value)
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    """``unetlab plugins``: every plugin (broken ones marked) and its components by kind."""
+    from .plugins import default_host
+    from .registry import KINDS
+
+    host = default_host()
+    registry = host.registry
+    if args.kind and args.kind not in KINDS:
+        registry.list(args.kind)  # raises the did-you-mean error
+    report = []
+    for info in host.plugins.values():
+        components = [c for c in registry if c.plugin == info.name and (not args.kind or c.kind == args.kind)]
+        report.append({
+            "name": info.name, "distribution": info.distribution, "version": info.version,
+            "source": info.source, "first_party": info.first_party, "hooks": info.hooks,
+            "broken": info.broken, "error": info.error,
+            "components": [{
+                "kind": c.kind, "name": c.name, "description": c.description,
+                "params": [{"name": p.name, "type": p.type_name(), "required": p.required,
+                            "default": None if p.required else _jsonable(p.default)} for p in c.params],
+            } for c in components],
+        })
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    for plugin in report:
+        origin = f"{plugin['distribution']} {plugin['version']}" if plugin["distribution"] else "local"
+        tag = " [first-party]" if plugin["first_party"] else ""
+        status = "  BROKEN" if plugin["broken"] else ""
+        print(f"{plugin['name']}  ({origin}; {plugin['source']}){tag}{status}")
+        if plugin["broken"]:
+            print(f"    error: {plugin['error']}")
+        for c in plugin["components"]:
+            print(f"    {c['kind']:<11} {c['name']:<16} {c['description']}")
+            if c["params"]:
+                params = ", ".join(
+                    f"{p['name']}: {p['type']}" + ("" if p["required"] else f" = {json.dumps(p['default'])}")
+                    for p in c["params"])
+                print(f"    {'':<11} {'':<16} ({params})")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """``unetlab validate FILE``: load, expand and check every run; print the runs."""
+    from .experiment import load_experiment
+    from .plugins import default_host
+
+    host = default_host()
+    experiment = load_experiment(args.file, args.overrides, host=host)
+    _warn_broken(host)
+    if args.json:
+        print(json.dumps({"name": experiment.name, "runs": [
+            {"name": r.name, "variant": r.variant, "seed": r.seed, "config": _jsonable(r.config)}
+            for r in experiment.runs]}, indent=2))
+        return 0
+    print(f"{args.file}: OK, experiment '{experiment.name}', {len(experiment.runs)} run(s)")
+    for run in experiment.runs:
+        m = run.config["model"]
+        losses = "+".join(l["name"] if l["weight"] == 1.0 else f"{l['weight']:g}*{l['name']}"
+                          for l in run.config["train"]["loss"])
+        print(f"  {run.name:<32} encoder={m['encoder']['name']} upsampler={m['upsampler']['name']} "
+              f"fusion={m['fusion']['name']} loss={losses} epochs={run.config['train']['epochs']}")
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    """``unetlab summary FILE``: parameter count, GFLOPs per image and output shape per run."""
+    from .summary import summarise_experiment
+
+    rows = summarise_experiment(args.file, args.overrides, args.input_size)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'run':<32} {'params':>14} {'GFLOPs/img':>11}  input -> output")
+    for r in rows:
+        print(f"{r['run']:<32} {r['params']:>14,} {r['gflops']:>11.3f}  "
+              f"{'x'.join(map(str, r['input_shape']))} -> {'x'.join(map(str, r['output_shape']))}")
+    return 0
+
+
+COMMANDS = {"plugins": cmd_plugins, "validate": cmd_validate, "summary": cmd_summary}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

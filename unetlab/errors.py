@@ -1,0 +1,41 @@
+"""Errors that unetlab reports to users as one line (exit code 2), and the did-you-mean helper."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+__all__ = ["UnetlabError", "ConfigError", "PluginError", "did_you_mean", "known_list"]
+
+
+class UnetlabError(Exception):
+    """A problem the user can fix: the CLI prints its message on one line and exits with code 2."""
+
+
+class ConfigError(UnetlabError):
+    """An experiment file, a ``--set`` override or a component's parameters are invalid.
+
+    ``path`` is the dotted key path the problem is at (``model.encoder.depth``) and ``detail`` the
+    message without it; the experiment loader uses them to prefix the file and line.
+    """
+
+    def __init__(self, detail: str, path: str | None = None) -> None:
+        self.detail = detail
+        self.path = path
+        super().__init__(f"{path}: {detail}" if path else detail)
+
+
+class PluginError(UnetlabError):
+    """A plugin could not be loaded, or two plugins claim the same component name."""
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """Return ``"; did you mean 'x'?"`` for the closest choice to ``word``, or ``""`` when none is close."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def known_list(choices: Iterable[str]) -> str:
+    """Format names as ``a, b, c`` (sorted), or ``(none)`` when there are none."""
+    names = sorted(str(c) for c in choices)
+    return ", ".join(names) if names else "(none)"

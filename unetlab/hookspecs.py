@@ -1,0 +1,89 @@
+"""Hook specifications: what a unetlab plugin can implement.
+
+A plugin is a module (or object) with functions decorated by ``@unetlab.hookimpl`` whose names are
+the hooks below. Component hooks receive a ``register`` callback, in the style of llm's
+``register_models(register)``::
+
+    import unetlab
+
+    @unetlab.hookimpl
+    def register_fusions(register):
+        register("max", MaxFusion)            # description: first line of MaxFusion's docstring
+
+``register(name, factory, description=None)``: ``factory`` is a class or function; the parameters a
+user may set in an experiment file are read from its signature (names, defaults, type hints), minus
+the *contract arguments* that unetlab itself passes for that kind (see ``unetlab.registry.KINDS``).
+
+Lifecycle hooks are called during training with keyword arguments; an implementation may accept
+any subset of them (pluggy passes only the ones it names).
+
+Every hook here must be documented in ``docs/plugins.md`` with its exact signature: a test checks it.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("unetlab")
+hookimpl = pluggy.HookimplMarker("unetlab")
+
+
+# --- component hooks: one per kind --------------------------------------------------------------
+
+
+@hookspec
+def register_encoders(register):
+    """Register encoders: factory(in_channels, **params) -> nn.Module with ``out_channels`` per stage."""
+
+
+@hookspec
+def register_upsamplers(register):
+    """Register upsamplers: factory(in_channels, out_channels, scale, **params) -> nn.Module."""
+
+
+@hookspec
+def register_fusions(register):
+    """Register skip fusions: factory(skip_channels, up_channels, **params) -> nn.Module with ``out_channels``."""
+
+
+@hookspec
+def register_blocks(register):
+    """Register decoder blocks: factory(in_channels, out_channels, padding, **params) -> nn.Module."""
+
+
+@hookspec
+def register_initializers(register):
+    """Register weight initializers: factory(**params) -> callable(model) that initialises it in place."""
+
+
+@hookspec
+def register_losses(register):
+    """Register losses: factory(num_classes, **params) -> callable(logits, target) -> scalar tensor."""
+
+
+@hookspec
+def register_metrics(register):
+    """Register metrics: factory(num_classes, **params) -> object with reset(), update(logits, target), compute()."""
+
+
+@hookspec
+def register_datasets(register):
+    """Register datasets: factory(seed, **params) -> object with in_channels, num_classes and split(name)."""
+
+
+# --- lifecycle hooks: called by the trainer -------------------------------------------------------
+
+
+@hookspec
+def on_run_start(run_name, config, model, tracker):
+    """Called once when a run starts, after the model is built and before the first epoch."""
+
+
+@hookspec
+def on_epoch_end(run_name, epoch, metrics, model, tracker):
+    """Called after each epoch with that epoch's metrics dict (train and, when validated, val)."""
+
+
+@hookspec
+def on_run_end(run_name, status, metrics, model, tracker):
+    """Called once when a run ends with its final status (FINISHED, FAILED or KILLED) and last metrics."""

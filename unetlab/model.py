@@ -1,0 +1,172 @@
+"""Assemble a U-Net from registry components: encoder + per-level upsampler, fusion, decoder block + head.
+
+The builder knows only the contracts (see ``docs/plugins.md``), never a concrete component:
+
+- the encoder returns features finest -> coarsest and declares ``out_channels``, ``strides`` and
+  (optionally) ``padding``;
+- at each decoder level, coarsest first, the upsampler maps the current channels to the level's
+  decoder channels and doubles the size; the skip and the upsampled map are aligned (``same``: the
+  upsampled map is zero-padded to the skip's size, as the seed blog's ``F.pad``; ``valid``: the skip
+  is centre-cropped, the paper's "copy and crop"); the fusion combines them; the block refines;
+- a 1x1 conv head gives ``out_channels`` logits (1: binary, sigmoid; >1: classes, softmax).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError, UnetlabError
+from .registry import Registry
+
+__all__ = ["UNet", "build_unet", "output_shape", "count_parameters", "forward_flops"]
+
+
+class UNet(nn.Module):
+    """A U-Net made of plugin parts. ``forward(x)`` returns logits (N x out_channels x H' x W')."""
+
+    def __init__(self, encoder: nn.Module, upsamplers: list[nn.Module], fusions: list[nn.Module],
+                 blocks: list[nn.Module], head: nn.Module, padding: str = "same") -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.upsamplers = nn.ModuleList(upsamplers)
+        self.fusions = nn.ModuleList(fusions)
+        self.blocks = nn.ModuleList(blocks)
+        self.head = head
+        self.padding = padding
+        self.first_stride = int(getattr(encoder, "strides", [1])[0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[-2:]
+        features = self.encoder(x)
+        y = features[-1]
+        for i, (up, fuse, block) in enumerate(zip(self.upsamplers, self.fusions, self.blocks)):
+            skip = features[-2 - i]
+            y = up(y)
+            if self.padding == "valid":
+                skip = _center_crop(skip, y.shape[-2], y.shape[-1])
+            elif y.shape[-2:] != skip.shape[-2:]:
+                y = _pad_to(y, skip.shape[-2], skip.shape[-1])
+            y = block(fuse(skip, y))
+        y = self.head(y)
+        if self.first_stride > 1 and self.padding == "same":
+            y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+        return y
+
+
+def _center_crop(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    if x.shape[-2] < height or x.shape[-1] < width:
+        raise RuntimeError(f"skip of size {tuple(x.shape[-2:])} is smaller than the upsampled map "
+                           f"{(height, width)}")
+    top = (x.shape[-2] - height) // 2
+    left = (x.shape[-1] - width) // 2
+    return x[..., top:top + height, left:left + width]
+
+
+def _pad_to(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    dy, dx = height - x.shape[-2], width - x.shape[-1]
+    if dy < 0 or dx < 0:  # upsampled beyond the skip (odd sizes upstream): crop the excess
+        return _center_crop(x, min(height, x.shape[-2]), min(width, x.shape[-1]))
+    return F.pad(x, [dx // 2, dx - dx // 2, dy // 2, dy - dy // 2])
+
+
+def _params(spec: dict) -> dict:
+    return {k: v for k, v in spec.items() if k != "name"}
+
+
+def build_unet(model_config: dict, in_channels: int, out_channels: int, registry: Registry) -> UNet:
+    """Build a ``UNet`` from a resolved ``model`` section (components as ``{name, **params}``)."""
+    try:
+        encoder = registry.create("encoder", model_config["encoder"]["name"], in_channels=in_channels,
+                                  **_params(model_config["encoder"]))
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"cannot build encoder '{model_config['encoder']['name']}': {exc}",
+                          "model.encoder") from None
+    channels = list(getattr(encoder, "out_channels", []))
+    strides = list(getattr(encoder, "strides", [2 ** i for i in range(len(channels))]))
+    if not channels or len(strides) != len(channels):
+        raise UnetlabError(f"encoder '{model_config['encoder']['name']}' breaks the encoder contract: it must "
+                           "declare out_channels (one per stage) and strides of the same length")
+    padding = getattr(encoder, "padding", "same")
+    levels = len(channels) - 1
+    decoder_channels = model_config.get("decoder_channels") or list(reversed(channels[:-1]))
+    if len(decoder_channels) != levels:
+        raise ConfigError(f"needs {levels} values (one per decoder level, coarsest first), got "
+                          f"{len(decoder_channels)}", "model.decoder_channels")
+    upsamplers, fusions, blocks = [], [], []
+    current = channels[-1]
+    for i in range(levels):
+        skip_channels = channels[-2 - i]
+        scale = strides[-1 - i] // strides[-2 - i]
+        if scale < 2 or strides[-1 - i] % strides[-2 - i]:
+            raise UnetlabError(f"encoder '{model_config['encoder']['name']}' declares strides {strides}: "
+                               "each stage must downsample by an integer factor >= 2")
+        width = decoder_channels[i]
+        upsamplers.append(registry.create("upsampler", model_config["upsampler"]["name"], in_channels=current,
+                                          out_channels=width, scale=scale, **_params(model_config["upsampler"])))
+        fusion = registry.create("fusion", model_config["fusion"]["name"], skip_channels=skip_channels,
+                                 up_channels=width, **_params(model_config["fusion"]))
+        fused = getattr(fusion, "out_channels", None)
+        if not isinstance(fused, int):
+            raise UnetlabError(f"fusion '{model_config['fusion']['name']}' breaks the fusion contract: it must "
+                               "declare out_channels (an int)")
+        fusions.append(fusion)
+        blocks.append(registry.create("block", model_config["block"]["name"], in_channels=fused,
+                                      out_channels=width, padding=padding, **_params(model_config["block"])))
+        current = width
+    head = nn.Conv2d(current, out_channels, kernel_size=1)
+    model = UNet(encoder, upsamplers, fusions, blocks, head, padding)
+    initialise = registry.create("initializer", model_config["init"]["name"], **_params(model_config["init"]))
+    initialise(model)
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def output_shape(model: nn.Module, in_channels: int, height: int, width: int) -> tuple[int, ...]:
+    """The output shape (C, H', W') for one input image, found on the meta device (no compute).
+
+    Raises ``UnetlabError`` when the size cannot pass through the model (too small for its depth).
+    """
+    meta = copy.deepcopy(model).to("meta").eval()
+    try:
+        with torch.no_grad():
+            out = meta(torch.empty(1, in_channels, height, width, device="meta"))
+    except RuntimeError as exc:
+        raise UnetlabError(_size_error(model, height, width, exc)) from None
+    if out.shape[-2] <= 0 or out.shape[-1] <= 0:
+        raise UnetlabError(_size_error(model, height, width, None))
+    return tuple(out.shape[1:])
+
+
+def _size_error(model: nn.Module, height: int, width: int, exc: Exception | None) -> str:
+    depth = len(getattr(getattr(model, "encoder", None), "out_channels", [])) or "?"
+    padding = getattr(model, "padding", "same")
+    reason = f": {str(exc).splitlines()[0]}" if exc else ""
+    return (f"input size {height}x{width} is too small for a U-Net of depth {depth} with {padding} padding"
+            f"{reason}; use a larger image size or a smaller encoder depth")
+
+
+def forward_flops(model: nn.Module, in_channels: int, height: int, width: int) -> int:
+    """Forward FLOPs for one image (torch.utils.flop_counter: 2 per multiply-add), counted on meta tensors."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    meta = copy.deepcopy(model).to("meta").eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        meta(torch.empty(1, in_channels, height, width, device="meta"))
+    return int(counter.get_total_flops())
+
+
+def describe(model: nn.Module) -> dict[str, Any]:
+    """Parameter count and the encoder's declared channels and strides."""
+    enc = getattr(model, "encoder", None)
+    return {"params": count_parameters(model), "encoder_channels": list(getattr(enc, "out_channels", [])),
+            "strides": list(getattr(enc, "strides", []))}

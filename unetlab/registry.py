@@ -1,0 +1,161 @@
+"""The component registry: named factories of each kind, filled by plugins' ``register_*`` hooks."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .errors import ConfigError, PluginError, did_you_mean, known_list
+from .params import Param, check_value, read_params
+
+__all__ = ["Kind", "KINDS", "Component", "Registry"]
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A kind of component: its hook, the contract arguments unetlab passes, and what it builds."""
+
+    name: str
+    hook: str
+    contract_args: tuple[str, ...]
+    summary: str
+
+
+KINDS: dict[str, Kind] = {
+    k.name: k
+    for k in (
+        Kind("encoder", "register_encoders", ("in_channels",),
+             "nn.Module: image -> feature maps finest to coarsest; declares out_channels, strides, padding"),
+        Kind("upsampler", "register_upsamplers", ("in_channels", "out_channels", "scale"),
+             "nn.Module: doubles the spatial size and maps in_channels -> out_channels"),
+        Kind("fusion", "register_fusions", ("skip_channels", "up_channels"),
+             "nn.Module: (skip, up) of equal size -> fused map; declares out_channels"),
+        Kind("block", "register_blocks", ("in_channels", "out_channels", "padding"),
+             "nn.Module: the decoder block applied after fusion"),
+        Kind("initializer", "register_initializers", (),
+             "callable(model): initialises the model's weights in place"),
+        Kind("loss", "register_losses", ("num_classes",),
+             "callable(logits, target) -> scalar; target holds class indices"),
+        Kind("metric", "register_metrics", ("num_classes",),
+             "accumulator: reset(), update(logits, target), compute() -> dict of floats"),
+        Kind("dataset", "register_datasets", ("seed",),
+             "source with in_channels, num_classes and split('train'|'val'|'test') -> Dataset"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Component:
+    """A registered component: kind, name, factory, description, parameters and the plugin it came from."""
+
+    kind: str
+    name: str
+    factory: Callable[..., Any]
+    description: str
+    params: tuple[Param, ...]
+    plugin: str
+
+    def param(self, name: str) -> Param | None:
+        """The parameter called ``name``, or None."""
+        return next((p for p in self.params if p.name == name), None)
+
+    def check_params(self, values: Mapping[str, Any], where: str = "") -> dict[str, Any]:
+        """Validate user parameters and return them converted, defaults filled in.
+
+        ``where`` is the dotted key path of the component in the config, used in error messages.
+        Raises ``ConfigError`` naming the key path and the allowed parameters.
+        """
+        allowed = [p.name for p in self.params]
+        allowed_text = ", ".join(f"{p.name}: {p.type_name()}" for p in self.params) or "none"
+
+        def path(key: str) -> str:
+            return f"{where}.{key}" if where else key
+
+        resolved: dict[str, Any] = {}
+        for key, value in values.items():
+            param = self.param(key)
+            if param is None:
+                raise ConfigError(f"unknown parameter of {self.kind} '{self.name}'"
+                                  f"{did_you_mean(key, allowed)} (allowed: {allowed_text})", path(key))
+            try:
+                resolved[key] = check_value(value, param.annotation)
+            except TypeError as exc:
+                raise ConfigError(f"{exc} for {self.kind} '{self.name}' (allowed: {allowed_text})",
+                                  path(key)) from None
+        for p in self.params:
+            if p.name not in resolved:
+                if p.required:
+                    raise ConfigError(f"required parameter of {self.kind} '{self.name}' is missing "
+                                      f"(allowed: {allowed_text})", path(p.name))
+                resolved[p.name] = p.default
+        return resolved
+
+    def defaults(self) -> dict[str, Any]:
+        """The parameters that have defaults, with their default values."""
+        return {p.name: p.default for p in self.params if not p.required}
+
+
+@dataclass
+class Registry:
+    """All components by kind. Build it from plugins with ``unetlab.plugins.build_registry``."""
+
+    components: dict[str, dict[str, Component]] = field(
+        default_factory=lambda: {kind: {} for kind in KINDS}
+    )
+    broken_plugins: list[str] = field(default_factory=list)
+
+    def add(self, kind: str, name: str, factory: Callable[..., Any], description: str | None,
+            plugin: str) -> Component:
+        """Register ``factory`` under ``kind``/``name`` for ``plugin``; a duplicate name is a ``PluginError``."""
+        if kind not in KINDS:
+            raise PluginError(f"plugin '{plugin}': unknown component kind '{kind}'"
+                              f"{did_you_mean(kind, KINDS)} (kinds: {known_list(KINDS)})")
+        if not isinstance(name, str) or not name:
+            raise PluginError(f"plugin '{plugin}': a {kind} was registered with an invalid name {name!r}")
+        if not callable(factory):
+            raise PluginError(f"plugin '{plugin}': {kind} '{name}' has a factory that is not callable")
+        existing = self.components[kind].get(name)
+        if existing is not None:
+            raise PluginError(
+                f"{kind} '{name}' is registered twice: by plugin '{existing.plugin}' and by plugin '{plugin}'"
+            )
+        if description is None:
+            doc = (getattr(factory, "__doc__", None) or "").strip()
+            description = doc.splitlines()[0] if doc else ""
+        component = Component(kind, name, factory, description,
+                              read_params(factory, KINDS[kind].contract_args), plugin)
+        self.components[kind][name] = component
+        return component
+
+    def get(self, kind: str, name: str, where: str = "") -> Component:
+        """The component ``kind``/``name``; an unknown one is a ``ConfigError`` listing the known names."""
+        if kind not in KINDS:
+            raise ConfigError(f"unknown component kind '{kind}'{did_you_mean(kind, KINDS)} "
+                              f"(kinds: {known_list(KINDS)})")
+        known = self.components[kind]
+        if name not in known:
+            hint = (f"; note: plugin(s) failed to load: {', '.join(self.broken_plugins)}"
+                    if self.broken_plugins else "")
+            raise ConfigError(f"unknown {kind} '{name}'{did_you_mean(name, known)} "
+                              f"(known: {known_list(known)}){hint}", where or None)
+        return known[name]
+
+    def list(self, kind: str, pattern: str = "*") -> list[str]:
+        """Sorted names of ``kind`` matching the shell-style ``pattern`` (``'res*'``)."""
+        if kind not in KINDS:
+            raise ConfigError(f"unknown component kind '{kind}'{did_you_mean(kind, KINDS)} "
+                              f"(kinds: {known_list(KINDS)})")
+        return sorted(n for n in self.components[kind] if fnmatch.fnmatchcase(n, pattern))
+
+    def create(self, kind: str, name: str, /, **kwargs: Any) -> Any:
+        """Build ``kind``/``name``: contract arguments are passed through, user parameters are checked."""
+        component = self.get(kind, name)
+        contract = {k: v for k, v in kwargs.items() if k in KINDS[kind].contract_args}
+        user = {k: v for k, v in kwargs.items() if k not in KINDS[kind].contract_args}
+        return component.factory(**contract, **component.check_params(user))
+
+    def __iter__(self) -> Iterator[Component]:
+        for kind in KINDS:
+            yield from self.components[kind].values()

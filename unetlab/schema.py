@@ -1,0 +1,224 @@
+"""The experiment file's schema: every key, its type, default and meaning, in one table.
+
+Sections are dicts of ``Field``s. A field with ``kind`` is a component reference, written either as
+a name (``fusion: add``) or a mapping with ``name`` and parameters (``encoder: {name: classic,
+depth: 4}``); with ``many=True`` it is a list of them (``loss``, ``metrics``). ``validate_config``
+normalises a merged config against this table, fills defaults and checks every component against
+the registry.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Literal, Optional, Union
+
+from .errors import ConfigError, did_you_mean, known_list
+from .params import check_value
+from .registry import Registry
+
+__all__ = ["Field", "SCHEMA", "RUN_KEYS", "TOP_LEVEL_KEYS", "validate_config", "normalise_component",
+           "lookup_field", "iter_fields"]
+
+Auto = Literal["auto"]
+
+
+@dataclass(frozen=True)
+class Field:
+    """One key of an experiment file."""
+
+    annotation: Any
+    default: Any
+    doc: str
+    kind: str | None = None
+    many: bool = False
+
+
+Section = dict  # name -> Field | Section
+
+SCHEMA: Section = {
+    "name": Field(Optional[str], None, "MLflow experiment name; default: the file's stem"),
+    "description": Field(str, "", "free text, logged as the parent run's description"),
+    "data": {
+        "dataset": Field(None, "shapes", "the dataset component and its parameters", kind="dataset"),
+        "batch_size": Field(int, 8, "training batch size"),
+        "val_batch_size": Field(Optional[int], None, "validation batch size; default: batch_size"),
+        "num_workers": Field(int, 0, "DataLoader worker processes (0: load in the main process)"),
+        "pin_memory": Field(Union[bool, Auto], "auto", "pin host memory; auto: only when training on CUDA"),
+    },
+    "model": {
+        "in_channels": Field(Union[int, Auto], "auto", "input channels; auto: the dataset's"),
+        "out_channels": Field(Union[int, Auto], "auto",
+                              "1 = binary (sigmoid logits), >1 = classes (softmax logits); auto: the dataset's"),
+        "encoder": Field(None, "classic", "the encoder component", kind="encoder"),
+        "upsampler": Field(None, "bilinear", "the upsampler used at every decoder level", kind="upsampler"),
+        "fusion": Field(None, "concat", "how a skip meets the upsampled map", kind="fusion"),
+        "block": Field(None, "double_conv", "the decoder block after each fusion", kind="block"),
+        "init": Field(None, "default", "weight initialisation", kind="initializer"),
+        "decoder_channels": Field(Optional[list[int]], None,
+                                  "channels of each decoder level, coarsest first; default: the skip's"),
+    },
+    "train": {
+        "seed": Field(int, 0, "random seed (overridden per run by seeds:)"),
+        "epochs": Field(int, 10, "number of epochs"),
+        "max_steps": Field(Optional[int], None, "stop after this many optimizer steps (budget in steps)"),
+        "loss": Field(None, "bce", "loss, or a weighted list [{name: bce, weight: 0.5}, ...]", kind="loss",
+                      many=True),
+        "metrics": Field(None, ["iou", "dice"], "metrics computed on the validation set", kind="metric",
+                         many=True),
+        "optimizer": Field(Literal["adam", "adamw", "sgd"], "adam", "optimizer"),
+        "lr": Field(float, 1e-3, "learning rate"),
+        "weight_decay": Field(float, 0.0, "weight decay"),
+        "momentum": Field(float, 0.9, "momentum (sgd only)"),
+        "scheduler": Field(Literal["none", "cosine", "step", "plateau"], "none", "learning-rate schedule"),
+        "warmup_epochs": Field(int, 0, "linear warm-up epochs before the schedule"),
+        "step_size": Field(int, 10, "epochs between decays (scheduler: step)"),
+        "gamma": Field(float, 0.1, "decay factor (scheduler: step, plateau)"),
+        "patience": Field(int, 5, "epochs without improvement before decay (scheduler: plateau)"),
+        "grad_clip": Field(Optional[float], None, "clip the gradient norm to this value"),
+        "val_every": Field(int, 1, "validate every N epochs (and always after the last)"),
+        "monitor": Field(str, "val_iou", "metric that picks the best checkpoint and drives early stopping"),
+        "monitor_mode": Field(Literal["max", "min"], "max", "whether a larger monitor value is better"),
+        "early_stopping": Field(Optional[int], None, "stop after N validations without improvement"),
+        "device": Field(str, "auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps"),
+        "amp": Field(Literal["auto", "off", "bf16", "fp16"], "auto",
+                     "mixed precision; auto: bf16 on CUDA when supported, else fp16 with a grad scaler; off on CPU"),
+        "channels_last": Field(Union[bool, Auto], "auto", "channels_last memory format; auto: on for CUDA"),
+        "compile": Field(bool, False, "wrap the model with torch.compile"),
+        "deterministic": Field(bool, True, "deterministic algorithms: same config and seed, same metrics"),
+    },
+    "tracking": {
+        "uri": Field(Optional[str], None,
+                     "MLflow tracking URI; MLFLOW_TRACKING_URI wins; default: MLflow's (./mlflow.db)"),
+        "log_model": Field(bool, True, "log the best model with mlflow.pytorch.log_model"),
+        "checkpoint_dir": Field(str, ".unetlab/checkpoints",
+                                "where last/best checkpoints are written (relative to the working directory)"),
+        "figures": Field(bool, True, "log learning curves and a prediction figure"),
+    },
+}
+
+# Keys that are not part of a run's config but shape the expansion.
+TOP_LEVEL_KEYS: dict[str, str] = {
+    "plugins": "plugin files (.py, relative to the experiment file) or modules to load",
+    "variants": "named partial overrides: {name: {dotted.key: value, ...}}",
+    "matrix": "cartesian product: {dotted.key: [value, ...]}",
+    "seeds": "list of seeds (or a count N for seeds 0..N-1); every variant runs once per seed",
+}
+RUN_KEYS = tuple(SCHEMA)
+
+
+def iter_fields(section: Section = SCHEMA, prefix: str = ""):
+    """Yield ``(dotted_key, Field)`` for every field of the schema."""
+    for key, value in section.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from iter_fields(value, dotted + ".")
+        else:
+            yield dotted, value
+
+
+def lookup_field(parts: list[str]) -> tuple[Field | Section | None, int]:
+    """Walk the schema along ``parts``; return what was reached and how many parts it consumed.
+
+    Stops at a ``Field`` (parts after it address inside a component) or at an unknown key.
+    """
+    node: Any = SCHEMA
+    for i, part in enumerate(parts):
+        if not isinstance(node, dict) or part not in node:
+            return (node if isinstance(node, Field) else None), i
+        node = node[part]
+        if isinstance(node, Field):
+            return node, i + 1
+    return node, len(parts)
+
+
+def normalise_component(value: Any, field: Field, path: str) -> Any:
+    """``'add'`` -> ``{'name': 'add'}``; for ``many`` fields a list of such mappings."""
+    def one(v: Any, p: str) -> dict:
+        if isinstance(v, str):
+            return {"name": v}
+        if isinstance(v, dict):
+            if "name" not in v:
+                raise ConfigError(f"a {field.kind} needs a 'name' (a name or {{name: ..., param: ...}})", p)
+            return dict(v)
+        raise ConfigError(f"expected a {field.kind} name or a mapping with 'name', got {v!r}", p)
+
+    if field.many:
+        if isinstance(value, (str, dict)):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"expected a {field.kind} name or a list of them, got {value!r}", path)
+        return [one(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    return one(value, path)
+
+
+def defaults() -> dict:
+    """The config every run starts from: each field's default, components normalised."""
+    def build(section: Section, prefix: str) -> dict:
+        out = {}
+        for key, value in section.items():
+            if isinstance(value, dict):
+                out[key] = build(value, f"{prefix}{key}.")
+            elif value.kind:
+                out[key] = normalise_component(copy.deepcopy(value.default), value, prefix + key)
+            else:
+                out[key] = copy.deepcopy(value.default)
+        return out
+    return build(SCHEMA, "")
+
+
+def validate_config(config: dict, registry: Registry) -> dict:
+    """Check a merged run config against the schema and the registry; return it resolved.
+
+    Resolution converts values to their declared types and fills every component's parameter
+    defaults, so the result records exactly what ran. Raises ``ConfigError`` with the key path.
+    """
+    return _validate_section(config, SCHEMA, "", registry)
+
+
+def _validate_section(values: Any, section: Section, prefix: str, registry: Registry) -> dict:
+    if not isinstance(values, dict):
+        raise ConfigError(f"expected a mapping with keys {known_list(section)}, got {values!r}",
+                          prefix.rstrip(".") or None)
+    for key in values:
+        if key not in section:
+            raise ConfigError(f"unknown key{did_you_mean(key, section)} (allowed: {known_list(section)})",
+                              prefix + key)
+    out = {}
+    for key, spec in section.items():
+        path = prefix + key
+        value = values.get(key, spec.default if isinstance(spec, Field) else {})
+        if isinstance(spec, dict):
+            out[key] = _validate_section(value, spec, path + ".", registry)
+        elif spec.kind:
+            out[key] = _validate_components(value, spec, path, registry)
+        else:
+            try:
+                out[key] = check_value(value, spec.annotation)
+            except TypeError as exc:
+                raise ConfigError(f"{exc}", path) from None
+    return out
+
+
+def _validate_components(value: Any, spec: Field, path: str, registry: Registry) -> Any:
+    entries = normalise_component(value, spec, path)
+    items = entries if spec.many else [entries]
+    resolved = []
+    for i, entry in enumerate(items):
+        where = f"{path}[{i}]" if spec.many else path
+        name = entry.get("name")
+        if not isinstance(name, str):
+            raise ConfigError(f"expected a {spec.kind} name, got {name!r}", f"{where}.name")
+        component = registry.get(spec.kind, name, where=f"{where}.name" if spec.many else where)
+        params = {k: v for k, v in entry.items() if k != "name"}
+        weight = None
+        if spec.many and spec.kind == "loss":
+            weight = params.pop("weight", 1.0)
+            try:
+                weight = check_value(weight, float)
+            except TypeError as exc:
+                raise ConfigError(f"{exc}", f"{where}.weight") from None
+        checked = component.check_params(params, where=where)
+        item = {"name": name, **({"weight": weight} if weight is not None else {}), **checked}
+        resolved.append(item)
+    return resolved if spec.many else resolved[0]
