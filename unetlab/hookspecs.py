@@ -68,7 +68,12 @@ def register_metrics(register):
 
 @hookspec
 def register_datasets(register):
-    """Register datasets: factory(seed, **params) -> object with in_channels, num_classes and split(name)."""
+    """Register datasets: factory(**params) -> object with in_channels, num_classes, image_size, split(name)."""
+
+
+@hookspec
+def register_augmentations(register):
+    """Register augmentations: factory(**params) -> callable(images, masks, generator) -> (images, masks)."""
 
 
 # --- lifecycle hooks: called by the trainer -------------------------------------------------------

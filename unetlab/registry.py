@@ -40,8 +40,10 @@ KINDS: dict[str, Kind] = {
              "callable(logits, target) -> scalar; target holds class indices"),
         Kind("metric", "register_metrics", ("num_classes",),
              "accumulator: reset(), update(logits, target), compute() -> dict of floats"),
-        Kind("dataset", "register_datasets", ("seed",),
-             "source with in_channels, num_classes and split('train'|'val'|'test') -> Dataset"),
+        Kind("dataset", "register_datasets", (),
+             "source with in_channels, num_classes, image_size and split('train'|'val'|'test') -> Dataset"),
+        Kind("augmentation", "register_augmentations", (),
+             "callable(images, masks, generator) -> (images, masks), applied to training batches"),
     )
 }
 

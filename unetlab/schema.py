@@ -45,6 +45,8 @@ SCHEMA: Section = {
         "val_batch_size": Field(Optional[int], None, "validation batch size; default: batch_size"),
         "num_workers": Field(int, 0, "DataLoader worker processes (0: load in the main process)"),
         "pin_memory": Field(Union[bool, Auto], "auto", "pin host memory; auto: only when training on CUDA"),
+        "augment": Field(None, [], "augmentations applied to training batches, in order", kind="augmentation",
+                         many=True),
     },
     "model": {
         "in_channels": Field(Union[int, Auto], "auto", "input channels; auto: the dataset's"),

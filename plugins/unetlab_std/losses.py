@@ -1,0 +1,205 @@
+"""Standard losses, computed from logits in float32 (safe under mixed precision).
+
+Target: class indices (N x H x W, int64). Logits with one channel are binary (sigmoid, foreground =
+class 1); with C > 1 channels they are C classes (softmax). ``ignore_index`` pixels count nowhere.
+Region losses (dice, iou, tversky) sum over the whole batch per class, then average the classes.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+import unetlab
+
+
+def _valid(target: torch.Tensor, ignore_index: Optional[int]) -> torch.Tensor:
+    return torch.ones_like(target, dtype=torch.bool) if ignore_index is None else target != ignore_index
+
+
+def _probs_onehot(logits: torch.Tensor, target: torch.Tensor, ignore_index: Optional[int]):
+    """Probabilities and one-hot truth (N x K x H x W, float32) and the valid-pixel mask (N x 1 x H x W)."""
+    logits = logits.float()
+    valid = _valid(target, ignore_index).unsqueeze(1)
+    safe = torch.where(valid.squeeze(1), target, torch.zeros_like(target))
+    if logits.shape[1] == 1:
+        return torch.sigmoid(logits), (safe == 1).float().unsqueeze(1), valid
+    onehot = F.one_hot(safe, logits.shape[1]).permute(0, 3, 1, 2).float()
+    return torch.softmax(logits, dim=1), onehot, valid
+
+
+def _class_mean(values: torch.Tensor, class_weights: Optional[list[float]]) -> torch.Tensor:
+    if class_weights is None:
+        return values.mean()
+    w = torch.tensor(class_weights, dtype=values.dtype, device=values.device)
+    if w.numel() != values.numel():
+        raise ValueError(f"class_weights has {w.numel()} values, the model has {values.numel()} output channel(s)")
+    return (values * w).sum() / w.sum()
+
+
+def _region_counts(logits, target, ignore_index):
+    probs, truth, valid = _probs_onehot(logits, target, ignore_index)
+    probs, truth = probs * valid, truth * valid
+    dims = (0, 2, 3)
+    tp = (probs * truth).sum(dims)
+    fp = (probs * (1 - truth)).sum(dims)
+    fn = ((1 - probs) * truth).sum(dims)
+    return tp, fp, fn
+
+
+class BCELoss(torch.nn.Module):
+    """Binary cross-entropy with logits (one-vs-rest per channel when there are several)."""
+
+    def __init__(self, num_classes: int, pos_weight: Optional[float] = None, ignore_index: Optional[int] = None):
+        super().__init__()
+        self.pos_weight, self.ignore_index = pos_weight, ignore_index
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        _, truth, valid = _probs_onehot(logits, target, self.ignore_index)
+        pw = None if self.pos_weight is None else torch.tensor(self.pos_weight, device=logits.device)
+        per_pixel = F.binary_cross_entropy_with_logits(logits.float(), truth, reduction="none", pos_weight=pw)
+        valid = valid.expand_as(per_pixel).float()
+        return (per_pixel * valid).sum() / valid.sum().clamp_min(1)
+
+
+class CrossEntropyLoss(torch.nn.Module):
+    """Softmax cross-entropy (binary cross-entropy when the model has one output channel)."""
+
+    def __init__(self, num_classes: int, class_weights: Optional[list[float]] = None,
+                 ignore_index: Optional[int] = None, label_smoothing: float = 0.0):
+        super().__init__()
+        self.class_weights, self.ignore_index, self.label_smoothing = class_weights, ignore_index, label_smoothing
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if logits.shape[1] == 1:
+            return BCELoss(2, ignore_index=self.ignore_index)(logits, target)
+        w = None if self.class_weights is None else torch.tensor(self.class_weights, device=logits.device)
+        return F.cross_entropy(logits.float(), target, weight=w, label_smoothing=self.label_smoothing,
+                               ignore_index=-100 if self.ignore_index is None else self.ignore_index)
+
+
+class TverskyLoss(torch.nn.Module):
+    """1 - Tversky index TP / (TP + alpha FP + beta FN), soft, per class, averaged (Salehi et al. 2017)."""
+
+    def __init__(self, num_classes: int, alpha: float = 0.5, beta: float = 0.5, smooth: float = 1.0,
+                 class_weights: Optional[list[float]] = None, ignore_index: Optional[int] = None):
+        super().__init__()
+        self.alpha, self.beta, self.smooth = alpha, beta, smooth
+        self.class_weights, self.ignore_index = class_weights, ignore_index
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        tp, fp, fn = _region_counts(logits, target, self.ignore_index)
+        index = (tp + self.smooth) / (tp + self.alpha * fp + self.beta * fn + self.smooth)
+        return 1 - _class_mean(index, self.class_weights)
+
+
+def dice(num_classes: int, smooth: float = 1.0, class_weights: Optional[list[float]] = None,
+         ignore_index: Optional[int] = None) -> TverskyLoss:
+    """1 - soft Dice 2TP / (2TP + FP + FN) per class, averaged."""
+    return TverskyLoss(num_classes, 0.5, 0.5, smooth, class_weights, ignore_index)
+
+
+def iou(num_classes: int, smooth: float = 1.0, class_weights: Optional[list[float]] = None,
+        ignore_index: Optional[int] = None) -> TverskyLoss:
+    """1 - soft Jaccard TP / (TP + FP + FN) per class, averaged."""
+    return TverskyLoss(num_classes, 1.0, 1.0, smooth, class_weights, ignore_index)
+
+
+class BCEIoULoss(torch.nn.Module):
+    """The seed blog's loss: BCE - soft IoU + 1 (cross-entropy - mean soft IoU + 1 for several classes)."""
+
+    def __init__(self, num_classes: int, smooth: float = 1e-7, ignore_index: Optional[int] = None):
+        super().__init__()
+        self.ce = CrossEntropyLoss(num_classes, ignore_index=ignore_index)
+        self.iou = iou(num_classes, smooth=smooth, ignore_index=ignore_index)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.ce(logits, target) + self.iou(logits, target)  # CE - IoU + 1 == CE + (1 - IoU)
+
+
+class FocalLoss(torch.nn.Module):
+    """Focal loss -alpha_t (1 - p_t)^gamma log p_t (Lin et al. 2017), mean over valid pixels."""
+
+    def __init__(self, num_classes: int, gamma: float = 2.0, alpha: Optional[float] = 0.25,
+                 ignore_index: Optional[int] = None):
+        super().__init__()
+        self.gamma, self.alpha, self.ignore_index = gamma, alpha, ignore_index
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        valid = _valid(target, self.ignore_index)
+        safe = torch.where(valid, target, torch.zeros_like(target))
+        if logits.shape[1] == 1:
+            z = logits[:, 0]
+            y = (safe == 1).float()
+            log_pt = -F.binary_cross_entropy_with_logits(z, y, reduction="none")
+            alpha_t = None if self.alpha is None else self.alpha * y + (1 - self.alpha) * (1 - y)
+        else:
+            log_pt = F.log_softmax(logits, dim=1).gather(1, safe.unsqueeze(1)).squeeze(1)
+            alpha_t = None if self.alpha is None else torch.full_like(log_pt, self.alpha)
+        loss = -((1 - log_pt.exp()) ** self.gamma) * log_pt
+        if alpha_t is not None:
+            loss = alpha_t * loss
+        valid = valid.float()
+        return (loss * valid).sum() / valid.sum().clamp_min(1)
+
+
+def _lovasz_grad(sorted_truth: torch.Tensor) -> torch.Tensor:
+    """Gradient of the Lovasz extension of the Jaccard loss w.r.t. sorted errors (Berman et al. 2018)."""
+    gts = sorted_truth.sum()
+    intersection = gts - sorted_truth.cumsum(0)
+    union = gts + (1 - sorted_truth).cumsum(0)
+    jaccard = 1.0 - intersection / union
+    if sorted_truth.numel() > 1:
+        jaccard[1:] = jaccard[1:] - jaccard[:-1]
+    return jaccard
+
+
+class LovaszLoss(torch.nn.Module):
+    """Lovasz loss (Berman et al. 2018): hinge for binary logits, softmax for several classes."""
+
+    def __init__(self, num_classes: int, per_image: bool = False, ignore_index: Optional[int] = None):
+        super().__init__()
+        self.per_image, self.ignore_index = per_image, ignore_index
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        if self.per_image:
+            return torch.stack([self._flat(l.unsqueeze(0), t.unsqueeze(0)) for l, t in zip(logits, target)]).mean()
+        return self._flat(logits, target)
+
+    def _flat(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        valid = _valid(target, self.ignore_index).reshape(-1)
+        if logits.shape[1] == 1:
+            z = logits.reshape(-1)[valid]
+            y = (target.reshape(-1)[valid] == 1).float()
+            if z.numel() == 0:
+                return logits.sum() * 0
+            errors = 1 - z * (2 * y - 1)
+            errors_sorted, order = torch.sort(errors, descending=True)
+            return torch.dot(F.relu(errors_sorted), _lovasz_grad(y[order]))
+        probs = torch.softmax(logits, 1).permute(0, 2, 3, 1).reshape(-1, logits.shape[1])[valid]
+        labels = target.reshape(-1)[valid]
+        losses = []
+        for c in range(logits.shape[1]):
+            fg = (labels == c).float()
+            if fg.sum() == 0:  # classes absent from the batch are skipped ("present" classes)
+                continue
+            errors = (fg - probs[:, c]).abs()
+            errors_sorted, order = torch.sort(errors, descending=True)
+            losses.append(torch.dot(errors_sorted, _lovasz_grad(fg[order])))
+        return torch.stack(losses).mean() if losses else logits.sum() * 0
+
+
+@unetlab.hookimpl
+def register_losses(register):
+    register("bce", BCELoss)
+    register("cross_entropy", CrossEntropyLoss)
+    register("dice", dice)
+    register("iou", iou)
+    register("bce_iou", BCEIoULoss)
+    register("focal", FocalLoss)
+    register("tversky", TverskyLoss)
+    register("lovasz", LovaszLoss)

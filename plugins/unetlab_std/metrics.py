@@ -1,0 +1,196 @@
+"""Standard metrics, accumulated over a whole validation set (never a mean of per-batch ratios).
+
+Predictions: one logit channel -> class 1 where the logit > 0; C channels -> argmax. Binary tasks
+report the foreground class. Multi-class tasks report every class (``<metric>_c<k>``) and the mean
+over classes (background excluded unless ``include_background``).
+
+Empty-mask convention: a class that is absent from both truth and prediction over the whole set has
+an undefined ratio (0/0); it is left out of the mean, and a score with no defined class is 1.0
+(nothing to find and nothing found is a perfect result). ``hd95``: see ``HD95``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+
+import unetlab
+
+
+def predictions(logits: torch.Tensor) -> torch.Tensor:
+    """Class indices predicted from logits (N x H x W)."""
+    if logits.shape[1] == 1:
+        return (logits[:, 0] > 0).long()
+    return logits.argmax(dim=1)
+
+
+class ConfusionMetric:
+    """Accumulates a K x K confusion matrix (rows: truth, columns: prediction) and derives a score from it."""
+
+    key = "confusion"
+
+    def __init__(self, num_classes: int, include_background: bool = False, ignore_index: Optional[int] = None):
+        self.num_classes = max(int(num_classes), 2)
+        self.include_background = include_background
+        self.ignore_index = ignore_index
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything accumulated."""
+        self.matrix = torch.zeros(self.num_classes, self.num_classes, dtype=torch.float64)
+
+    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        """Add one batch (logits N x C x H x W, target N x H x W class indices)."""
+        pred = predictions(logits.detach()).reshape(-1)
+        truth = target.detach().reshape(-1)
+        keep = (truth >= 0) & (truth < self.num_classes)
+        if self.ignore_index is not None:
+            keep &= truth != self.ignore_index
+        index = truth[keep] * self.num_classes + pred[keep].clamp(0, self.num_classes - 1)
+        counts = torch.bincount(index, minlength=self.num_classes ** 2)
+        self.matrix += counts.reshape(self.num_classes, self.num_classes).to("cpu", torch.float64)
+
+    def counts(self):
+        """True positives, false positives and false negatives per class."""
+        tp = self.matrix.diag()
+        return tp, self.matrix.sum(0) - tp, self.matrix.sum(1) - tp
+
+    def per_class(self) -> torch.Tensor:  # overridden
+        raise NotImplementedError
+
+    def compute(self) -> dict[str, float]:
+        """This metric's value (and per-class values for several classes)."""
+        values = self.per_class()
+        if self.num_classes == 2:
+            v = values[1].item()
+            return {self.key: 1.0 if math.isnan(v) else v}
+        first = 0 if self.include_background else 1
+        chosen = values[first:]
+        defined = chosen[~torch.isnan(chosen)]
+        out = {self.key: defined.mean().item() if defined.numel() else 1.0}
+        out.update({f"{self.key}_c{k}": values[k].item() for k in range(self.num_classes)})
+        return out
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    return torch.where(den > 0, num / den.clamp_min(1e-300), torch.full_like(num, float("nan")))
+
+
+class IoU(ConfusionMetric):
+    """Intersection over union (Jaccard): TP / (TP + FP + FN)."""
+
+    key = "iou"
+
+    def per_class(self) -> torch.Tensor:
+        tp, fp, fn = self.counts()
+        return _ratio(tp, tp + fp + fn)
+
+
+class Dice(ConfusionMetric):
+    """Dice (F1): 2TP / (2TP + FP + FN)."""
+
+    key = "dice"
+
+    def per_class(self) -> torch.Tensor:
+        tp, fp, fn = self.counts()
+        return _ratio(2 * tp, 2 * tp + fp + fn)
+
+
+class Precision(ConfusionMetric):
+    """Precision: TP / (TP + FP)."""
+
+    key = "precision"
+
+    def per_class(self) -> torch.Tensor:
+        tp, fp, _ = self.counts()
+        return _ratio(tp, tp + fp)
+
+
+class Recall(ConfusionMetric):
+    """Recall (sensitivity): TP / (TP + FN)."""
+
+    key = "recall"
+
+    def per_class(self) -> torch.Tensor:
+        tp, _, fn = self.counts()
+        return _ratio(tp, tp + fn)
+
+
+class Accuracy(ConfusionMetric):
+    """Pixel accuracy: correctly classified pixels / all (non-ignored) pixels."""
+
+    key = "accuracy"
+
+    def compute(self) -> dict[str, float]:
+        total = self.matrix.sum().item()
+        return {self.key: self.matrix.trace().item() / total if total else 1.0}
+
+
+def _surface_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Distances from each boundary pixel of ``a`` to the nearest boundary pixel of ``b``."""
+    from scipy import ndimage
+
+    boundary_a = a & ~ndimage.binary_erosion(a, border_value=0)
+    boundary_b = b & ~ndimage.binary_erosion(b, border_value=0)
+    distance_to_b = ndimage.distance_transform_edt(~boundary_b)
+    return distance_to_b[boundary_a]
+
+
+def hausdorff95(pred: np.ndarray, truth: np.ndarray) -> float:
+    """95th-percentile symmetric Hausdorff distance (pixels) between two binary masks.
+
+    Both empty: 0.0. Exactly one empty: the image diagonal (the worst possible distance), so that a
+    missed or hallucinated object is penalised rather than silently skipped.
+    """
+    pred, truth = pred.astype(bool), truth.astype(bool)
+    if not pred.any() and not truth.any():
+        return 0.0
+    if not pred.any() or not truth.any():
+        return float(math.hypot(*pred.shape))
+    return float(max(np.percentile(_surface_distances(pred, truth), 95),
+                     np.percentile(_surface_distances(truth, pred), 95)))
+
+
+class HD95:
+    """95th-percentile Hausdorff distance (pixels), per image and class, averaged over images (lower is better)."""
+
+    def __init__(self, num_classes: int, include_background: bool = False):
+        self.num_classes = max(int(num_classes), 2)
+        self.include_background = include_background
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything accumulated."""
+        self.values: dict[int, list[float]] = {k: [] for k in range(self.num_classes)}
+
+    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        """Add one batch: a distance per image and class."""
+        pred = predictions(logits.detach()).cpu().numpy()
+        truth = target.detach().cpu().numpy()
+        classes = range(0 if self.include_background else 1, self.num_classes)
+        for p, t in zip(pred, truth):
+            for k in classes:
+                self.values[k].append(hausdorff95(p == k, t == k))
+
+    def compute(self) -> dict[str, float]:
+        """Mean HD95 over images (and over classes for several classes)."""
+        per_class = {k: float(np.mean(v)) for k, v in self.values.items() if v}
+        if not per_class:
+            return {"hd95": 0.0}
+        out = {"hd95": float(np.mean(list(per_class.values())))}
+        if self.num_classes > 2:
+            out.update({f"hd95_c{k}": v for k, v in per_class.items()})
+        return out
+
+
+@unetlab.hookimpl
+def register_metrics(register):
+    register("iou", IoU)
+    register("dice", Dice)
+    register("precision", Precision)
+    register("recall", Recall)
+    register("accuracy", Accuracy)
+    register("hd95", HD95)
