@@ -48,6 +48,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"),
                    help="input size (default: the dataset's image size)")
+    p = sub.add_parser("run", help="train every run of an experiment file and log each to MLflow")
+    p.add_argument("file")
+    _add_set(p)
+    p.add_argument("--resume", action="store_true",
+                   help="continue unfinished runs from their last checkpoint, skip finished ones")
+    p.add_argument("--only", nargs="+", default=[], metavar="RUN",
+                   help="only runs whose name starts with one of these (e.g. concat/)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quiet", action="store_true", help="no progress bars, only one line per run")
+    mode.add_argument("--jsonl", action="store_true", help="JSON lines on stdout (events: start, epoch, run_end...)")
+
+    p = sub.add_parser("compare", help="compare the variants of an experiment: mean +- std over seeds")
+    p.add_argument("experiment", help="an experiment file or an MLflow experiment name")
+    p.add_argument("--metric", default=None, help="metric to compare (default: the runs' train.monitor)")
+    p.add_argument("--format", choices=["table", "md", "csv", "json"], default="table")
+    p.add_argument("--out", default=None, help="where to write the comparison figure (default: compare-NAME.png)")
+    p.add_argument("--parent", default=None, help="compare the runs of this parent run id (default: the latest)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: as for unetlab run)")
+
+    p = sub.add_parser("ui", help="start the MLflow UI on the store unetlab logs to")
+    p.add_argument("file", nargs="?", help="an experiment file whose tracking.uri to use")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--tracking-uri", default=None)
     return parser
 
 
@@ -171,7 +195,45 @@ def cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"plugins": cmd_plugins, "validate": cmd_validate, "summary": cmd_summary}
+def cmd_run(args: argparse.Namespace) -> int:
+    """``unetlab run FILE``: train every run, log each to MLflow; exit 1 when a run failed."""
+    from .runner import run_experiment
+
+    output = "quiet" if args.quiet else "jsonl" if args.jsonl else "bar"
+    return run_experiment(args.file, args.overrides, resume=args.resume, output=output, only=args.only)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """``unetlab compare``: one row per variant, mean +- std over seeds, and which differences are real."""
+    from .compare import compare_command
+
+    return compare_command(args.experiment, args.metric, args.format, args.out, args.parent, args.tracking_uri)
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    """``unetlab ui``: the MLflow UI on the same store ``unetlab run`` uses (127.0.0.1 by default)."""
+    import os
+    import shutil
+
+    from .tracking import resolve_tracking_uri
+
+    uri = args.tracking_uri
+    if uri is None and args.file:
+        from .experiment import load_experiment
+
+        uri = load_experiment(args.file).runs[0].config["tracking"]["uri"]
+    uri = resolve_tracking_uri(uri) if args.tracking_uri is None else uri
+    mlflow = shutil.which("mlflow") or "mlflow"
+    command = [mlflow, "ui", "--host", args.host, "--port", str(args.port)]
+    if uri:
+        command += ["--backend-store-uri", uri]
+    print(f"unetlab: {' '.join(command)}", file=sys.stderr)
+    os.execvp(command[0], command)
+    return 0
+
+
+COMMANDS = {"plugins": cmd_plugins, "validate": cmd_validate, "summary": cmd_summary, "run": cmd_run,
+            "compare": cmd_compare, "ui": cmd_ui}
 
 
 if __name__ == "__main__":

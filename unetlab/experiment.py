@@ -22,7 +22,7 @@ from .errors import ConfigError, UnetlabError, did_you_mean, known_list
 from .plugins import PluginHost, default_host
 from .schema import (RUN_KEYS, SCHEMA, TOP_LEVEL_KEYS, Field, defaults, lookup_field, normalise_component,
                      validate_config)
-from .yamlio import KeyPath, format_path, load_yaml_file
+from .yamlio import KeyPath, load_yaml_file, parse_scalar
 
 __all__ = ["Run", "Experiment", "load_experiment", "parse_set", "flatten"]
 
@@ -209,7 +209,7 @@ def parse_set(expression: str) -> tuple[str, Any]:
     key, raw = expression.split("=", 1)
     key = key.strip()
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = parse_scalar(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"--set {expression}: cannot parse the value: {problem}") from None
@@ -241,6 +241,16 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = (), host: Plugi
             raise ConfigError(f"{at((key,))}: {key}: unknown key{did_you_mean(key, allowed_top)} "
                               f"(allowed: {known_list(allowed_top)})")
 
+    # --set seeds=... and --set name=... change the expansion itself, so they apply before it.
+    parsed_sets = []
+    for expression in overrides:
+        key, value = parse_set(expression)
+        if key in ("seeds", "name"):
+            data[key] = value
+            lines.pop((key,), None)
+        else:
+            parsed_sets.append((key, value))
+
     plugin_specs = _plugin_list(data.get("plugins", []), at)
     for i, spec in enumerate(plugin_specs):
         try:
@@ -265,7 +275,6 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = (), host: Plugi
             raise ConfigError(f"{at(('matrix', key))}: matrix.{key}: expected a non-empty list of values")
     seeds = _seed_list(data.get("seeds"), at)
 
-    parsed_sets = [parse_set(s) for s in overrides]
     variant_items = list(variants.items()) or [("base", {})]
     runs: list[Run] = []
     names_seen: set[str] = set()

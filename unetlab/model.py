@@ -23,7 +23,7 @@ from torch import nn
 from .errors import ConfigError, UnetlabError
 from .registry import Registry
 
-__all__ = ["UNet", "build_unet", "output_shape", "count_parameters", "forward_flops"]
+__all__ = ["UNet", "build_unet", "output_shape", "count_parameters", "forward_flops", "logits_to_classes"]
 
 
 class UNet(nn.Module):
@@ -123,6 +123,13 @@ def build_unet(model_config: dict, in_channels: int, out_channels: int, registry
     initialise = registry.create("initializer", model_config["init"]["name"], **_params(model_config["init"]))
     initialise(model)
     return model
+
+
+def logits_to_classes(logits: torch.Tensor) -> torch.Tensor:
+    """Predicted class indices (N x H x W): one channel -> class 1 where the logit > 0; several -> argmax."""
+    if logits.shape[1] == 1:
+        return (logits[:, 0] > 0).long()
+    return logits.argmax(dim=1)
 
 
 def count_parameters(model: nn.Module) -> int:

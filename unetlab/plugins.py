@@ -133,6 +133,7 @@ class PluginHost:
             info = PluginInfo(name=name, source=f"module {spec}")
         self.plugins[name] = info
         self._register(module, info)
+        _ = self.registry  # run its hooks now, so a failure is reported against the experiment file
         if info.error:
             raise PluginError(info.error)
         return info
@@ -184,151 +185,11 @@ class PluginHost:
                     impl.function(**{arg: register for arg in impl.argnames})
                 except Exception as exc:
                     info.error = f"plugin '{info.name}' raised in {kind.hook}: {_exception_text(exc)}"
+                    self.pm.unregister(name=info.name)  # a broken plugin gets no lifecycle calls either
         registry = Registry()
         for plugin, kind_name, name, factory, description in pending:
             if not self.plugins[plugin].broken:
                 registry.add(kind_name, name, factory, description, plugin)
-        registry.broken_plugins = [i.name for i in self.plugins.values() if i.broken]
-        return registry
-
-    def broken(self) -> bool:
-        """True when the plugin failed to import or raised in a hook."""
-        return self.error is not None
-
-
-def _autoload_disabled() -> bool:
-    return os.environ.get(DISABLE_AUTOLOAD_ENV, "").strip().lower() not in ("", "0", "false", "no")
-
-
-def _exception_text(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-
-
-class PluginHost:
-    """A pluggy plugin manager plus the plugins' metadata and the registry built from their hooks."""
-
-    def __init__(self, autoload: bool = True) -> None:
-        self.pm = pluggy.PluginManager("unetlab")
-        self.pm.add_hookspecs(hookspecs)
-        self.plugins: dict[str, PluginInfo] = {}
-        self._registry: Registry | None = None
-        if autoload:
-            self.load_entry_points()
-
-    # --- discovery -------------------------------------------------------------------------------
-
-    def load_entry_points(self) -> None:
-        """Load every entry point of the ``unetlab`` group (only first-party ones when autoload is off)."""
-        only_first_party = _autoload_disabled()
-        for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.value):
-            dist = ep.dist
-            dist_name = dist.metadata["Name"] if dist is not None else None
-            first_party = dist_name is not None and dist_name.lower() == FIRST_PARTY_DISTRIBUTION
-            if only_first_party and not first_party:
-                continue
-            name = ep.value.split(":")[0]
-            if name in self.plugins:
-                continue
-            info = PluginInfo(name=name, source=f"entry point '{ep.name} = {ep.value}'",
-                              distribution=dist_name, version=dist.version if dist else None,
-                              first_party=first_party)
-            self.plugins[name] = info
-            try:
-                plugin = ep.load()
-            except Exception as exc:  # any import-time failure of a third-party module
-                info.error = (f"entry point '{ep.name} = {ep.value}' of distribution "
-                              f"'{dist_name} {info.version}' failed to import: {_exception_text(exc)}")
-                continue
-            self._register(plugin, info)
-
-    def load_path_or_module(self, spec: str, base_dir: Path | None = None) -> PluginInfo:
-        """Load a plugin named in an experiment file: a ``.py`` path (relative to ``base_dir``) or a module.
-
-        Raises ``PluginError`` naming the plugin and the exception when it cannot be loaded.
-        """
-        if spec.endswith(".py") or "/" in spec or os.sep in spec:
-            path = Path(spec) if Path(spec).is_absolute() else (base_dir or Path.cwd()) / spec
-            path = path.resolve()
-            name = f"file:{path}"
-            if name in self.plugins:
-                return self.plugins[name]
-            if not path.is_file():
-                raise PluginError(f"plugin file '{spec}' not found (looked at {path})")
-            module_name = f"unetlab_local_plugins.{path.stem}_{abs(hash(str(path))) % 10**8}"
-            try:
-                module_spec = importlib.util.spec_from_file_location(module_name, path)
-                assert module_spec is not None and module_spec.loader is not None
-                module = importlib.util.module_from_spec(module_spec)
-                sys.modules[module_name] = module
-                module_spec.loader.exec_module(module)
-            except Exception as exc:
-                sys.modules.pop(module_name, None)
-                raise PluginError(f"plugin file '{spec}' failed to load: {_exception_text(exc)}") from None
-            info = PluginInfo(name=name, source=str(path))
-        else:
-            name = spec
-            if name in self.plugins:
-                return self.plugins[name]
-            try:
-                module = importlib.import_module(spec)
-            except Exception as exc:
-                raise PluginError(f"plugin module '{spec}' failed to import: {_exception_text(exc)}") from None
-            info = PluginInfo(name=name, source=f"module {spec}")
-        self.plugins[name] = info
-        self._register(module, info)
-        if info.error:
-            raise PluginError(info.error)
-        return info
-
-    def register(self, plugin: Any, name: str | None = None) -> PluginInfo:
-        """Register an in-process plugin object or module (handy in tests and notebooks)."""
-        name = name or getattr(plugin, "__name__", None) or f"plugin-{id(plugin)}"
-        info = PluginInfo(name=name, source="registered in process")
-        self.plugins[name] = info
-        self._register(plugin, info)
-        return info
-
-    def _register(self, plugin: Any, info: PluginInfo) -> None:
-        try:
-            self.pm.register(plugin, name=info.name)
-        except Exception as exc:  # pluggy rejects impls with no matching spec or a wrong signature
-            info.error = f"plugin '{info.name}' has an invalid hook: {_exception_text(exc)}"
-            return
-        info.hooks = sorted(caller.name for caller in (self.pm.get_hookcallers(plugin) or []))
-        self._registry = None
-
-    # --- the registry ----------------------------------------------------------------------------
-
-    @property
-    def registry(self) -> Registry:
-        """The registry built from every working plugin's component hooks (built once, then cached)."""
-        if self._registry is None:
-            self._registry = self._build_registry()
-        return self._registry
-
-    def _build_registry(self) -> Registry:
-        registry = Registry()
-        for kind in KINDS.values():
-            caller = getattr(self.pm.hook, kind.hook)
-            # pluggy calls later-registered impls first; call in registration order so the
-            # "registered twice" message names the earlier plugin first.
-            for impl in reversed(caller.get_hookimpls()):
-                info = self.plugins.get(impl.plugin_name)
-                if info is None or info.broken:
-                    continue
-                pending: list[tuple[str, Any, str | None]] = []
-
-                def register(name: str, factory: Any, description: str | None = None) -> None:
-                    pending.append((name, factory, description))
-
-                try:
-                    impl.function(**{arg: register for arg in impl.argnames})
-                except Exception as exc:
-                    info.error = f"plugin '{info.name}' raised in {kind.hook}: {_exception_text(exc)}"
-                    continue
-                for name, factory, description in pending:
-                    registry.add(kind.name, name, factory, description, info.name)
         registry.broken_plugins = [i.name for i in self.plugins.values() if i.broken]
         return registry
 

@@ -224,3 +224,20 @@ def _validate_components(value: Any, spec: Field, path: str, registry: Registry)
         item = {"name": name, **({"weight": weight} if weight is not None else {}), **checked}
         resolved.append(item)
     return resolved if spec.many else resolved[0]
+
+
+def reference_markdown() -> str:
+    """The experiment-file reference as a Markdown table (pasted into README.md; a test checks it is current)."""
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for key, spec in iter_fields():
+        default = spec.default
+        shown = "null" if default is None else (str(default).lower() if isinstance(default, bool) else default)
+        kind = f" ({spec.kind}{' list' if spec.many else ''})" if spec.kind else ""
+        rows.append(f"| `{key}` | `{shown}` | {spec.doc}{kind} |")
+    for key, doc in TOP_LEVEL_KEYS.items():
+        rows.append(f"| `{key}` | | {doc} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(reference_markdown())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,23 @@ import yaml
 
 from .errors import ConfigError
 
-__all__ = ["KeyPath", "load_yaml_text", "load_yaml_file", "format_path"]
+__all__ = ["KeyPath", "SafeLoader", "load_yaml_text", "load_yaml_file", "format_path", "parse_scalar"]
+
+
+class SafeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, plus floats written without a dot (``1e-3``), which YAML 1.1 reads as strings."""
+
+
+SafeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def parse_scalar(text: str):
+    """Parse a ``--set`` value: a YAML scalar or flow collection, read with ``SafeLoader``."""
+    return yaml.load(text, Loader=SafeLoader)
 
 KeyPath = tuple  # ("model", "encoder", "depth") or ("matrix", "model.fusion", 1)
 
@@ -36,7 +53,7 @@ def load_yaml_text(text: str, filename: str) -> tuple[Any, dict[KeyPath, int]]:
     Rejects, as one-line ``ConfigError``s naming file and line: syntax errors, duplicate keys,
     non-string keys and any tag outside YAML's standard data types (``!!python/object`` included).
     """
-    loader = yaml.SafeLoader(text)
+    loader = SafeLoader(text)
     try:
         node = loader.get_single_node()
     except yaml.MarkedYAMLError as exc:
@@ -64,7 +81,7 @@ def load_yaml_file(path: str | Path) -> tuple[Any, dict[KeyPath, int]]:
 
 
 def _build(node: yaml.Node, path: KeyPath, filename: str, lines: dict[KeyPath, int],
-           loader: yaml.SafeLoader) -> Any:
+           loader: SafeLoader) -> Any:
     where = f"{filename}:{node.start_mark.line + 1}"
     if node.tag not in _SAFE_TAGS:
         shown = node.tag.replace("tag:yaml.org,2002:", "!!")

@@ -18,13 +18,7 @@ import numpy as np
 import torch
 
 import unetlab
-
-
-def predictions(logits: torch.Tensor) -> torch.Tensor:
-    """Class indices predicted from logits (N x H x W)."""
-    if logits.shape[1] == 1:
-        return (logits[:, 0] > 0).long()
-    return logits.argmax(dim=1)
+from unetlab.model import logits_to_classes as predictions
 
 
 class ConfusionMetric:

@@ -1,0 +1,60 @@
+"""Shared test helpers: run the CLI in a subprocess, make fake plugin distributions."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Generated datasets go to a per-session cache, never the user's home."""
+    os.environ["UNETLAB_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+    yield
+
+
+def run_cli(*args: str, cwd: Path | str | None = None, env: dict | None = None, timeout: float = 300,
+            check: bool = False) -> subprocess.CompletedProcess:
+    """Run ``python -m unetlab ARGS`` and capture its output (text)."""
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "unetlab", *args], cwd=cwd, env=full_env, text=True,
+                          capture_output=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"unetlab {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def make_distribution(root: Path, dist_name: str, version: str, entry_points: dict[str, str],
+                      modules: dict[str, str]) -> Path:
+    """Write an importable fake distribution (modules + a .dist-info with entry points) under ``root``.
+
+    ``importlib.metadata`` finds it when ``root`` is on ``sys.path`` (``PYTHONPATH`` in a subprocess):
+    exactly how an installed third-party plugin is found, without pip.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    info = root / f"{dist_name.replace('-', '_')}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist_name}\nVersion: {version}\n")
+    lines = "\n".join(f"{k} = {v}" for k, v in entry_points.items())
+    (info / "entry_points.txt").write_text(f"[unetlab]\n{lines}\n")
+    for name, source in modules.items():
+        (root / f"{name}.py").write_text(textwrap.dedent(source))
+    return root
+
+
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    """Assert the process failed the unetlab way (exit 2, one line, no traceback) and return the line."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [l for l in proc.stderr.strip().splitlines() if not l.startswith("unetlab: warning:")]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("unetlab: error: ")
+    return lines[0]

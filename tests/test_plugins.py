@@ -1,0 +1,182 @@
+"""Plugin discovery, listing and the plugin errors, through the CLI and the public API."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import unetlab
+from unetlab.plugins import PluginHost, module_from_functions
+
+from conftest import make_distribution, one_line_error, run_cli
+
+FIRST_PARTY = {"unetlab_std.encoders", "unetlab_std.upsamplers", "unetlab_std.fusions", "unetlab_std.blocks",
+               "unetlab_std.initializers", "unetlab_std.losses", "unetlab_std.metrics", "unetlab_std.datasets",
+               "unetlab_std.augmentations"}
+
+GOOD_PLUGIN = '''
+import torch, unetlab
+
+class MaxFusion(torch.nn.Module):
+    """Element-wise maximum of skip and upsampled map."""
+    def __init__(self, skip_channels: int, up_channels: int, scale: float = 1.0):
+        super().__init__()
+        self.out_channels = up_channels
+        self.project = torch.nn.Conv2d(skip_channels, up_channels, 1)
+    def forward(self, skip, up):
+        return torch.maximum(self.project(skip), up)
+
+@unetlab.hookimpl
+def register_fusions(register):
+    register("max", MaxFusion)
+'''
+
+
+def test_plugins_json_lists_first_party_through_entry_points():
+    proc = run_cli("plugins", "--json", check=True)
+    report = {p["name"]: p for p in json.loads(proc.stdout)}
+    assert FIRST_PARTY <= set(report)
+    for name in FIRST_PARTY:
+        assert report[name]["distribution"] == "unetlab"
+        assert report[name]["version"] == unetlab.__version__
+        assert report[name]["first_party"] and not report[name]["broken"]
+        assert report[name]["source"].startswith("entry point")
+    fusions = {c["name"]: c for c in report["unetlab_std.fusions"]["components"]}
+    assert set(fusions) == {"concat", "add", "attention", "none"}
+    assert report["unetlab_std.fusions"]["hooks"] == ["register_fusions"]
+    encoder = {c["name"]: c for c in report["unetlab_std.encoders"]["components"]}["classic"]
+    depth = {p["name"]: p for p in encoder["params"]}["depth"]
+    assert depth == {"name": "depth", "type": "int", "required": False, "default": 5}
+    # contract arguments are supplied by unetlab, never shown as user parameters
+    assert "in_channels" not in {p["name"] for p in encoder["params"]}
+
+
+def test_plugins_text_lists_components_with_defaults():
+    proc = run_cli("plugins", "--kind", "fusion", check=True)
+    assert "fusion      attention" in proc.stdout
+    assert "inter_channels: int|null = null" in proc.stdout
+
+
+def test_third_party_plugin_found_and_broken_one_marked(tmp_path):
+    site = make_distribution(tmp_path / "site", "unetlab-maxfusion", "2.3.4", {"maxfusion": "maxfusion_plugin"},
+                             {"maxfusion_plugin": GOOD_PLUGIN})
+    make_distribution(site, "unetlab-broken", "0.0.1", {"broken": "broken_plugin"},
+                      {"broken_plugin": "import not_a_real_module_xyz\n"})
+    env = {"PYTHONPATH": str(site)}
+    report = {p["name"]: p for p in json.loads(run_cli("plugins", "--json", env=env, check=True).stdout)}
+    assert report["maxfusion_plugin"]["distribution"] == "unetlab-maxfusion"
+    assert report["maxfusion_plugin"]["version"] == "2.3.4"
+    assert not report["maxfusion_plugin"]["first_party"]
+    assert [c["name"] for c in report["maxfusion_plugin"]["components"]] == ["max"]
+    broken = report["broken_plugin"]
+    assert broken["broken"]
+    assert "entry point 'broken = broken_plugin'" in broken["error"]
+    assert "unetlab-broken 0.0.1" in broken["error"]
+    assert "ModuleNotFoundError" in broken["error"] and "not_a_real_module_xyz" in broken["error"]
+    assert FIRST_PARTY <= set(report)  # everything else still listed
+    text = run_cli("plugins", env=env, check=True).stdout
+    assert "broken_plugin" in text and "BROKEN" in text
+
+    # other commands still work and warn on one line
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("model: {fusion: max}\n")
+    proc = run_cli("validate", str(exp), env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "fusion=max" in proc.stdout
+    assert "warning" in proc.stderr and "broken_plugin" in proc.stderr
+
+
+def test_disable_autoload_keeps_only_first_party(tmp_path):
+    site = make_distribution(tmp_path / "site", "unetlab-maxfusion", "2.3.4", {"maxfusion": "maxfusion_plugin"},
+                             {"maxfusion_plugin": GOOD_PLUGIN})
+    env = {"PYTHONPATH": str(site), "UNETLAB_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    names = {p["name"] for p in json.loads(run_cli("plugins", "--json", env=env, check=True).stdout)}
+    assert names == FIRST_PARTY
+
+
+def test_plugin_raising_in_hook_is_marked_and_others_go_on(tmp_path):
+    source = GOOD_PLUGIN + '''
+@unetlab.hookimpl
+def register_losses(register):
+    raise RuntimeError("boom in hook")
+'''
+    site = make_distribution(tmp_path / "site", "unetlab-raiser", "1.0", {"raiser": "raiser_plugin"},
+                             {"raiser_plugin": source})
+    report = {p["name"]: p for p in json.loads(
+        run_cli("plugins", "--json", env={"PYTHONPATH": str(site)}, check=True).stdout)}
+    assert report["raiser_plugin"]["broken"]
+    assert "raised in register_losses: RuntimeError: boom in hook" in report["raiser_plugin"]["error"]
+    # nothing of a broken plugin is half-registered
+    assert report["raiser_plugin"]["components"] == []
+    assert not report["unetlab_std.losses"]["broken"]
+
+
+def test_duplicate_component_names_both_plugins(tmp_path):
+    dup = '''
+import unetlab
+from unetlab_std.fusions import AddFusion
+
+@unetlab.hookimpl
+def register_fusions(register):
+    register("concat", AddFusion)
+'''
+    site = make_distribution(tmp_path / "site", "unetlab-dup", "1.0", {"dup": "dup_plugin"}, {"dup_plugin": dup})
+    line = one_line_error(run_cli("plugins", env={"PYTHONPATH": str(site)}))
+    assert "fusion 'concat' is registered twice" in line
+    assert "unetlab_std.fusions" in line and "dup_plugin" in line
+
+
+def test_local_plugin_file_named_in_experiment_is_loaded_relative_to_it(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "my_plugin.py").write_text(GOOD_PLUGIN)
+    exp = tmp_path / "sub" / "exp.yaml"
+    exp.write_text("plugins: [my_plugin.py]\nmodel: {fusion: {name: max, scale: 2}}\n")
+    proc = run_cli("validate", str(exp), "--json", cwd=tmp_path, check=True)
+    config = json.loads(proc.stdout)["runs"][0]["config"]
+    assert config["model"]["fusion"] == {"name": "max", "scale": 2.0}
+
+
+def test_local_plugin_file_errors_name_the_file(tmp_path):
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("plugins: [missing.py]\n")
+    line = one_line_error(run_cli("validate", str(exp)))
+    assert "exp.yaml:1: plugins[0]" in line and "missing.py" in line
+    (tmp_path / "bad.py").write_text("def oops(:\n")
+    exp.write_text("plugins:\n  - bad.py\n")
+    line = one_line_error(run_cli("validate", str(exp)))
+    assert "exp.yaml:2: plugins[0]" in line and "SyntaxError" in line
+
+
+def test_in_process_registration_and_create():
+    host = PluginHost(autoload=False)
+
+    class Twice:
+        """Doubles things."""
+
+        def __init__(self, num_classes: int, factor: float = 2.0):
+            self.factor = factor
+
+    def register_losses(register):
+        register("twice", Twice)
+
+    host.register(module_from_functions("inline", register_losses=register_losses))
+    component = host.registry.get("loss", "twice")
+    assert component.description == "Doubles things."
+    assert [(p.name, p.default) for p in component.params] == [("factor", 2.0)]
+    assert host.registry.create("loss", "twice", num_classes=2, factor=3).factor == 3.0
+    with pytest.raises(unetlab.ConfigError, match=r"factr: unknown parameter of loss 'twice'; did you mean 'factor'"):
+        host.registry.create("loss", "twice", num_classes=2, factr=3)
+    with pytest.raises(unetlab.ConfigError, match=r"factor: expected float, got 'x'"):
+        host.registry.create("loss", "twice", num_classes=2, factor="x")
+    with pytest.raises(unetlab.ConfigError, match=r"unknown loss 'twic'; did you mean 'twice'\? \(known: twice\)"):
+        host.registry.get("loss", "twic")
+
+
+def test_public_api_lists_and_creates():
+    assert unetlab.list_components("upsampler") == ["bilinear", "nearest", "pixel_shuffle", "transpose"]
+    assert unetlab.list_components("encoder", "res*") == ["residual"]
+    fusion = unetlab.create("fusion", "add", skip_channels=8, up_channels=4)
+    assert fusion.out_channels == 4
+    with pytest.raises(unetlab.ConfigError, match="unknown component kind 'fusions'; did you mean 'fusion'"):
+        unetlab.list_components("fusions")

@@ -1,0 +1,92 @@
+"""Data plumbing of a run: build the dataset source, resolve ``auto`` channels, make loaders, augment."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch.utils.data import DataLoader
+
+from .errors import UnetlabError
+from .registry import Registry
+
+__all__ = ["build_source", "model_io", "make_loader", "build_augment", "EpochSampler"]
+
+
+def _params(spec: dict) -> dict:
+    return {k: v for k, v in spec.items() if k != "name"}
+
+
+def build_source(config: dict, registry: Registry) -> Any:
+    """The dataset source of a resolved run config (raises ``UnetlabError`` on bad data)."""
+    spec = config["data"]["dataset"]
+    try:
+        source = registry.create("dataset", spec["name"], **_params(spec))
+    except (ValueError, TypeError) as exc:
+        raise UnetlabError(f"data.dataset: cannot build dataset '{spec['name']}': {exc}") from None
+    for attr in ("in_channels", "num_classes", "split"):
+        if not hasattr(source, attr):
+            raise UnetlabError(f"dataset '{spec['name']}' breaks the dataset contract: it has no '{attr}'")
+    return source
+
+
+def model_io(config: dict, source: Any) -> tuple[int, int, int]:
+    """``(in_channels, out_channels, num_classes)``: ``auto`` follows the dataset (binary -> 1 logit)."""
+    model = config["model"]
+    num_classes = int(source.num_classes)
+    in_channels = source.in_channels if model["in_channels"] == "auto" else model["in_channels"]
+    if model["out_channels"] == "auto":
+        out_channels = 1 if num_classes == 2 else num_classes
+    else:
+        out_channels = model["out_channels"]
+        if out_channels == 1 and num_classes > 2:
+            raise UnetlabError(f"model.out_channels: 1 (binary) but the dataset has {num_classes} classes")
+        if out_channels > 1:
+            num_classes = out_channels
+    if in_channels != source.in_channels:
+        raise UnetlabError(f"model.in_channels: {in_channels}, but the dataset's images have "
+                           f"{source.in_channels} channel(s)")
+    return in_channels, out_channels, num_classes
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Shuffles with a permutation that depends only on the seed given to ``set_epoch`` (like DistributedSampler)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.seed = 0
+
+    def set_epoch(self, seed: int) -> None:
+        """Fix the order of the next pass."""
+        self.seed = seed
+
+    def __iter__(self):
+        generator = torch.Generator()
+        generator.manual_seed(self.seed)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def make_loader(dataset, batch_size: int, shuffle: bool, num_workers: int, pin_memory: bool) -> DataLoader:
+    """A DataLoader; with ``shuffle`` its order is set per epoch by ``loader.sampler.set_epoch(seed)``.
+
+    Workers only read and collate (augmentation runs on the training device), so they draw no random numbers.
+    """
+    sampler = EpochSampler(len(dataset)) if shuffle else None
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      pin_memory=pin_memory, persistent_workers=num_workers > 0)
+
+
+def build_augment(config: dict, registry: Registry) -> Callable | None:
+    """One callable applying the configured augmentations in order, or None when there are none."""
+    steps = [registry.create("augmentation", s["name"], **_params(s)) for s in config["data"]["augment"]]
+    if not steps:
+        return None
+
+    def augment(images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator):
+        for step in steps:
+            images, masks = step(images, masks, generator)
+        return images, masks
+    return augment

@@ -1,0 +1,178 @@
+"""MLflow tracking for ``unetlab run``: the store, one parent run per invocation, a nested run per
+resolved run, and statuses that are always set explicitly (never left RUNNING).
+
+Uses ``MlflowClient`` rather than the fluent API so that no ``atexit`` hook or ``with`` block decides
+a run's status: unetlab sets FINISHED, FAILED or KILLED itself.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import UnetlabError
+
+__all__ = ["Tracker", "RunTracker", "resolve_tracking_uri", "git_commit"]
+
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def resolve_tracking_uri(config_uri: str | None) -> str | None:
+    """``MLFLOW_TRACKING_URI`` if set, else the file's ``tracking.uri``, else None (MLflow's default)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or config_uri or None
+
+
+def git_commit(path: Path) -> str | None:
+    """The git commit of the repository holding ``path``, or None outside a repository."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path if path.is_dir() else path.parent,
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+class Tracker:
+    """The MLflow side of one ``unetlab run`` invocation: experiment, parent run, child runs."""
+
+    def __init__(self, experiment_name: str, tracking_uri: str | None) -> None:
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        if tracking_uri:
+            mlflow.set_tracking_uri(tracking_uri)
+        self.uri = mlflow.get_tracking_uri()
+        self.client = MlflowClient(self.uri)
+        try:
+            # Created here, in the main process, before any worker: parallel first use of a new sqlite
+            # store races on schema creation.
+            existing = self.client.get_experiment_by_name(experiment_name)
+            self.experiment_id = (existing.experiment_id if existing is not None
+                                  else self.client.create_experiment(experiment_name))
+        except Exception as exc:
+            raise UnetlabError(f"MLflow tracking store '{self.uri}': {type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+        self.experiment_name = experiment_name
+        self.parent_id: str | None = None
+
+    # --- parent ------------------------------------------------------------------------------------
+
+    def start_parent(self, run_name: str, tags: dict[str, str], description: str = "") -> str:
+        """Create the invocation's parent run."""
+        tags = {**tags, "mlflow.note.content": description} if description else tags
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
+        self.parent_id = run.info.run_id
+        return self.parent_id
+
+    def reopen(self, run_id: str) -> None:
+        """Mark an existing run RUNNING again (resume)."""
+        self.client.update_run(run_id, status="RUNNING")
+
+    def end(self, run_id: str, status: str) -> None:
+        """Set a run's final status: FINISHED, FAILED or KILLED."""
+        self.client.set_terminated(run_id, status=status)
+
+    # --- lookup for --resume -----------------------------------------------------------------------
+
+    def find_runs(self, tag: str, value: str) -> list:
+        """Runs of this experiment whose ``tag`` equals ``value``, newest first."""
+        return self.client.search_runs([self.experiment_id], filter_string=f"tags.`{tag}` = '{value}'",
+                                       order_by=["attributes.start_time DESC"], max_results=1000)
+
+    # --- children ----------------------------------------------------------------------------------
+
+    def start_child(self, run_name: str, tags: dict[str, str]) -> "RunTracker":
+        """Create a nested run under the parent."""
+        assert self.parent_id is not None
+        run = self.client.create_run(self.experiment_id, run_name=run_name,
+                                     tags={**tags, PARENT_TAG: self.parent_id})
+        return RunTracker(self, run.info.run_id)
+
+    def child(self, run_id: str) -> "RunTracker":
+        """Wrap an existing run (resume)."""
+        return RunTracker(self, run_id)
+
+
+class RunTracker:
+    """Logging into one MLflow run; handed to lifecycle hooks as ``tracker``."""
+
+    def __init__(self, tracker: Tracker, run_id: str) -> None:
+        self.tracker = tracker
+        self.client = tracker.client
+        self.run_id = run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Log params in batches of 100 (MLflow's limit); values are stringified and capped at 6000 chars."""
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Log several metrics at ``step`` in one call."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[i:i + 1000])
+
+    def log_metric(self, key: str, value: float, step: int = 0) -> None:
+        """Log one metric (for lifecycle hooks)."""
+        self.client.log_metric(self.run_id, key, float(value), step=step)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Set several tags."""
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """Write ``text`` as an artifact."""
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_figure(self, figure, artifact_file: str) -> None:
+        """Save a matplotlib figure as a PNG artifact."""
+        self.client.log_figure(self.run_id, figure, artifact_file)
+
+    def log_model(self, model, pip_requirements: list[str]) -> str:
+        """Log ``model`` with ``mlflow.pytorch.log_model`` (pickle format); return its model URI."""
+        import mlflow
+        import mlflow.pytorch
+
+        # log_model needs an active fluent run; attach to ours and detach without touching its status.
+        with _quiet():
+            active = mlflow.start_run(run_id=self.run_id)
+            try:
+                info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
+                                                pip_requirements=pip_requirements)
+            finally:
+                mlflow.end_run(status="RUNNING")
+                del active
+        return info.model_uri
+
+
+class _quiet:
+    """Silence MLflow's own progress chatter on stderr while logging a model."""
+
+    def __enter__(self):
+        import contextlib
+        import logging
+
+        self._levels = {name: logging.getLogger(name).level for name in ("mlflow",)}
+        logging.getLogger("mlflow").setLevel(logging.ERROR)
+        self._redirect = contextlib.redirect_stderr(io.StringIO())
+        self._redirect.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        import logging
+
+        self._redirect.__exit__(*exc)
+        for name, level in self._levels.items():
+            logging.getLogger(name).setLevel(level)
+        return False
