@@ -21,6 +21,20 @@ def _isolated_cache(tmp_path_factory):
     yield
 
 
+@pytest.fixture(autouse=True)
+def _no_inherited_tracking_uri(monkeypatch):
+    """A developer's MLFLOW_TRACKING_URI (or one set by mlflow.set_tracking_uri in a test) must not leak in."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield
+    import sys as _sys
+
+    if "mlflow" in _sys.modules:
+        import mlflow
+
+        mlflow.set_tracking_uri(None)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
 def run_cli(*args: str, cwd: Path | str | None = None, env: dict | None = None, timeout: float = 300,
             check: bool = False) -> subprocess.CompletedProcess:
     """Run ``python -m unetlab ARGS`` and capture its output (text)."""

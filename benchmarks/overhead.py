@@ -1,0 +1,87 @@
+"""What does unetlab's trainer cost over a bare PyTorch loop? (goal: within 3%)
+
+One process, interleaved rounds. Each round trains one epoch of the headline experiment's first run
+(concat/seed=1 of experiments/concat_vs_add.yaml, augmentation off so both loops do the same work)
+with ``unetlab.trainer.train_run``, then one epoch of a hand-written loop: the same model config,
+optimizer, loss and batches (the same order), nothing else. Compared: training time per image. The
+trainer's time comes from its own ``images_per_s`` (the training loop only, data loading included;
+validation and the checkpoint written after each epoch are reported separately).
+
+    python benchmarks/overhead.py [--rounds 5] [--set KEY=VALUE ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from unetlab.data import build_source, model_io
+from unetlab.experiment import load_experiment
+from unetlab.model import build_unet
+from unetlab.plugins import default_host
+from unetlab.trainer import TrainSetup, build_loss, epoch_seed, make_optimizer, train_run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args()
+    overrides = ["data.augment=[]", "train.epochs=1", "train.warmup_epochs=0", "seeds=[1]", *args.overrides]
+    run = load_experiment(REPO / "experiments" / "concat_vs_add.yaml", overrides).runs[0]
+    registry = default_host().registry
+    source = build_source(run.config, registry)
+    in_ch, out_ch, num_classes = model_io(run.config, source)
+    train_set = source.split("train")
+    batch = run.config["data"]["batch_size"]
+    t = run.config["train"]
+
+    def bare_epoch() -> float:
+        torch.manual_seed(t["seed"])
+        model = build_unet(run.config["model"], in_ch, out_ch, registry)
+        optimizer = make_optimizer(model, t)
+        loss_fn = build_loss(t, num_classes, registry)
+        generator = torch.Generator()
+        generator.manual_seed(epoch_seed(t["seed"], 0))
+        order = torch.randperm(len(train_set), generator=generator)
+        images, masks = train_set.tensors
+        model.train()
+        start = time.perf_counter()
+        for i in range(0, len(order), batch):
+            idx = order[i:i + batch]
+            logits = model(images[idx])
+            loss = loss_fn(logits, masks[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return (time.perf_counter() - start) / len(order)
+
+    trainer, bare, extras = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds + 1):  # round 0 warms up both
+            setup = TrainSetup(run.name, run.config, source, in_ch, out_ch, num_classes, registry, Path(tmp) / str(r))
+            result = train_run(setup)
+            record = result.history[0]
+            b = bare_epoch()
+            if r:
+                trainer.append(1 / record["images_per_s"])
+                bare.append(b)
+                extras.append(record["epoch_time_s"] - len(train_set) / record["images_per_s"])
+    tr, br = statistics.median(trainer), statistics.median(bare)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; run {run.name}, {len(train_set)} images/epoch, "
+          f"batch {batch}, {args.rounds} interleaved rounds")
+    print(f"bare loop:   {br * 1000:.3f} ms/image  (rounds: {', '.join(f'{x * 1000:.3f}' for x in bare)})")
+    print(f"unetlab:     {tr * 1000:.3f} ms/image  (rounds: {', '.join(f'{x * 1000:.3f}' for x in trainer)})")
+    print(f"ratio unetlab / bare: {tr / br:.3f} (goal: within 1.03)")
+    print(f"per epoch outside the training loop (validation, checkpoint): {statistics.median(extras):.2f} s")
+
+
+if __name__ == "__main__":
+    main()

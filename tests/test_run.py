@@ -1,0 +1,314 @@
+"""``unetlab run`` end to end: MLflow runs, statuses, artifacts, failures, determinism, resume, signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+
+TINY = """
+name: tiny
+data:
+  dataset: {name: shapes, image_size: 32, n_train: 24, n_val: 8, seed: 3}
+  batch_size: 8
+model:
+  encoder: {name: classic, depth: 2, base_channels: 4}
+train:
+  epochs: EPOCHS
+  lr: 0.01
+  loss: bce_iou
+  metrics: [iou, dice]
+tracking:
+  uri: sqlite:///STORE
+  checkpoint_dir: CKPT
+  log_model: LOGMODEL
+  figures: LOGMODEL
+"""
+
+KILLER = '''
+import os, signal, unetlab
+
+@unetlab.hookimpl
+def on_epoch_end(run_name, epoch, metrics, tracker):
+    tracker.log_metric("hook_epoch_seen", epoch, step=epoch)
+    when = os.environ.get("KILL_AT")  # "run_name:epoch:SIGNAL"
+    if when:
+        name, at, sig = when.split(":")
+        if run_name == name and epoch == int(at):
+            os.kill(os.getpid(), getattr(signal, sig))
+'''
+
+
+def experiment(tmp_path: Path, epochs: int = 2, log_model: bool = False, extra: str = "", store: str = "mlflow.db",
+               ckpt: str = "ckpt") -> Path:
+    import yaml
+
+    text = (TINY.replace("EPOCHS", str(epochs)).replace("STORE", str(tmp_path / store))
+            .replace("CKPT", str(tmp_path / ckpt)).replace("LOGMODEL", str(log_model).lower()))
+    config = merge(yaml.safe_load(text), yaml.safe_load(textwrap.dedent(extra)) or {})
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def merge(base: dict, extra: dict) -> dict:
+    """Deep-merge ``extra`` into ``base`` (mappings merge, anything else replaces)."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def client_for(tmp_path: Path, store: str = "mlflow.db"):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{tmp_path / store}")
+
+
+def runs_of(client, name="tiny"):
+    exp = client.get_experiment_by_name(name)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return parents, children
+
+
+def history(client, run, key):
+    return [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
+
+
+def test_end_to_end_two_variants_two_seeds(tmp_path):
+    path = experiment(tmp_path, epochs=2, log_model=True, extra="""
+        variants:
+          concat: {model.fusion: concat}
+          add: {model.fusion: add}
+        seeds: [1, 2]
+    """)
+    proc = run_cli("run", str(path), "--quiet", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "concat/seed=1" in proc.stdout and "FINISHED" in proc.stdout
+    client = client_for(tmp_path)
+    parents, children = runs_of(client)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(c.info.run_name for c in children) == ["add/seed=1", "add/seed=2", "concat/seed=1", "concat/seed=2"]
+    import mlflow
+    import mlflow.pytorch
+    import torch
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")  # models:/ URIs resolve against it
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert child.data.tags["unetlab.variant"] == child.info.run_name.split("/")[0]
+        params = child.data.params
+        assert params["model.fusion.name"] == child.data.tags["unetlab.variant"]
+        assert params["train.seed"] == child.info.run_name.split("=")[-1]
+        assert int(params["model.num_params"]) > 0 and float(params["model.gflops_per_image"]) > 0
+        assert params["device"] == "cpu" and "plugin.unetlab_std.fusions" in params
+        for key in ("train_loss", "val_loss", "val_iou", "val_dice", "lr", "images_per_s", "epoch_time_s"):
+            assert [s for s, _ in history(client, child, key)] == [1, 2], key
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert {"config.yaml", "learning_curves.png", "predictions.png"} <= artifacts
+        model = mlflow.pytorch.load_model(child.data.tags["unetlab.model_uri"])
+        assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 1, 32, 32)
+    # the best checkpoint is what got logged: its monitor equals the logged best
+    child = children[0]
+    best = max(v for _, v in history(client, child, "val_iou"))
+    assert child.data.metrics["best_val_iou"] == pytest.approx(best)
+
+
+def test_same_config_and_seed_give_identical_metrics(tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    for folder in (first, second):
+        folder.mkdir()
+        path = experiment(folder, epochs=2, extra="data: {augment: [hflip, {name: elastic, alpha: 2.0}]}\n")
+        assert run_cli("run", str(path), "--quiet", cwd=folder).returncode == 0
+    (_, [a]), (_, [b]) = runs_of(client_for(first)), runs_of(client_for(second))
+    for key in ("train_loss", "val_loss", "val_iou"):
+        assert history(client_for(first), a, key) == history(client_for(second), b, key)
+
+
+def test_nan_loss_fails_that_run_and_the_others_go_on(tmp_path):
+    (tmp_path / "nan_loss.py").write_text(textwrap.dedent('''
+        import torch, unetlab
+
+        class NanAfter:
+            """Returns NaN from the given step on."""
+            def __init__(self, num_classes: int, after: int = 2):
+                self.after, self.calls = after, 0
+            def __call__(self, logits, target):
+                self.calls += 1
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 0], (target == 1).float())
+                return loss * float("nan") if self.calls > self.after else loss
+
+        @unetlab.hookimpl
+        def register_losses(register):
+            register("nan_after", NanAfter)
+    '''))
+    path = experiment(tmp_path, epochs=2, extra="""
+        plugins: [nan_loss.py]
+        variants:
+          broken: {train.loss: {name: nan_after, after: 1}}
+          fine: {}
+    """)
+    proc = run_cli("run", str(path), "--quiet", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert "1 run(s) FAILED" in proc.stderr
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("broken/"))
+    assert "FAILED" in line and "loss became nan" in line
+    parents, children = runs_of(client_for(tmp_path))
+    status = {c.info.run_name: c.info.status for c in children}
+    assert status == {"broken/seed=0": "FAILED", "fine/seed=0": "FINISHED"}
+    broken = next(c for c in children if c.info.run_name == "broken/seed=0")
+    assert "loss became nan" in broken.data.tags["unetlab.error"]
+    assert parents[0].info.status == "FAILED"
+
+
+def _killed_then_resumed(tmp_path: Path, sig: str, expected_rc: int):
+    (tmp_path / "killer.py").write_text(KILLER)
+    path = experiment(tmp_path, epochs=4, extra="plugins: [killer.py]\nseeds: [5]\n")
+    proc = run_cli("run", str(path), "--quiet", cwd=tmp_path, env={"KILL_AT": f"base/seed=5:2:{sig}"})
+    assert proc.returncode == expected_rc, (proc.returncode, proc.stderr)
+    return path, proc
+
+
+def test_kill_then_resume_matches_an_uninterrupted_run(tmp_path):
+    path, _ = _killed_then_resumed(tmp_path, "SIGKILL", -signal.SIGKILL)
+    assert (tmp_path / "ckpt").exists()
+    client = client_for(tmp_path)
+    _, [child] = runs_of(client)
+    assert child.info.status == "RUNNING"  # SIGKILL cannot be handled; --resume picks it up
+    proc = run_cli("run", str(path), "--quiet", "--resume", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    _, children = runs_of(client)
+    assert len(children) == 1 and children[0].info.run_id == child.info.run_id  # the same MLflow run
+    assert children[0].info.status == "FINISHED"
+    resumed = {k: history(client, children[0], k)[-1] for k in ("val_iou", "val_loss", "train_loss")}
+    assert history(client, children[0], "val_iou")[-1][0] == 4
+
+    reference = tmp_path / "ref"
+    reference.mkdir()
+    (reference / "killer.py").write_text(KILLER)
+    ref_path = experiment(reference, epochs=4, extra="plugins: [killer.py]\nseeds: [5]\n")
+    assert run_cli("run", str(ref_path), "--quiet", cwd=reference).returncode == 0
+    _, [ref] = runs_of(client_for(reference))
+    uninterrupted = {k: history(client_for(reference), ref, k)[-1] for k in ("val_iou", "val_loss", "train_loss")}
+    assert resumed == uninterrupted
+
+    # a second --resume skips the finished run
+    proc = run_cli("run", str(path), "--quiet", "--resume", cwd=tmp_path)
+    assert proc.returncode == 0 and "SKIPPED" in proc.stdout
+
+
+@pytest.mark.parametrize("sig, rc", [("SIGINT", 128 + signal.SIGINT), ("SIGTERM", 128 + signal.SIGTERM)])
+def test_interrupt_marks_killed_and_keeps_checkpoint(tmp_path, sig, rc):
+    _, proc = _killed_then_resumed(tmp_path, sig, rc)
+    assert "Traceback" not in proc.stderr and "--resume" in proc.stderr
+    parents, [child] = runs_of(client_for(tmp_path))
+    assert child.info.status == "KILLED" and parents[0].info.status == "KILLED"
+    ckpts = list((tmp_path / "ckpt").rglob("last.pt"))
+    assert len(ckpts) == 1
+    import torch
+
+    assert torch.load(ckpts[0], weights_only=True)["epoch"] == 1
+
+
+def test_lifecycle_hook_logs_an_extra_metric(tmp_path):
+    (tmp_path / "killer.py").write_text(KILLER)
+    path = experiment(tmp_path, epochs=2, extra="plugins: [killer.py]\n")
+    assert run_cli("run", str(path), "--quiet", cwd=tmp_path).returncode == 0
+    client = client_for(tmp_path)
+    _, [child] = runs_of(client)
+    assert history(client, child, "hook_epoch_seen") == [(1, 1.0), (2, 2.0)]
+
+
+def test_valid_padding_crops_targets(tmp_path):
+    path = experiment(tmp_path, epochs=1, extra="""
+        data: {dataset: {name: blobs, image_size: 44, n_train: 8, n_val: 4}, batch_size: 4}
+        model:
+          encoder: {name: classic, depth: 2, base_channels: 4, padding: valid, norm: none}
+          block: {name: double_conv, norm: none}
+          upsampler: transpose
+          out_channels: 2
+        train: {loss: cross_entropy}
+    """)
+    proc = run_cli("run", str(path), "--quiet", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    _, [child] = runs_of(client_for(tmp_path))
+    assert child.info.status == "FINISHED"
+
+
+def test_bad_input_writes_nothing(tmp_path):
+    path = experiment(tmp_path, epochs=1, extra="train: {monitor: val_iuo}\n")
+    proc = run_cli("run", str(path), cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "train.monitor: 'val_iuo' is not logged by this run; did you mean 'val_iou'?" in proc.stderr
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ckpt").exists()
+
+
+def test_jsonl_output(tmp_path):
+    path = experiment(tmp_path, epochs=2)
+    proc = run_cli("run", str(path), "--jsonl", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    kinds = [e["event"] for e in events]
+    assert kinds == ["start", "run_start", "epoch", "epoch", "run_end", "end"]
+    assert events[3]["epoch"] == 2 and "val_iou" in events[3]
+    assert events[4]["status"] == "FINISHED"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_against_a_real_mlflow_server(tmp_path):
+    port = _free_port()
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    server = subprocess.Popen([str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                               "--default-artifact-root", str(tmp_path / "artifacts"), "--workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        import urllib.request
+
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    pytest.fail("mlflow server did not start")
+                time.sleep(0.5)
+        uri = f"http://127.0.0.1:{port}"
+        path = experiment(tmp_path, epochs=1, log_model=True)
+        proc = run_cli("run", str(path), "--quiet", cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri})
+        assert proc.returncode == 0, proc.stderr
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(uri)
+        parents, [child] = runs_of(client)
+        assert child.info.status == "FINISHED" and parents[0].info.status == "FINISHED"
+        assert history(client, child, "val_iou")[0][0] == 1
+        assert "config.yaml" in {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert not (tmp_path / "mlflow.db").exists()  # MLFLOW_TRACKING_URI won over tracking.uri
+        proc = run_cli("compare", "tiny", "--tracking-uri", uri, "--format", "json", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["rows"][0]["seeds"] == 1
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
