@@ -43,8 +43,8 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=5)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per model per round")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per model per round")
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--channels-last", action="store_true")
     args = parser.parse_args()
 
@@ -72,8 +72,9 @@ def main() -> None:
     for name in models:  # warm-up
         step(name)
     times: dict[str, list[float]] = {k: [] for k in models}
-    for _ in range(args.rounds):
-        for name in models:  # interleaved: both models see the same machine state
+    for r in range(args.rounds):
+        # interleaved, alternating which goes first: both models see the same machine state
+        for name in (list(models) if r % 2 == 0 else list(reversed(models))):
             for _ in range(args.steps):
                 start = time.perf_counter()
                 step(name)

@@ -70,13 +70,23 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 def make_loader(dataset, batch_size: int, shuffle: bool, num_workers: int, pin_memory: bool) -> DataLoader:
-    """A DataLoader; with ``shuffle`` its order is set per epoch by ``loader.sampler.set_epoch(seed)``.
+    """A DataLoader; with ``shuffle`` its order is set per epoch by ``loader.epoch_sampler.set_epoch(seed)``.
 
     Workers only read and collate (augmentation runs on the training device), so they draw no random numbers.
     """
     sampler = EpochSampler(len(dataset)) if shuffle else None
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      pin_memory=pin_memory, persistent_workers=num_workers > 0)
+    if isinstance(dataset, torch.utils.data.TensorDataset):
+        # In-memory tensors: fetch a whole batch with one index per tensor instead of N item lookups
+        # plus a collate (measured: most of the trainer's overhead over a bare loop).
+        batches = torch.utils.data.BatchSampler(sampler or range(len(dataset)), batch_size, drop_last=False)
+        loader = DataLoader(dataset, batch_size=None, sampler=batches, num_workers=num_workers,
+                            pin_memory=pin_memory, persistent_workers=num_workers > 0)
+        loader.epoch_sampler = sampler
+        return loader
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                        pin_memory=pin_memory, persistent_workers=num_workers > 0)
+    loader.epoch_sampler = sampler
+    return loader
 
 
 def build_augment(config: dict, registry: Registry) -> Callable | None:

@@ -216,6 +216,7 @@ def train_run(setup: TrainSetup) -> RunResult:
     batch, workers = cfg["data"]["batch_size"], cfg["data"]["num_workers"]
     train_loader = make_loader(train_set, batch, True, workers, pin)
     val_loader = make_loader(val_set, cfg["data"]["val_batch_size"] or batch, False, workers, pin)
+    steps_per_epoch = len(train_loader)
 
     # --- state, possibly restored -------------------------------------------------------------------
     start_epoch, step, best, best_epoch, stale, history = 0, 0, None, None, 0, []
@@ -248,7 +249,7 @@ def train_run(setup: TrainSetup) -> RunResult:
         lr = schedule.lr(epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        train_loader.sampler.set_epoch(es)
+        train_loader.epoch_sampler.set_epoch(es)
         model.train()
         loss_sum, batches, images_seen = torch.zeros((), device=device), 0, 0
         epoch_start = time.perf_counter()
@@ -279,11 +280,11 @@ def train_run(setup: TrainSetup) -> RunResult:
             batches += 1
             images_seen += images.shape[0]
             step += 1
-            if step % 10 == 0 or batches == len(train_loader):  # reading the loss syncs a GPU: not every step
+            if step % 10 == 0 or batches == steps_per_epoch:  # reading the loss syncs a GPU: not every step
                 running = loss_sum.item() / batches
                 if not math.isfinite(running):
                     raise RunFailed(f"loss became {running} at epoch {epoch + 1}, step {step}")
-                setup.on_progress(epoch=epoch + 1, batch=batches, batches=len(train_loader), loss=running)
+                setup.on_progress(epoch=epoch + 1, batch=batches, batches=steps_per_epoch, loss=running)
             if max_steps is not None and step >= max_steps:
                 stop_reason = f"step budget of {max_steps} reached"
                 break
