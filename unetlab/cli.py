@@ -91,7 +91,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except UnetlabError as exc:
-        print(f"unetlab: error: {exc}", file=sys.stderr)
+        # one line, always: a plugin's multi-line exception text is folded rather than spilled
+        text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        print(f"unetlab: error: {text}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("unetlab: interrupted", file=sys.stderr)

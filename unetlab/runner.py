@@ -74,6 +74,8 @@ def prepare(run: Run, registry) -> Prepared:
 
     try:
         source = build_source(run.config, registry)
+        for split in ("train", "val"):  # data problems (bad masks, sizes) surface now, before MLflow
+            source.split(split)
         in_ch, out_ch, num_classes = model_io(run.config, source)
         model = build_unet(run.config["model"], in_ch, out_ch, registry)
         size = getattr(source, "image_size", None) or (64, 64)

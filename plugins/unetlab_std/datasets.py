@@ -218,22 +218,34 @@ class FolderSource:
         try:
             array = io.imread(path)
         except Exception as exc:
-            raise UnetlabError(f"folder dataset: cannot read '{path}': {type(exc).__name__}: {exc}") from None
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise UnetlabError(f"folder dataset: cannot read '{path}': {type(exc).__name__}: {first}") from None
         if array.ndim == 3 and array.shape[2] == 4:
             array = array[..., :3]
         return array
 
     def _mask_values(self) -> list[int]:
+        """Mask values in class order: ``class_values``, or {0, 255} (binary), or class indices 0..K-1."""
         if self.class_values:
             return list(self.class_values)
-        values: set[int] = set()
-        for pairs in self.pairs.values():
-            for _, mask_path in pairs:
-                values.update(np.unique(self._mask(mask_path)).tolist())
-        values |= {0}
-        if values <= {0, 255}:
-            return [0, 255]
-        return sorted(values)
+        if getattr(self, "_detected", None) is None:
+            seen: dict[int, Path] = {}
+            for pairs in self.pairs.values():
+                for _, mask_path in pairs:
+                    for v in np.unique(self._mask(mask_path)).tolist():
+                        seen.setdefault(int(v), mask_path)
+            values = set(seen) | {0}
+            if values <= {0, 255}:
+                self._detected = [0, 255]
+            elif values == set(range(max(values) + 1)):
+                self._detected = sorted(values)
+            else:
+                odd = sorted(values - {0, 255}) if 255 in values else sorted(values)
+                example = seen[odd[-1]] if odd[-1] in seen else next(iter(seen.values()))
+                raise UnetlabError(f"folder dataset: unexpected mask value(s) {odd[:10]} (e.g. in '{example}'): masks "
+                                   "must be binary {0, 255} or class indices 0..K-1; set class_values to map other "
+                                   "values to classes")
+        return self._detected
 
     def _mask(self, path: Path) -> np.ndarray:
         mask = self._read(path)

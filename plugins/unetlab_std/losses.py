@@ -15,18 +15,23 @@ import torch.nn.functional as F
 import unetlab
 
 
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    """Upcast half precision to float32 (mixed precision); keep float32/float64 as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def _valid(target: torch.Tensor, ignore_index: Optional[int]) -> torch.Tensor:
     return torch.ones_like(target, dtype=torch.bool) if ignore_index is None else target != ignore_index
 
 
 def _probs_onehot(logits: torch.Tensor, target: torch.Tensor, ignore_index: Optional[int]):
     """Probabilities and one-hot truth (N x K x H x W, float32) and the valid-pixel mask (N x 1 x H x W)."""
-    logits = logits.float()
+    logits = _f32(logits)
     valid = _valid(target, ignore_index).unsqueeze(1)
     safe = torch.where(valid.squeeze(1), target, torch.zeros_like(target))
     if logits.shape[1] == 1:
-        return torch.sigmoid(logits), (safe == 1).float().unsqueeze(1), valid
-    onehot = F.one_hot(safe, logits.shape[1]).permute(0, 3, 1, 2).float()
+        return torch.sigmoid(logits), (safe == 1).to(logits.dtype).unsqueeze(1), valid
+    onehot = F.one_hot(safe, logits.shape[1]).permute(0, 3, 1, 2).to(logits.dtype)
     return torch.softmax(logits, dim=1), onehot, valid
 
 
@@ -58,9 +63,9 @@ class BCELoss(torch.nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         _, truth, valid = _probs_onehot(logits, target, self.ignore_index)
-        pw = None if self.pos_weight is None else torch.tensor(self.pos_weight, device=logits.device)
-        per_pixel = F.binary_cross_entropy_with_logits(logits.float(), truth, reduction="none", pos_weight=pw)
-        valid = valid.expand_as(per_pixel).float()
+        pw = None if self.pos_weight is None else torch.tensor(self.pos_weight, device=logits.device, dtype=logits.dtype)
+        per_pixel = F.binary_cross_entropy_with_logits(_f32(logits), truth, reduction="none", pos_weight=pw)
+        valid = valid.expand_as(per_pixel).to(per_pixel.dtype)
         return (per_pixel * valid).sum() / valid.sum().clamp_min(1)
 
 
@@ -75,8 +80,9 @@ class CrossEntropyLoss(torch.nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if logits.shape[1] == 1:
             return BCELoss(2, ignore_index=self.ignore_index)(logits, target)
-        w = None if self.class_weights is None else torch.tensor(self.class_weights, device=logits.device)
-        return F.cross_entropy(logits.float(), target, weight=w, label_smoothing=self.label_smoothing,
+        w = None if self.class_weights is None else torch.tensor(self.class_weights, device=logits.device,
+                                                                dtype=_f32(logits).dtype)
+        return F.cross_entropy(_f32(logits), target, weight=w, label_smoothing=self.label_smoothing,
                                ignore_index=-100 if self.ignore_index is None else self.ignore_index)
 
 
@@ -128,12 +134,12 @@ class FocalLoss(torch.nn.Module):
         self.gamma, self.alpha, self.ignore_index = gamma, alpha, ignore_index
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
+        logits = _f32(logits)
         valid = _valid(target, self.ignore_index)
         safe = torch.where(valid, target, torch.zeros_like(target))
         if logits.shape[1] == 1:
             z = logits[:, 0]
-            y = (safe == 1).float()
+            y = (safe == 1).to(z.dtype)
             log_pt = -F.binary_cross_entropy_with_logits(z, y, reduction="none")
             alpha_t = None if self.alpha is None else self.alpha * y + (1 - self.alpha) * (1 - y)
         else:
@@ -142,7 +148,7 @@ class FocalLoss(torch.nn.Module):
         loss = -((1 - log_pt.exp()) ** self.gamma) * log_pt
         if alpha_t is not None:
             loss = alpha_t * loss
-        valid = valid.float()
+        valid = valid.to(loss.dtype)
         return (loss * valid).sum() / valid.sum().clamp_min(1)
 
 
@@ -165,7 +171,7 @@ class LovaszLoss(torch.nn.Module):
         self.per_image, self.ignore_index = per_image, ignore_index
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
+        logits = _f32(logits)
         if self.per_image:
             return torch.stack([self._flat(l.unsqueeze(0), t.unsqueeze(0)) for l, t in zip(logits, target)]).mean()
         return self._flat(logits, target)
@@ -174,7 +180,7 @@ class LovaszLoss(torch.nn.Module):
         valid = _valid(target, self.ignore_index).reshape(-1)
         if logits.shape[1] == 1:
             z = logits.reshape(-1)[valid]
-            y = (target.reshape(-1)[valid] == 1).float()
+            y = (target.reshape(-1)[valid] == 1).to(z.dtype)
             if z.numel() == 0:
                 return logits.sum() * 0
             errors = 1 - z * (2 * y - 1)
@@ -184,7 +190,7 @@ class LovaszLoss(torch.nn.Module):
         labels = target.reshape(-1)[valid]
         losses = []
         for c in range(logits.shape[1]):
-            fg = (labels == c).float()
+            fg = (labels == c).to(probs.dtype)
             if fg.sum() == 0:  # classes absent from the batch are skipped ("present" classes)
                 continue
             errors = (fg - probs[:, c]).abs()
