@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parent", default=None, help="compare the runs of this parent run id (default: the latest)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: as for unetlab run)")
 
+    p = sub.add_parser("new-plugin", help="scaffold a plugin project that passes its own tests")
+    p.add_argument("name", help="plugin name: lowercase letters, digits and _ (project unetlab-NAME)")
+    p.add_argument("--dir", default=".", help="where to create the project (default: here)")
+
     p = sub.add_parser("ui", help="start the MLflow UI on the store unetlab logs to")
     p.add_argument("file", nargs="?", help="an experiment file whose tracking.uri to use")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1)")
@@ -234,7 +238,16 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"plugins": cmd_plugins, "validate": cmd_validate, "summary": cmd_summary, "run": cmd_run,
+def cmd_new_plugin(args: argparse.Namespace) -> int:
+    """``unetlab new-plugin NAME``: write a plugin project (pyproject, one hook per kind, conformance tests)."""
+    from .scaffold import scaffold_plugin
+
+    root = scaffold_plugin(args.name, args.dir)
+    print(f"created {root}\nnext: cd {root} && pip install -e '.[test]' && pytest && unetlab plugins")
+    return 0
+
+
+COMMANDS = {"new-plugin": cmd_new_plugin, "plugins": cmd_plugins, "validate": cmd_validate, "summary": cmd_summary, "run": cmd_run,
             "compare": cmd_compare, "ui": cmd_ui}
 
 

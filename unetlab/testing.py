@@ -1,0 +1,264 @@
+"""Conformance kit for plugin authors: does a component honour its kind's contract?
+
+In a plugin's own tests::
+
+    import pytest
+    from unetlab.testing import check_component, components_of
+
+    @pytest.mark.parametrize("kind, name", components_of("unetlab_myplugin"))
+    def test_conformance(kind, name):
+        check_component(kind, name)
+
+``check_component`` builds the component through the registry (as unetlab will), exercises it on
+small tensors and raises ``ContractError`` (an ``AssertionError``) naming the component and the
+contract it broke, e.g. ``fusion 'max' breaks the fusion contract [out_channels]: ...``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+
+from .params import Param
+from .plugins import default_host
+from .registry import KINDS, Component, Registry
+
+__all__ = ["ContractError", "check_component", "components_of", "CHECKS"]
+
+
+class ContractError(AssertionError):
+    """A component does not do what its kind promises."""
+
+
+class _Checker:
+    def __init__(self, component: Component) -> None:
+        self.component = component
+
+    def fail(self, contract: str, detail: str) -> None:
+        c = self.component
+        raise ContractError(f"{c.kind} '{c.name}' (plugin {c.plugin}) breaks the {c.kind} contract [{contract}]: "
+                            f"{detail}")
+
+    def expect(self, ok: bool, contract: str, detail: str) -> None:
+        if not ok:
+            self.fail(contract, detail)
+
+
+def _grads_flow(check: _Checker, module: torch.nn.Module, output: Any) -> None:
+    tensors = output if isinstance(output, (list, tuple)) else [output]
+    total = sum(t.float().square().mean() for t in tensors)
+    total.backward()
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            check.expect(p.grad is not None and bool(torch.isfinite(p.grad).all()), "gradients flow",
+                         f"parameter '{name}' gets no (finite) gradient")
+
+
+def _declared(check: _Checker, params: tuple[Param, ...]) -> None:
+    import inspect
+
+    for p in params:
+        check.expect(p.annotation is not inspect.Parameter.empty and p.type_name() != "any", "parameters declared",
+                     f"parameter '{p.name}' has no type annotation, so experiment files cannot be checked")
+    check.expect(bool(check.component.description), "parameters declared",
+                 "no description (give the factory a docstring or pass description=)")
+
+
+def check_encoder(check: _Checker, build: Callable[..., Any]) -> None:
+    for in_channels in (1, 3):
+        enc = build(in_channels=in_channels)
+        channels = getattr(enc, "out_channels", None)
+        check.expect(isinstance(channels, (list, tuple)) and len(channels) > 0 and
+                     all(isinstance(c, int) and c > 0 for c in channels), "out_channels",
+                     f"out_channels must be a non-empty list of positive ints, got {channels!r}")
+        strides = list(getattr(enc, "strides", [2 ** i for i in range(len(channels))]))
+        check.expect(len(strides) == len(channels) and strides[0] >= 1 and
+                     all(b % a == 0 and b // a >= 2 for a, b in zip(strides, strides[1:])), "strides",
+                     f"strides {strides} must match out_channels {list(channels)} and grow by integer factors >= 2")
+        padding = getattr(enc, "padding", "same")
+        check.expect(padding in ("same", "valid"), "padding", f"padding must be 'same' or 'valid', got {padding!r}")
+        side = 16 * strides[-1] + (188 if padding == "valid" else 0)
+        for h, w in ((side, side), (side + strides[-1], side)):
+            x = torch.randn(2, in_channels, h, w, requires_grad=True)
+            enc.train()
+            features = enc(x)
+            check.expect(isinstance(features, (list, tuple)) and len(features) == len(channels), "features",
+                         f"forward must return {len(channels)} feature maps (finest to coarsest), "
+                         f"got {type(features).__name__} of {len(features) if hasattr(features, '__len__') else '?'}")
+            for i, (f, c, s) in enumerate(zip(features, channels, strides)):
+                check.expect(f.shape[:2] == (2, c), "out_channels",
+                             f"feature {i} has shape {tuple(f.shape)}, expected 2 x {c} x H x W")
+                if padding == "same":
+                    check.expect(abs(f.shape[-2] - h / s) <= 1 and abs(f.shape[-1] - w / s) <= 1, "strides",
+                                 f"feature {i} is {f.shape[-2]}x{f.shape[-1]} for a {h}x{w} input; stride {s} "
+                                 f"means about {h // s}x{w // s}")
+            check.expect(all(a.shape[-1] >= b.shape[-1] for a, b in zip(features, features[1:])), "features",
+                         "feature maps must go from finest to coarsest")
+        _grads_flow(check, enc, features)
+
+
+def check_upsampler(check: _Checker, build: Callable[..., Any]) -> None:
+    up = build(in_channels=8, out_channels=4, scale=2)
+    for h, w in ((5, 5), (6, 9)):
+        y = up(torch.randn(2, 8, h, w, requires_grad=True))
+        check.expect(tuple(y.shape) == (2, 4, 2 * h, 2 * w), "doubles the size",
+                     f"for a 2x8x{h}x{w} input it returned {tuple(y.shape)}, expected (2, 4, {2 * h}, {2 * w})")
+    _grads_flow(check, up, y)
+
+
+def check_fusion(check: _Checker, build: Callable[..., Any]) -> None:
+    for skip_c, up_c in ((6, 4), (4, 4)):
+        fusion = build(skip_channels=skip_c, up_channels=up_c)
+        out_c = getattr(fusion, "out_channels", None)
+        check.expect(isinstance(out_c, int) and out_c > 0, "out_channels",
+                     f"must declare out_channels (a positive int), got {out_c!r}")
+        y = fusion(torch.randn(2, skip_c, 8, 6, requires_grad=True), torch.randn(2, up_c, 8, 6, requires_grad=True))
+        check.expect(tuple(y.shape) == (2, out_c, 8, 6), "out_channels",
+                     f"fusing 2x{skip_c}x8x6 with 2x{up_c}x8x6 gave {tuple(y.shape)}, but out_channels is {out_c}")
+        _grads_flow(check, fusion, y)
+
+
+def check_block(check: _Checker, build: Callable[..., Any]) -> None:
+    block = build(in_channels=8, out_channels=4, padding="same")
+    y = block(torch.randn(2, 8, 12, 10, requires_grad=True))
+    check.expect(tuple(y.shape) == (2, 4, 12, 10), "same padding keeps the size",
+                 f"a 2x8x12x10 input gave {tuple(y.shape)}, expected (2, 4, 12, 10)")
+    _grads_flow(check, block, y)
+    valid = build(in_channels=8, out_channels=4, padding="valid")
+    y = valid(torch.randn(2, 8, 20, 20))
+    check.expect(y.shape[1] == 4 and y.shape[-1] <= 20, "valid padding",
+                 f"with padding='valid' a 2x8x20x20 input gave {tuple(y.shape)}")
+
+
+def check_initializer(check: _Checker, build: Callable[..., Any]) -> None:
+    init = build()
+    check.expect(callable(init), "callable", f"the factory must return a callable(model), got {type(init).__name__}")
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ConvTranspose2d(4, 2, 2))
+    shapes = [p.shape for p in model.parameters()]
+    init(model)
+    check.expect([p.shape for p in model.parameters()] == shapes, "in place", "it changed parameter shapes")
+    check.expect(all(torch.isfinite(p).all() for p in model.parameters()), "finite", "it produced non-finite weights")
+
+
+def check_loss(check: _Checker, build: Callable[..., Any]) -> None:
+    g = torch.Generator().manual_seed(0)
+    for channels, num_classes in ((1, 2), (3, 3)):
+        fn = build(num_classes=num_classes)
+        target = torch.randint(0, num_classes, (2, 8, 8), generator=g)
+        logits = torch.zeros(2, channels, 8, 8).normal_(generator=g).requires_grad_()
+        value = fn(logits, target)
+        check.expect(isinstance(value, torch.Tensor) and value.dim() == 0 and bool(torch.isfinite(value)),
+                     "scalar", f"with {channels} channel(s) it returned {value!r}, expected a finite scalar tensor")
+        optimizer = torch.optim.Adam([logits], lr=0.1)
+        first = value.item()
+        for _ in range(30):
+            optimizer.zero_grad()
+            loss = fn(logits, target)
+            loss.backward()
+            check.expect(logits.grad is not None and bool(torch.isfinite(logits.grad).all()), "gradients flow",
+                         "no finite gradient reaches the logits")
+            optimizer.step()
+        last = fn(logits, target).item()
+        check.expect(last < first, "decreases", f"30 Adam steps on free logits took it from {first:.4f} to {last:.4f}")
+
+
+def check_metric(check: _Checker, build: Callable[..., Any]) -> None:
+    g = torch.Generator().manual_seed(0)
+    target = torch.randint(0, 3, (4, 8, 8), generator=g)
+    logits = torch.randn(4, 3, 8, 8, generator=g)
+    m = build(num_classes=3)
+    for attr in ("reset", "update", "compute"):
+        check.expect(callable(getattr(m, attr, None)), "accumulator", f"it has no {attr}()")
+    m.reset()
+    m.update(logits[:2], target[:2])
+    m.update(logits[2:], target[2:])
+    split = m.compute()
+    check.expect(isinstance(split, dict) and split and all(isinstance(v, float) for v in split.values()),
+                 "compute", f"compute() must return a non-empty dict of floats, got {split!r}")
+    m.reset()
+    m.update(logits, target)
+    whole = m.compute()
+    same = all(math.isclose(split[k], whole[k], rel_tol=1e-6, abs_tol=1e-9) or (math.isnan(split[k]) and
+                                                                                  math.isnan(whole[k])) for k in whole)
+    check.expect(set(split) == set(whole) and same, "accumulates over the whole set",
+                 f"two batches gave {split}, the same pixels in one batch gave {whole}")
+
+
+def check_dataset(check: _Checker, build: Callable[..., Any]) -> None:
+    source = build()
+    for attr in ("in_channels", "num_classes", "split"):
+        check.expect(hasattr(source, attr), "source", f"the source has no '{attr}'")
+    check.expect(isinstance(source.num_classes, int) and source.num_classes >= 2, "num_classes",
+                 f"num_classes counts the background too (2 for binary), got {source.num_classes!r}")
+    train = source.split("train")
+    check.expect(len(train) > 0, "splits", "split('train') is empty")
+    image, mask = train[0]
+    check.expect(image.dtype == torch.float32 and image.dim() == 3 and image.shape[0] == source.in_channels,
+                 "items", f"images must be float32 C x H x W with C = in_channels ({source.in_channels}), "
+                          f"got {image.dtype} {tuple(image.shape)}")
+    check.expect(mask.dtype == torch.int64 and tuple(mask.shape) == tuple(image.shape[1:]), "items",
+                 f"masks must be int64 H x W matching the image, got {mask.dtype} {tuple(mask.shape)}")
+    check.expect(int(mask.min()) >= 0 and int(mask.max()) < source.num_classes, "items",
+                 f"mask values must be class indices 0..{source.num_classes - 1}")
+    again = build().split("train")[0]
+    check.expect(torch.equal(again[0], image) and torch.equal(again[1], mask), "deterministic",
+                 "building the dataset twice gave different data")
+
+
+def check_augmentation(check: _Checker, build: Callable[..., Any]) -> None:
+    masks = torch.zeros(4, 24, 24, dtype=torch.long)
+    masks[:, 3:15, 5:9] = 1
+    masks[:, 3:6, 5:18] = 1
+    images = masks[:, None].float().repeat(1, 3, 1, 1)
+    augment = build()
+    out_a = augment(images.clone(), masks.clone(), torch.Generator().manual_seed(1))
+    out_b = augment(images.clone(), masks.clone(), torch.Generator().manual_seed(1))
+    check.expect(isinstance(out_a, tuple) and len(out_a) == 2, "returns (images, masks)",
+                 f"got {type(out_a).__name__}")
+    image, mask = out_a
+    check.expect(mask.dtype == torch.long and image.shape[0] == 4 and image.shape[-2:] == mask.shape[-2:],
+                 "shapes", f"images {tuple(image.shape)} and masks {tuple(mask.shape)} {mask.dtype} disagree")
+    check.expect(set(mask.unique().tolist()) <= {0, 1}, "classes never blend", "masks gained new values")
+    check.expect(torch.equal(out_a[0], out_b[0]) and torch.equal(out_a[1], out_b[1]), "seeded",
+                 "the same generator seed gave different results (draw randomness only from the generator)")
+    geometric = not torch.equal(mask, masks[..., :mask.shape[-2], :mask.shape[-1]])
+    if geometric:
+        agree = ((image.mean(1) > 0.5).long() == mask).float().mean().item()
+        check.expect(agree > 0.97, "image and mask aligned",
+                     f"after the transform only {agree:.1%} of pixels agree between image and mask")
+
+
+CHECKS: dict[str, Callable[[_Checker, Callable[..., Any]], None]] = {
+    "encoder": check_encoder, "upsampler": check_upsampler, "fusion": check_fusion, "block": check_block,
+    "initializer": check_initializer, "loss": check_loss, "metric": check_metric, "dataset": check_dataset,
+    "augmentation": check_augmentation,
+}
+
+
+def check_component(kind: str, name: str, registry: Registry | None = None, **params: Any) -> None:
+    """Build ``kind``/``name`` with ``params`` and check its contract; raise ``ContractError`` if broken."""
+    registry = registry or default_host().registry
+    component = registry.get(kind, name)
+    check = _Checker(component)
+    _declared(check, component.params)
+
+    def build(**contract: Any) -> Any:
+        return registry.create(kind, name, **contract, **params)
+
+    torch.manual_seed(0)
+    CHECKS[kind](check, build)
+
+
+def components_of(plugin: str, registry: Registry | None = None) -> list[tuple[str, str]]:
+    """``(kind, name)`` of every component a plugin registers, for ``pytest.mark.parametrize``."""
+    registry = registry or default_host().registry
+    found = [(c.kind, c.name) for c in registry if c.plugin == plugin]
+    if not found:
+        plugins = sorted({c.plugin for c in registry})
+        raise LookupError(f"plugin '{plugin}' registers no components (plugins: {', '.join(plugins)})")
+    return found
+
+
+assert set(CHECKS) == set(KINDS), "every kind needs a conformance check"
