@@ -106,7 +106,8 @@ def register_losses(register):
     report = {p["name"]: p for p in json.loads(
         run_cli("plugins", "--json", env={"PYTHONPATH": str(site)}, check=True).stdout)}
     assert report["raiser_plugin"]["broken"]
-    assert "raised in register_losses: RuntimeError: boom in hook" in report["raiser_plugin"]["error"]
+    assert ("plugin 'raiser_plugin' (distribution 'unetlab-raiser 1.0') raised in register_losses: "
+            "RuntimeError: boom in hook") in report["raiser_plugin"]["error"]
     # nothing of a broken plugin is half-registered
     assert report["raiser_plugin"]["components"] == []
     assert not report["unetlab_std.losses"]["broken"]

@@ -219,7 +219,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_ui(args: argparse.Namespace) -> int:
     """``unetlab ui``: the MLflow UI on the same store ``unetlab run`` uses (127.0.0.1 by default)."""
     import os
-    import shutil
 
     from .tracking import resolve_tracking_uri
 
@@ -229,12 +228,15 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
         uri = load_experiment(args.file).runs[0].config["tracking"]["uri"]
     uri = resolve_tracking_uri(uri) if args.tracking_uri is None else uri
-    mlflow = shutil.which("mlflow") or "mlflow"
-    command = [mlflow, "ui", "--host", args.host, "--port", str(args.port)]
+    # The MLflow of unetlab's own interpreter: the venv need not be activated for this to work.
+    command = [sys.executable, "-m", "mlflow", "ui", "--host", args.host, "--port", str(args.port)]
     if uri:
         command += ["--backend-store-uri", uri]
-    print(f"unetlab: {' '.join(command)}", file=sys.stderr)
-    os.execvp(command[0], command)
+    print(f"unetlab: {' '.join(command[1:])}", file=sys.stderr)
+    try:
+        os.execv(command[0], command)
+    except OSError as exc:
+        raise UnetlabError(f"cannot start the MLflow UI: {exc}") from None
     return 0
 
 

@@ -184,7 +184,8 @@ class PluginHost:
                 try:
                     impl.function(**{arg: register for arg in impl.argnames})
                 except Exception as exc:
-                    info.error = f"plugin '{info.name}' raised in {kind.hook}: {_exception_text(exc)}"
+                    origin = f" (distribution '{info.distribution} {info.version}')" if info.distribution else ""
+                    info.error = f"plugin '{info.name}'{origin} raised in {kind.hook}: {_exception_text(exc)}"
                     self.pm.unregister(name=info.name)  # a broken plugin gets no lifecycle calls either
         registry = Registry()
         for plugin, kind_name, name, factory, description in pending:
