@@ -67,6 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parent", default=None, help="compare the runs of this parent run id (default: the latest)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: as for unetlab run)")
 
+    p = sub.add_parser("predict", help="predict masks for images with a trained model (tiled for large images)")
+    p.add_argument("model", help="checkpoint file (best.pt/last.pt), MLflow run id, runs:/ or models:/ URI")
+    p.add_argument("inputs", nargs="+", help="image files or folders")
+    p.add_argument("--out", required=True, help="folder for the masks (NAME_mask.png: 0/255, or class indices)")
+    p.add_argument("--tile", type=int, default=None,
+                   help="tile size (default: whole image for same padding, 572 for valid padding)")
+    p.add_argument("--overlap", type=int, default=32, help="overlap between tiles, same padding (default: 32)")
+    p.add_argument("--tta", action="store_true", help="average over flips (test-time augmentation)")
+    p.add_argument("--overlay", action="store_true", help="also write NAME_overlay.png")
+    p.add_argument("--tracking-uri", default=None, help="MLflow store of the run (default: as for unetlab run)")
+
     p = sub.add_parser("new-plugin", help="scaffold a plugin project that passes its own tests")
     p.add_argument("name", help="plugin name: lowercase letters, digits and _ (project unetlab-NAME)")
     p.add_argument("--dir", default=".", help="where to create the project (default: here)")
@@ -92,6 +103,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     handler = COMMANDS[args.command]
+    # MLflow's INFO chatter ("Creating initial MLflow database tables...") is noise on our stderr;
+    # setdefault: a user who sets MLFLOW_LOGGING_LEVEL gets what they asked for.
+    import os
+
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     try:
         return handler(args)
     except UnetlabError as exc:
@@ -249,7 +265,17 @@ def cmd_new_plugin(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"new-plugin": cmd_new_plugin, "plugins": cmd_plugins, "validate": cmd_validate, "summary": cmd_summary, "run": cmd_run,
+def cmd_predict(args: argparse.Namespace) -> int:
+    """``unetlab predict MODEL INPUTS... --out DIR``."""
+    from .predict import predict_files
+
+    written = predict_files(args.model, args.inputs, args.out, args.tile, args.overlap, args.tta, args.overlay,
+                            args.tracking_uri)
+    print(f"wrote {len(written)} mask(s) to {args.out}")
+    return 0
+
+
+COMMANDS = {"predict": cmd_predict, "new-plugin": cmd_new_plugin, "plugins": cmd_plugins, "validate": cmd_validate, "summary": cmd_summary, "run": cmd_run,
             "compare": cmd_compare, "ui": cmd_ui}
 
 

@@ -232,6 +232,9 @@ def train_run(setup: TrainSetup) -> RunResult:
     forward = torch.compile(model) if t["compile"] else model
     setup.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     last_path, best_path = setup.checkpoint_dir / "last.pt", setup.checkpoint_dir / "best.pt"
+    # what `unetlab predict CHECKPOINT` needs to rebuild the model (plain data: weights_only-safe)
+    model_identity = {"model_config": cfg["model"], "in_channels": setup.in_channels,
+                      "out_channels": setup.out_channels}
     setup.lifecycle("on_run_start", run_name=setup.run_name, config=cfg, model=model, tracker=setup.tracker)
 
     started = time.perf_counter()
@@ -304,7 +307,7 @@ def train_run(setup: TrainSetup) -> RunResult:
             if _better(monitored, best, mode):
                 best, best_epoch, stale = monitored, epoch + 1, 0
                 save_atomic({"model": model.state_dict(), "epoch": epoch + 1, "monitor": t["monitor"],
-                             "value": monitored}, best_path)
+                             "value": monitored, **model_identity}, best_path)
             else:
                 stale += 1
             if t["early_stopping"] is not None and stale >= t["early_stopping"]:
@@ -321,7 +324,7 @@ def train_run(setup: TrainSetup) -> RunResult:
         save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "schedule": schedule.state_dict(), "scaler": scaler.state_dict() if scaler else {},
                      "epoch": epoch + 1, "step": step, "best": best, "best_epoch": best_epoch, "stale": stale,
-                     "history": history, "finished": False}, last_path)
+                     "history": history, "finished": False, **model_identity}, last_path)
         setup.on_progress(epoch=epoch + 1, record=record)
         if stop_reason:
             break
