@@ -78,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlay", action="store_true", help="also write NAME_overlay.png")
     p.add_argument("--tracking-uri", default=None, help="MLflow store of the run (default: as for unetlab run)")
 
+    p = sub.add_parser("export", help="export a trained model to torch.export (.pt2) or ONNX, checked against PyTorch")
+    p.add_argument("model", help="checkpoint file, MLflow run id, runs:/ or models:/ URI")
+    p.add_argument("--format", choices=["pt2", "onnx"], default="pt2")
+    p.add_argument("--out", required=True, help="file to write")
+    p.add_argument("--size", type=int, default=None, help="example input size (valid padding: the fixed size)")
+    p.add_argument("--tracking-uri", default=None)
+
     p = sub.add_parser("new-plugin", help="scaffold a plugin project that passes its own tests")
     p.add_argument("name", help="plugin name: lowercase letters, digits and _ (project unetlab-NAME)")
     p.add_argument("--dir", default=".", help="where to create the project (default: here)")
@@ -275,7 +282,29 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"predict": cmd_predict, "new-plugin": cmd_new_plugin, "plugins": cmd_plugins, "validate": cmd_validate, "summary": cmd_summary, "run": cmd_run,
+def cmd_export(args: argparse.Namespace) -> int:
+    """``unetlab export MODEL --format pt2|onnx --out FILE``: export, then compare with PyTorch."""
+    from .export import check_export, export_model
+    from .predict import load_model
+
+    if args.tracking_uri:
+        import mlflow
+
+        mlflow.set_tracking_uri(args.tracking_uri)
+    model = load_model(args.model)
+    info = export_model(model, args.format, args.out, args.size)
+    c, s = info["example_shape"][1], info["example_shape"][2]
+    m = info["spatial_multiple"]
+    shapes = [(1, c, s, s), (3, c, s, s)] + ([(2, c, 2 * m, 3 * m)] if m else [])
+    worst = check_export(model, args.format, args.out, shapes)
+    print(f"exported {args.format} to {args.out} (dynamic: {info['dynamic']}); max |exported - PyTorch| = "
+          f"{worst:.2e} over inputs {shapes}")
+    if worst > 1e-3:
+        raise UnetlabError(f"the exported model differs from PyTorch by {worst:.2e} (> 1e-3)")
+    return 0
+
+
+COMMANDS = {"export": cmd_export, "predict": cmd_predict, "new-plugin": cmd_new_plugin, "plugins": cmd_plugins, "validate": cmd_validate, "summary": cmd_summary, "run": cmd_run,
             "compare": cmd_compare, "ui": cmd_ui}
 
 
