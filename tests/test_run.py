@@ -312,3 +312,34 @@ def test_against_a_real_mlflow_server(tmp_path):
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def test_jobs_trains_runs_in_parallel_processes_under_one_parent(tmp_path):
+    path = experiment(tmp_path, epochs=2, extra="""
+        variants:
+          concat: {model.fusion: concat}
+          add: {model.fusion: add}
+        seeds: [1, 2]
+    """)
+    proc = run_cli("run", str(path), "--jobs", "2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("FINISHED") == 4
+    parents, children = runs_of(client_for(tmp_path))
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(c.info.run_name for c in children) == ["add/seed=1", "add/seed=2", "concat/seed=1", "concat/seed=2"]
+    assert all(c.info.status == "FINISHED" and c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+               for c in children)
+    # parallel runs give the same numbers as sequential ones
+    sequential = tmp_path / "seq"
+    sequential.mkdir()
+    seq_path = experiment(sequential, epochs=2, extra="""
+        variants:
+          concat: {model.fusion: concat}
+          add: {model.fusion: add}
+        seeds: [1, 2]
+    """)
+    assert run_cli("run", str(seq_path), "--quiet", cwd=sequential).returncode == 0
+    _, seq_children = runs_of(client_for(sequential))
+    by_name = {c.info.run_name: c for c in seq_children}
+    for child in children:
+        assert child.data.metrics["val_iou"] == by_name[child.info.run_name].data.metrics["val_iou"]

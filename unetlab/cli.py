@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue unfinished runs from their last checkpoint, skip finished ones")
     p.add_argument("--only", nargs="+", default=[], metavar="RUN",
                    help="only runs whose name starts with one of these (e.g. concat/)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="train up to N runs at once in separate processes (one GPU each when there are several)")
+    p.add_argument("--parent-run-id", default=None, help=argparse.SUPPRESS)  # set by --jobs for its workers
+    p.add_argument("--run-name", action="append", default=[], help=argparse.SUPPRESS)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quiet", action="store_true", help="no progress bars, only one line per run")
     mode.add_argument("--jsonl", action="store_true", help="JSON lines on stdout (events: start, epoch, run_end...)")
@@ -229,7 +233,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .runner import run_experiment
 
     output = "quiet" if args.quiet else "jsonl" if args.jsonl else "bar"
-    return run_experiment(args.file, args.overrides, resume=args.resume, output=output, only=args.only)
+    if args.jobs < 1:
+        raise UnetlabError(f"--jobs {args.jobs}: must be at least 1")
+    return run_experiment(args.file, args.overrides, resume=args.resume, output=output, only=args.only,
+                          jobs=args.jobs, parent_run_id=args.parent_run_id, exact=args.run_name)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

@@ -105,8 +105,14 @@ def _versions(host: PluginHost) -> dict[str, str]:
 
 
 def run_experiment(path: str | Path, overrides: Sequence[str] = (), resume: bool = False, output: str = "bar",
-                   only: Sequence[str] = ()) -> int:
-    """Train every run of an experiment file; return the exit code (0 all finished, 1 any failed, 130 killed)."""
+                   only: Sequence[str] = (), jobs: int = 1, parent_run_id: str | None = None,
+                   exact: Sequence[str] = ()) -> int:
+    """Train every run of an experiment file; return the exit code (0 all finished, 1 any failed, 130 killed).
+
+    ``jobs > 1`` trains independent runs in that many processes (one GPU each when there are several),
+    all under one parent run. ``parent_run_id`` and ``exact`` are how those worker processes are told
+    which parent to log under and which run to train.
+    """
     import torch
 
     from . import __version__
@@ -116,7 +122,8 @@ def run_experiment(path: str | Path, overrides: Sequence[str] = (), resume: bool
     experiment = load_experiment(path, overrides, host=host)
     for info in host.broken():
         print(f"unetlab: warning: {info.error} (skipped; see 'unetlab plugins')", file=sys.stderr)
-    runs = [r for r in experiment.runs if not only or any(r.name.startswith(o) for o in only)]
+    runs = [r for r in experiment.runs if (not only or any(r.name.startswith(o) for o in only))
+            and (not exact or r.name in exact)]
     if not runs:
         raise UnetlabError(f"--only {' '.join(only)}: matches no run (runs: {', '.join(r.name for r in experiment.runs)})")
     uris = {r.config["tracking"]["uri"] for r in runs}
@@ -133,8 +140,10 @@ def run_experiment(path: str | Path, overrides: Sequence[str] = (), resume: bool
     commit = git_commit(Path(path).resolve())
     base_tags = {"unetlab.experiment_file": str(Path(path).resolve()), "unetlab.invocation": invocation,
                  "unetlab.version": __version__, **({"mlflow.source.git.commit": commit} if commit else {})}
-    parent_id = None
-    if resume:
+    parent_id = parent_run_id
+    if parent_id is not None:  # a worker of --jobs: the parent belongs to the process that started us
+        tracker.parent_id = parent_id
+    elif resume:
         parents = [r for r in tracker.find_runs("unetlab.invocation", invocation) if r.data.tags.get("unetlab.parent")]
         if parents:
             parent_id = parents[0].info.run_id
@@ -144,8 +153,11 @@ def run_experiment(path: str | Path, overrides: Sequence[str] = (), resume: bool
         parent_id = tracker.start_parent(f"{experiment.name} {time.strftime('%Y-%m-%d %H:%M:%S')}",
                                          {**base_tags, "unetlab.parent": "true"}, experiment.description)
         tracker.client.log_text(parent_id, Path(path).read_text(encoding="utf-8"), "experiment.yaml")
-    reporter.info(f"{experiment.name}: {len(prepared)} run(s), tracking at {tracker.uri} "
-                  f"(experiment '{experiment.name}', parent run {parent_id})")
+    if parent_run_id is None:
+        reporter.info(f"{experiment.name}: {len(prepared)} run(s), tracking at {tracker.uri} "
+                      f"(experiment '{experiment.name}', parent run {parent_id})")
+    if jobs > 1 and len(prepared) > 1:
+        return _run_parallel(path, overrides, resume, prepared, jobs, tracker, parent_id, reporter)
     reporter.emit("start", experiment=experiment.name, runs=len(prepared), tracking_uri=tracker.uri,
                   parent_run_id=parent_id)
 
@@ -185,12 +197,14 @@ def run_experiment(path: str | Path, overrides: Sequence[str] = (), resume: bool
             tracker.end(child.run_id, status)
             current = None
             reporter.run_end(run.name, status, summary, message)
-        tracker.end(parent_id, "FAILED" if failed else "FINISHED")
+        if parent_run_id is None:
+            tracker.end(parent_id, "FAILED" if failed else "FINISHED")
     except KeyboardInterrupt as exc:
         if current is not None:
             current.set_tags({"unetlab.status_reason": "interrupted"})
             tracker.end(current.run_id, "KILLED")
-        tracker.end(parent_id, "KILLED")
+        if parent_run_id is None:
+            tracker.end(parent_id, "KILLED")
         signum = getattr(exc, "signum", signal.SIGINT)
         print(f"unetlab: interrupted; run(s) marked KILLED, last checkpoints kept: resume with "
               f"'unetlab run {path} --resume'", file=sys.stderr)
@@ -200,6 +214,51 @@ def run_experiment(path: str | Path, overrides: Sequence[str] = (), resume: bool
     reporter.emit("end", failed=failed, parent_run_id=parent_id)
     if failed:
         print(f"unetlab: {failed} run(s) FAILED (see above and the runs' 'unetlab.error' tag)", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _run_parallel(path, overrides, resume: bool, prepared: list[Prepared], jobs: int, tracker: Tracker,
+                  parent_id: str, reporter: Reporter) -> int:
+    """Train runs in up to ``jobs`` worker processes under one parent run; one GPU per job when there are several."""
+    import os
+    import subprocess
+
+    import torch
+
+    gpus = torch.cuda.device_count()
+    pending = [p.run.name for p in prepared]
+    active: dict[subprocess.Popen, str] = {}
+    codes: dict[str, int] = {}
+    slot = 0
+    try:
+        while pending or active:
+            while pending and len(active) < jobs:
+                name = pending.pop(0)
+                env = dict(os.environ)
+                if gpus > 1:
+                    env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
+                slot += 1
+                command = [sys.executable, "-m", "unetlab", "run", str(path), "--quiet", "--parent-run-id", parent_id,
+                           "--run-name", name, *[a for s in overrides for a in ("--set", s)]]
+                if resume:
+                    command.append("--resume")
+                active[subprocess.Popen(command, env=env)] = name
+            time.sleep(0.2)
+            for proc in [p for p in active if p.poll() is not None]:
+                codes[active.pop(proc)] = proc.returncode
+    except KeyboardInterrupt:
+        for proc in active:  # each worker marks its own run KILLED on SIGTERM
+            proc.terminate()
+        for proc in active:
+            proc.wait()
+        tracker.end(parent_id, "KILLED")
+        print("unetlab: interrupted; running jobs stopped and marked KILLED", file=sys.stderr)
+        return 130
+    failed = [n for n, c in codes.items() if c != 0]
+    tracker.end(parent_id, "FAILED" if failed else "FINISHED")
+    reporter.emit("end", failed=len(failed), parent_run_id=parent_id)
+    if failed:
+        print(f"unetlab: {len(failed)} run(s) did not finish: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
 
 
