@@ -153,3 +153,28 @@ def test_encoder_contract_violation_is_reported():
     config["encoder"] = {"name": "bad"}
     with pytest.raises(unetlab.UnetlabError, match="breaks the encoder contract: it must declare out_channels"):
         build_unet(config, 3, 1, host.registry)
+
+
+def test_gradient_checkpointing_same_gradients_less_saved_memory():
+    torch.manual_seed(0)
+    model = build_unet(model_config(depth=3, base_channels=4), 1, 1, REGISTRY).train()
+    x = torch.randn(2, 1, 32, 32)
+    grads, saved = {}, {}
+    for flag in (False, True):
+        model.gradient_checkpointing = flag
+        model.zero_grad(set_to_none=True)
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(x).square().mean()
+        loss.backward()
+        grads[flag] = [p.grad.clone() for p in model.parameters()]
+        saved[flag] = total
+    for a, b in zip(grads[False], grads[True]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert saved[True] < 0.5 * saved[False]

@@ -39,19 +39,31 @@ class UNet(nn.Module):
         self.head = head
         self.padding = padding
         self.first_stride = int(getattr(encoder, "strides", [1])[0])
+        self.gradient_checkpointing = False
+
+    def _level(self, i: int, y: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        y = self.upsamplers[i](y)
+        if self.padding == "valid":
+            skip = _center_crop(skip, y.shape[-2], y.shape[-1])
+        elif y.shape[-2:] != skip.shape[-2:]:
+            y = _pad_to(y, skip.shape[-2], skip.shape[-1])
+        return self.blocks[i](self.fusions[i](skip, y))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[-2:]
-        features = self.encoder(x)
+        # Gradient checkpointing keeps only each segment's inputs and outputs (the skips) and recomputes
+        # the rest in backward: less memory for large images, about one more forward pass of compute.
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        if recompute:
+            from torch.utils.checkpoint import checkpoint
+
+            features = checkpoint(self.encoder, x, use_reentrant=False)
+        else:
+            features = self.encoder(x)
         y = features[-1]
-        for i, (up, fuse, block) in enumerate(zip(self.upsamplers, self.fusions, self.blocks)):
+        for i in range(len(self.blocks)):
             skip = features[-2 - i]
-            y = up(y)
-            if self.padding == "valid":
-                skip = _center_crop(skip, y.shape[-2], y.shape[-1])
-            elif y.shape[-2:] != skip.shape[-2:]:
-                y = _pad_to(y, skip.shape[-2], skip.shape[-1])
-            y = block(fuse(skip, y))
+            y = checkpoint(self._level, i, y, skip, use_reentrant=False) if recompute else self._level(i, y, skip)
         y = self.head(y)
         if self.first_stride > 1 and self.padding == "same":
             y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)

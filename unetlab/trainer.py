@@ -204,6 +204,7 @@ def train_run(setup: TrainSetup) -> RunResult:
     model = build_unet(cfg["model"], setup.in_channels, setup.out_channels, setup.registry).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    model.gradient_checkpointing = t["gradient_checkpointing"]
     optimizer = make_optimizer(model, t)
     schedule = Schedule(t)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
