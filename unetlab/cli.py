@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only runs whose name starts with one of these (e.g. concat/)")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="train up to N runs at once in separate processes (one GPU each when there are several)")
+    p.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
+                   help="train each run with N processes (DistributedDataParallel: one GPU each, or CPU processes "
+                        "with gloo); data.batch_size is per process. Multi-node: torchrun ... -m unetlab run FILE")
     p.add_argument("--parent-run-id", default=None, help=argparse.SUPPRESS)  # set by --jobs for its workers
     p.add_argument("--run-name", action="append", default=[], help=argparse.SUPPRESS)
     mode = p.add_mutually_exclusive_group()
@@ -233,8 +236,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .runner import run_experiment
 
     output = "quiet" if args.quiet else "jsonl" if args.jsonl else "bar"
-    if args.jobs < 1:
-        raise UnetlabError(f"--jobs {args.jobs}: must be at least 1")
+    if args.jobs < 1 or args.nproc_per_node < 1:
+        raise UnetlabError("--jobs and --nproc-per-node must be at least 1")
+    import os
+
+    if args.nproc_per_node > 1 and "RANK" not in os.environ:
+        if args.jobs > 1:
+            raise UnetlabError("--jobs and --nproc-per-node do not combine: choose one")
+        from .experiment import load_experiment
+
+        load_experiment(args.file, args.overrides)  # a bad file is one line here, not N tracebacks
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc-per-node={args.nproc_per_node}", "-m", "unetlab", "run", args.file,
+                   *[a for s in args.overrides for a in ("--set", s)], *(["--resume"] if args.resume else []),
+                   *(["--only", *args.only] if args.only else []),
+                   *(["--quiet"] if args.quiet else ["--jsonl"] if args.jsonl else [])]
+        import subprocess
+
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        return subprocess.run(command, env=env).returncode
     return run_experiment(args.file, args.overrides, resume=args.resume, output=output, only=args.only,
                           jobs=args.jobs, parent_run_id=args.parent_run_id, exact=args.run_name)
 

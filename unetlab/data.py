@@ -50,10 +50,13 @@ def model_io(config: dict, source: Any) -> tuple[int, int, int]:
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """Shuffles with a permutation that depends only on the seed given to ``set_epoch`` (like DistributedSampler)."""
+    """A permutation that depends only on the seed given to ``set_epoch``; with several ranks, each takes
+    every ``world_size``-th index (like DistributedSampler), so the ranks' batches together are exactly
+    the batches of one process with a ``world_size`` times larger batch."""
 
-    def __init__(self, size: int) -> None:
-        self.size = size
+    def __init__(self, size: int, rank: int = 0, world_size: int = 1) -> None:
+        self.size, self.rank, self.world_size = size, rank, world_size
+        self.per_rank = -(-size // world_size)
         self.seed = 0
 
     def set_epoch(self, seed: int) -> None:
@@ -63,18 +66,21 @@ class EpochSampler(torch.utils.data.Sampler):
     def __iter__(self):
         generator = torch.Generator()
         generator.manual_seed(self.seed)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
+        order = torch.randperm(self.size, generator=generator).tolist()
+        order += order[:self.per_rank * self.world_size - self.size]  # equal shards: wrap around
+        return iter(order[self.rank::self.world_size])
 
     def __len__(self) -> int:
-        return self.size
+        return self.per_rank
 
 
-def make_loader(dataset, batch_size: int, shuffle: bool, num_workers: int, pin_memory: bool) -> DataLoader:
+def make_loader(dataset, batch_size: int, shuffle: bool, num_workers: int, pin_memory: bool, rank: int = 0,
+                world_size: int = 1) -> DataLoader:
     """A DataLoader; with ``shuffle`` its order is set per epoch by ``loader.epoch_sampler.set_epoch(seed)``.
 
     Workers only read and collate (augmentation runs on the training device), so they draw no random numbers.
     """
-    sampler = EpochSampler(len(dataset)) if shuffle else None
+    sampler = EpochSampler(len(dataset), rank, world_size) if shuffle else None
     if isinstance(dataset, torch.utils.data.TensorDataset):
         # In-memory tensors: fetch a whole batch with one index per tensor instead of N item lookups
         # plus a collate (measured: most of the trainer's overhead over a bare loop).

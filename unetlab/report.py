@@ -10,7 +10,8 @@ __all__ = ["Reporter"]
 
 
 class Reporter:
-    """Console output of a run invocation. ``mode``: ``bar`` (default), ``quiet`` or ``jsonl``."""
+    """Console output of a run invocation. ``mode``: ``bar`` (default), ``quiet``, ``jsonl`` or ``silent``
+    (ranks other than 0 of a distributed job)."""
 
     def __init__(self, mode: str = "bar", monitor: str = "val_iou") -> None:
         self.mode = mode
@@ -55,7 +56,7 @@ class Reporter:
             self._bar.close()
             self._bar = None
         self.emit("run_end", run=name, status=status, message=message, **summary)
-        if self.mode == "jsonl":
+        if self.mode in ("jsonl", "silent"):
             return
         parts = [f"{name:<28} {status:<8}"]
         if summary.get("best") is not None:

@@ -99,6 +99,12 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", name)
 
 
+def checkpoint_dir(experiment: Experiment, run: Run) -> Path:
+    """Where a run's last/best checkpoints live: keyed by its config, so --resume finds them."""
+    return (Path(run.config["tracking"]["checkpoint_dir"]) / _safe(experiment.name) /
+            f"{_safe(run.name)}-{config_hash(run.config)[:12]}")
+
+
 def _versions(host: PluginHost) -> dict[str, str]:
     return {f"plugin.{info.name}": f"{info.distribution or 'local'} {info.version or ''}".strip()
             for info in host.plugins.values() if not info.broken}
@@ -113,14 +119,17 @@ def run_experiment(path: str | Path, overrides: Sequence[str] = (), resume: bool
     all under one parent run. ``parent_run_id`` and ``exact`` are how those worker processes are told
     which parent to log under and which run to train.
     """
-    import torch
+    from . import distributed
+    from .trainer import pick_device
 
-    from . import __version__
-    from .trainer import RunFailed, mark_finished, pick_device
-
+    ctx = distributed.current()
+    if ctx.enabled and jobs > 1:
+        raise UnetlabError("--jobs and several processes per run (--nproc-per-node, torchrun) do not combine")
+    if not ctx.is_main:
+        output = "silent"
     host = default_host()
     experiment = load_experiment(path, overrides, host=host)
-    for info in host.broken():
+    for info in host.broken() if ctx.is_main else []:
         print(f"unetlab: warning: {info.error} (skipped; see 'unetlab plugins')", file=sys.stderr)
     runs = [r for r in experiment.runs if (not only or any(r.name.startswith(o) for o in only))
             and (not exact or r.name in exact)]
@@ -133,8 +142,24 @@ def run_experiment(path: str | Path, overrides: Sequence[str] = (), resume: bool
     for run in runs:
         pick_device(run.config["train"]["device"])
     prepared = [prepare(r, host.registry) for r in runs]  # bad input stops here: nothing written yet
+    distributed.init(ctx)
+    try:
+        return _run_all(path, overrides, resume, output, jobs, parent_run_id, experiment, runs, prepared, host, ctx)
+    finally:
+        distributed.shutdown(ctx)
+
+
+def _run_all(path, overrides, resume: bool, output: str, jobs: int, parent_run_id: str | None,
+             experiment: Experiment, runs: list[Run], prepared: list[Prepared], host: PluginHost, ctx) -> int:
+    """Everything after the checks: MLflow (rank 0 only), then each run."""
+    import torch
+
+    from . import __version__
+    from .trainer import mark_finished
 
     reporter = Reporter(output, runs[0].config["train"]["monitor"])
+    if not ctx.is_main:
+        return _run_worker_rank(path, resume, experiment, prepared, host, ctx, reporter)
     tracker = Tracker(experiment.name, resolve_tracking_uri(runs[0].config["tracking"]["uri"]))
     invocation = hashlib.sha256("\n".join(p.key for p in prepared).encode()).hexdigest()[:16]
     commit = git_commit(Path(path).resolve())
@@ -169,15 +194,17 @@ def run_experiment(path: str | Path, overrides: Sequence[str] = (), resume: bool
     try:
         for index, prep in enumerate(prepared, 1):
             run = prep.run
-            ckpt_dir = Path(run.config["tracking"]["checkpoint_dir"]) / _safe(experiment.name) / \
-                f"{_safe(run.name)}-{config_hash(run.config)[:12]}"
+            ckpt_dir = checkpoint_dir(experiment, run)
             state, child = None, None
+            found = tracker.find_runs("unetlab.run_key", prep.key) if resume else []
+            skip = bool(found) and found[0].info.status == "FINISHED"
+            resumed = bool(found) and not skip and (ckpt_dir / "last.pt").exists()
+            ctx.broadcast({"skip": skip, "resume": resumed})  # the other ranks follow rank 0's plan
             if resume:
-                found = tracker.find_runs("unetlab.run_key", prep.key)
-                if found and found[0].info.status == "FINISHED":
+                if skip:
                     reporter.run_end(run.name, "SKIPPED", {}, "finished in an earlier invocation")
                     continue
-                if found and (ckpt_dir / "last.pt").exists():
+                if resumed:
                     from .checkpoint import load_checkpoint
 
                     state = load_checkpoint(ckpt_dir / "last.pt")
@@ -189,7 +216,7 @@ def run_experiment(path: str | Path, overrides: Sequence[str] = (), resume: bool
                 child = _start_child(tracker, prep, base_tags, host)
             current = child
             reporter.run_start(run.name, run.config["train"]["epochs"], index, len(prepared))
-            status, message, summary = _train_one(prep, host, child, ckpt_dir, state, reporter)
+            status, message, summary = _train_one(prep, host, child, ckpt_dir, state, reporter, ctx)
             if status == "FINISHED":
                 mark_finished(ckpt_dir)
             else:
@@ -262,6 +289,29 @@ def _run_parallel(path, overrides, resume: bool, prepared: list[Prepared], jobs:
     return 1 if failed else 0
 
 
+def _run_worker_rank(path, resume: bool, experiment: Experiment, prepared: list[Prepared], host: PluginHost, ctx,
+                     reporter: Reporter) -> int:
+    """Ranks > 0: train each run's shards as rank 0 decides; no MLflow, no checkpoints, no output."""
+    from .checkpoint import load_checkpoint
+    from .trainer import RunFailed, TrainSetup, train_run
+
+    for prep in prepared:
+        run = prep.run
+        ckpt_dir = checkpoint_dir(experiment, run)
+        plan = ctx.broadcast(None)
+        if plan["skip"]:
+            continue
+        state = load_checkpoint(ckpt_dir / "last.pt") if plan["resume"] else None
+        setup = TrainSetup(run_name=run.name, config=run.config, source=prep.source, in_channels=prep.in_channels,
+                           out_channels=prep.out_channels, num_classes=prep.num_classes, registry=host.registry,
+                           checkpoint_dir=ckpt_dir, resume=state, dist=ctx)
+        try:
+            train_run(setup)
+        except RunFailed:
+            pass  # rank 0 saw the same reduced loss and marks the run FAILED
+    return 0
+
+
 def _start_child(tracker: Tracker, prep: Prepared, base_tags: dict, host: PluginHost):
     """Create a run's nested MLflow run with its tags, params and resolved config."""
     import torch
@@ -279,20 +329,23 @@ def _start_child(tracker: Tracker, prep: Prepared, base_tags: dict, host: Plugin
                       "unetlab.version": __version__, "torch.version": torch.__version__,
                       "device": str(pick_device(run.config["train"]["device"])), "data.num_classes": prep.num_classes,
                       "model.in_channels_resolved": prep.in_channels,
-                      "model.out_channels_resolved": prep.out_channels, **_versions(host)})
+                      "model.out_channels_resolved": prep.out_channels, **_versions(host),
+                      "distributed.world_size": int(__import__("os").environ.get("WORLD_SIZE", 1))})
     child.log_text(yaml.safe_dump(run.config, sort_keys=False), "config.yaml")
     return child
 
 
-def _train_one(prep: Prepared, host: PluginHost, child, ckpt_dir: Path, state, reporter: Reporter):
+def _train_one(prep: Prepared, host: PluginHost, child, ckpt_dir: Path, state, reporter: Reporter, ctx=None):
     """Train one run; return (status, message, summary). Errors become FAILED, interrupts propagate."""
+    from .distributed import DistContext
     from .trainer import RunFailed, TrainSetup, train_run
 
     run = prep.run
     setup = TrainSetup(run_name=run.name, config=run.config, source=prep.source, in_channels=prep.in_channels,
                        out_channels=prep.out_channels, num_classes=prep.num_classes, registry=host.registry,
                        checkpoint_dir=ckpt_dir, tracker=child, on_progress=reporter.progress,
-                       lifecycle=lambda hook, **kw: host.call_lifecycle(hook, **kw), resume=state)
+                       lifecycle=lambda hook, **kw: host.call_lifecycle(hook, **kw), resume=state,
+                       dist=ctx or DistContext())
     monitor = run.config["train"]["monitor"]
     try:
         result = train_run(setup)

@@ -87,6 +87,8 @@ SCHEMA: Section = {
                      "mixed precision; auto: bf16 on CUDA when supported, else fp16 with a grad scaler; off on CPU"),
         "channels_last": Field(Union[bool, Auto], "auto", "channels_last memory format; auto: on for CUDA"),
         "compile": Field(bool, False, "wrap the model with torch.compile"),
+        "sync_batchnorm": Field(bool, False, "with several processes (--nproc-per-node), synchronise BatchNorm "
+                                "statistics across them (CUDA only)"),
         "gradient_checkpointing": Field(bool, False,
                                         "recompute activations in backward: less memory, about 1/3 more compute"),
         "deterministic": Field(bool, True, "deterministic algorithms: same config and seed, same metrics"),

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .checkpoint import load_checkpoint, save_atomic
 from .data import build_augment, make_loader
+from .distributed import DistContext
 from .errors import UnetlabError
 from .model import build_unet
 from .registry import Registry
@@ -67,6 +68,7 @@ class TrainSetup:
     on_progress: Callable[..., None] = lambda **kw: None
     lifecycle: Callable[..., None] = lambda hook, **kw: None
     resume: dict | None = None               # a loaded 'last' checkpoint
+    dist: DistContext = field(default_factory=DistContext)
 
 
 def pick_device(spec: str) -> torch.device:
@@ -188,8 +190,8 @@ def _better(value: float, best: float | None, mode: str) -> bool:
 def train_run(setup: TrainSetup) -> RunResult:
     """Train one run to its end (epochs, steps, early stopping); raise ``RunFailed`` on a non-finite loss."""
     cfg, t = setup.config, setup.config["train"]
-    seed = t["seed"]
-    device = pick_device(t["device"])
+    seed, dist = t["seed"], setup.dist
+    device = dist.device(pick_device(t["device"]))
     dtype = amp_dtype(t["amp"], device)
     channels_last = t["channels_last"] is True or (t["channels_last"] == "auto" and device.type == "cuda")
     pin = cfg["data"]["pin_memory"] is True or (cfg["data"]["pin_memory"] == "auto" and device.type == "cuda")
@@ -205,6 +207,10 @@ def train_run(setup: TrainSetup) -> RunResult:
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.gradient_checkpointing = t["gradient_checkpointing"]
+    if dist.enabled and t["sync_batchnorm"]:
+        if device.type != "cuda":
+            raise UnetlabError("train.sync_batchnorm needs CUDA devices (PyTorch's SyncBatchNorm has no CPU kernel)")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = make_optimizer(model, t)
     schedule = Schedule(t)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
@@ -215,7 +221,7 @@ def train_run(setup: TrainSetup) -> RunResult:
     if len(train_set) == 0:
         raise UnetlabError(f"run '{setup.run_name}': the training split is empty")
     batch, workers = cfg["data"]["batch_size"], cfg["data"]["num_workers"]
-    train_loader = make_loader(train_set, batch, True, workers, pin)
+    train_loader = make_loader(train_set, batch, True, workers, pin, dist.rank, dist.world_size)
     val_loader = make_loader(val_set, cfg["data"]["val_batch_size"] or batch, False, workers, pin)
     steps_per_epoch = len(train_loader)
 
@@ -230,13 +236,20 @@ def train_run(setup: TrainSetup) -> RunResult:
             scaler.load_state_dict(state["scaler"])
         start_epoch, step, best, best_epoch = state["epoch"], state["step"], state["best"], state["best_epoch"]
         stale, history = state["stale"], state["history"]
-    forward = torch.compile(model) if t["compile"] else model
+    forward = model
+    if dist.enabled:  # gradients are averaged over ranks: N processes x batch b train like one with batch N*b
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if t["compile"]:
+        forward = torch.compile(forward)
     setup.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     last_path, best_path = setup.checkpoint_dir / "last.pt", setup.checkpoint_dir / "best.pt"
     # what `unetlab predict CHECKPOINT` needs to rebuild the model (plain data: weights_only-safe)
     model_identity = {"model_config": cfg["model"], "in_channels": setup.in_channels,
                       "out_channels": setup.out_channels}
-    setup.lifecycle("on_run_start", run_name=setup.run_name, config=cfg, model=model, tracker=setup.tracker)
+    if dist.is_main:
+        setup.lifecycle("on_run_start", run_name=setup.run_name, config=cfg, model=model, tracker=setup.tracker)
 
     started = time.perf_counter()
     epochs, max_steps, mode = t["epochs"], t["max_steps"], t["monitor_mode"]
@@ -247,9 +260,10 @@ def train_run(setup: TrainSetup) -> RunResult:
             break
         # --- train one epoch ---------------------------------------------------------------------
         es = epoch_seed(seed, epoch)
-        torch.manual_seed(es)  # dropout and anything else drawing from the global generator
+        rank_seed = es if dist.rank == 0 else (es * 31 + dist.rank) % 2 ** 63  # ranks augment differently
+        torch.manual_seed(rank_seed)  # dropout and anything else drawing from the global generator
         generator = torch.Generator(device=device)
-        generator.manual_seed(es)
+        generator.manual_seed(rank_seed)
         lr = schedule.lr(epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -285,7 +299,9 @@ def train_run(setup: TrainSetup) -> RunResult:
             images_seen += images.shape[0]
             step += 1
             if step % 10 == 0 or batches == steps_per_epoch:  # reading the loss syncs a GPU: not every step
-                running = loss_sum.item() / batches
+                # every rank sees the same (reduced) value, so all stop together on a non-finite loss
+                total = dist.sum(torch.stack([loss_sum.detach().float(), torch.tensor(float(batches), device=device)]))
+                running = (total[0] / total[1]).item()
                 if not math.isfinite(running):
                     raise RunFailed(f"loss became {running} at epoch {epoch + 1}, step {step}")
                 setup.on_progress(epoch=epoch + 1, batch=batches, batches=steps_per_epoch, loss=running)
@@ -293,7 +309,9 @@ def train_run(setup: TrainSetup) -> RunResult:
                 stop_reason = f"step budget of {max_steps} reached"
                 break
         train_seconds = time.perf_counter() - epoch_start
-        train_loss = loss_sum.item() / max(batches, 1)
+        totals = dist.sum(torch.stack([loss_sum.detach().float(), torch.tensor(float(batches), device=device),
+                                       torch.tensor(float(images_seen), device=device)]))
+        train_loss, images_seen = (totals[0] / totals[1].clamp_min(1)).item(), int(totals[2].item())
         if not math.isfinite(train_loss):
             raise RunFailed(f"loss became {train_loss} at epoch {epoch + 1}, step {step}")
         record = {"train_loss": train_loss, "lr": lr, "images_per_s": images_seen / max(train_seconds, 1e-9),
@@ -302,13 +320,16 @@ def train_run(setup: TrainSetup) -> RunResult:
         # --- validate, keep the best, decide whether to stop --------------------------------------
         last_epoch = epoch == epochs - 1 or bool(stop_reason)
         if (epoch + 1) % t["val_every"] == 0 or last_epoch:
-            record.update(evaluate(model, val_loader, loss_fn, metrics, device, dtype, channels_last))
+            # rank 0 validates on the whole set; every rank gets its numbers, so decisions agree
+            val = evaluate(model, val_loader, loss_fn, metrics, device, dtype, channels_last) if dist.is_main else None
+            record.update(dist.broadcast(val))
             monitored = record.get(t["monitor"], float("nan"))
             schedule.observe(monitored)
             if _better(monitored, best, mode):
                 best, best_epoch, stale = monitored, epoch + 1, 0
-                save_atomic({"model": model.state_dict(), "epoch": epoch + 1, "monitor": t["monitor"],
-                             "value": monitored, **model_identity}, best_path)
+                if dist.is_main:
+                    save_atomic({"model": model.state_dict(), "epoch": epoch + 1, "monitor": t["monitor"],
+                                "value": monitored, **model_identity}, best_path)
             else:
                 stale += 1
             if t["early_stopping"] is not None and stale >= t["early_stopping"]:
@@ -320,6 +341,10 @@ def train_run(setup: TrainSetup) -> RunResult:
         # same values again at the same step (harmless), rather than losing them.
         if setup.tracker is not None:
             setup.tracker.log_metrics(record, step=epoch + 1)
+        if not dist.is_main:
+            if stop_reason:
+                break
+            continue
         setup.lifecycle("on_epoch_end", run_name=setup.run_name, epoch=epoch + 1, metrics=record, model=model,
                         tracker=setup.tracker)
         save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -330,7 +355,7 @@ def train_run(setup: TrainSetup) -> RunResult:
         if stop_reason:
             break
 
-    if best_path.exists():  # the model that is logged and compared is the best one
+    if dist.is_main and best_path.exists():  # the model that is logged and compared is the best one
         model.load_state_dict(load_checkpoint(best_path)["model"])
     final = history[-1] if history else {}
     return RunResult(status="FINISHED", epochs=len(history), steps=step, final=final, best=best,
