@@ -28,28 +28,17 @@ def test_unknown_command_exits_2():
 
 
 def test_ui_serves_the_store_on_localhost(tmp_path):
-    import socket
-    import time
-    import urllib.request
+    import os
+    import signal
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from conftest import free_port, wait_for_http
+
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "unetlab", "ui", "--port", str(port),
                              "--tracking-uri", f"sqlite:///{tmp_path / 'ui.db'}"], cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                assert proc.poll() is None and time.time() < deadline, "the MLflow UI did not start"
-                time.sleep(0.5)
+        wait_for_http(f"http://127.0.0.1:{port}/health", proc)
     finally:
-        import os
-        import signal
-
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)

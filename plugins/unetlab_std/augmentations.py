@@ -31,22 +31,22 @@ def _warp(images: torch.Tensor, masks: torch.Tensor, grid: torch.Tensor) -> Batc
     return warped, warped_masks[:, 0].round().long()
 
 
-def hflip(p: float = 0.5):
-    """Flip left-right with probability p."""
+def _flip(dim: int, p: float):
     def augment(images, masks, generator):
         flip = _rand(images.shape[0], generator, images.device) < p
-        return (torch.where(flip[:, None, None, None], images.flip(-1), images),
-                torch.where(flip[:, None, None], masks.flip(-1), masks))
+        return (torch.where(flip[:, None, None, None], images.flip(dim), images),
+                torch.where(flip[:, None, None], masks.flip(dim), masks))
     return augment
+
+
+def hflip(p: float = 0.5):
+    """Flip left-right with probability p."""
+    return _flip(-1, p)
 
 
 def vflip(p: float = 0.5):
     """Flip up-down with probability p."""
-    def augment(images, masks, generator):
-        flip = _rand(images.shape[0], generator, images.device) < p
-        return (torch.where(flip[:, None, None, None], images.flip(-2), images),
-                torch.where(flip[:, None, None], masks.flip(-2), masks))
-    return augment
+    return _flip(-2, p)
 
 
 def rot90(p: float = 0.75):
