@@ -105,3 +105,18 @@ def test_predict_errors(tmp_path):
     line = one_line_error(run_cli("predict", "no-such-run", str(tmp_path / "a.png"), "--out", str(tmp_path / "o"),
                                   "--tracking-uri", f"sqlite:///{tmp_path / 'x.db'}"))
     assert "neither a checkpoint file, an MLflow run id" in line
+
+
+def test_runs_and_models_uris_load_the_same_model(same_model):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from unetlab.predict import load_model
+
+    store, run_id, _ = same_model
+    mlflow.set_tracking_uri(f"sqlite:///{store / 'm.db'}")
+    models_uri = MlflowClient().get_run(run_id).data.tags["unetlab.model_uri"]
+    x = torch.rand(1, 1, 32, 32)
+    outputs = [load_model(spec)(x) for spec in (run_id, f"runs:/{run_id}/model", models_uri)]
+    for out in outputs[1:]:
+        torch.testing.assert_close(out, outputs[0])

@@ -152,8 +152,6 @@ def run_experiment(path: str | Path, overrides: Sequence[str] = (), resume: bool
 def _run_all(path, overrides, resume: bool, output: str, jobs: int, parent_run_id: str | None,
              experiment: Experiment, runs: list[Run], prepared: list[Prepared], host: PluginHost, ctx) -> int:
     """Everything after the checks: MLflow (rank 0 only), then each run."""
-    import torch
-
     from . import __version__
     from .trainer import mark_finished
 

@@ -314,8 +314,7 @@ def train_run(setup: TrainSetup) -> RunResult:
         train_loss, images_seen = (totals[0] / totals[1].clamp_min(1)).item(), int(totals[2].item())
         if not math.isfinite(train_loss):
             raise RunFailed(f"loss became {train_loss} at epoch {epoch + 1}, step {step}")
-        record = {"train_loss": train_loss, "lr": lr, "images_per_s": images_seen / max(train_seconds, 1e-9),
-                  "epoch_time_s": train_seconds}
+        record = {"train_loss": train_loss, "lr": lr, "images_per_s": images_seen / max(train_seconds, 1e-9)}
 
         # --- validate, keep the best, decide whether to stop --------------------------------------
         last_epoch = epoch == epochs - 1 or bool(stop_reason)
@@ -334,7 +333,7 @@ def train_run(setup: TrainSetup) -> RunResult:
                 stale += 1
             if t["early_stopping"] is not None and stale >= t["early_stopping"]:
                 stop_reason = f"early stopping: {t['monitor']} did not improve for {stale} validation(s)"
-        record["epoch_time_s"] = time.perf_counter() - epoch_start
+        record["epoch_time_s"] = time.perf_counter() - epoch_start  # training and validation
         history.append({"epoch": epoch + 1, **record})
 
         # Log, then checkpoint: if killed in between, the resumed run repeats this epoch and logs the
