@@ -327,3 +327,27 @@ def test_jobs_trains_runs_in_parallel_processes_under_one_parent(tmp_path):
     by_name = {c.info.run_name: c for c in seq_children}
     for child in children:
         assert child.data.metrics["val_iou"] == by_name[child.info.run_name].data.metrics["val_iou"]
+
+
+def test_an_error_after_training_marks_the_run_failed_not_running(tmp_path):
+    (tmp_path / "bad_end.py").write_text(textwrap.dedent('''
+        import unetlab
+
+        @unetlab.hookimpl
+        def on_run_end(run_name, status):
+            if run_name.startswith("first/") and status == "FINISHED":
+                raise RuntimeError("on_run_end exploded")
+    '''))
+    path = experiment(tmp_path, epochs=1, extra="""
+        plugins: [bad_end.py]
+        variants: {first: {}, second: {model.fusion: add}}
+    """)
+    proc = run_cli("run", str(path), "--quiet", cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "on_run_end exploded" in proc.stdout
+    parents, children = runs_of(client_for(tmp_path))
+    assert {c.info.run_name: c.info.status for c in children} == {"first/seed=0": "FAILED",
+                                                                  "second/seed=0": "FINISHED"}
+    assert parents[0].info.status == "FAILED"
+    failed = next(c for c in children if c.info.run_name == "first/seed=0")
+    assert "error.txt" in {a.path for a in client_for(tmp_path).list_artifacts(failed.info.run_id)}

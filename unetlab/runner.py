@@ -214,7 +214,13 @@ def _run_all(path, overrides, resume: bool, output: str, jobs: int, parent_run_i
                 child = _start_child(tracker, prep, base_tags, host)
             current = child
             reporter.run_start(run.name, run.config["train"]["epochs"], index, len(prepared))
-            status, message, summary = _train_one(prep, host, child, ckpt_dir, state, reporter, ctx)
+            try:
+                status, message, summary = _train_one(prep, host, child, ckpt_dir, state, reporter, ctx)
+            except Exception as exc:  # after training: logging the model, figures, a plugin's on_run_end...
+                text = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                child.set_tags({"unetlab.error": text})
+                child.log_text(traceback.format_exc(), "error.txt")
+                status, message, summary = "FAILED", text + " (traceback in the run's error.txt artifact)", {}
             if status == "FINISHED":
                 mark_finished(ckpt_dir)
             else:
