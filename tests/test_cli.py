@@ -42,3 +42,11 @@ def test_ui_serves_the_store_on_localhost(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_exception_text_is_one_line_even_for_empty_messages():
+    # copies of str(exc).splitlines()[0] raised IndexError on exceptions without a message
+    from unetlab.errors import exception_text
+
+    assert exception_text(OSError()) == "OSError"
+    assert exception_text(ValueError("first\nsecond")) == "ValueError: first"

@@ -8,20 +8,17 @@ import torch
 from torch.utils.data import DataLoader
 
 from .errors import UnetlabError
-from .registry import Registry
+from .registry import Registry, component_params
 
 __all__ = ["build_source", "model_io", "make_loader", "build_augment", "EpochSampler"]
 
-
-def _params(spec: dict) -> dict:
-    return {k: v for k, v in spec.items() if k != "name"}
 
 
 def build_source(config: dict, registry: Registry) -> Any:
     """The dataset source of a resolved run config (raises ``UnetlabError`` on bad data)."""
     spec = config["data"]["dataset"]
     try:
-        source = registry.create("dataset", spec["name"], **_params(spec))
+        source = registry.create("dataset", spec["name"], **component_params(spec))
     except (ValueError, TypeError) as exc:
         raise UnetlabError(f"data.dataset: cannot build dataset '{spec['name']}': {exc}") from None
     for attr in ("in_channels", "num_classes", "split"):
@@ -81,23 +78,20 @@ def make_loader(dataset, batch_size: int, shuffle: bool, num_workers: int, pin_m
     Workers only read and collate (augmentation runs on the training device), so they draw no random numbers.
     """
     sampler = EpochSampler(len(dataset), rank, world_size) if shuffle else None
+    batching: dict = {"batch_size": batch_size, "sampler": sampler}
     if isinstance(dataset, torch.utils.data.TensorDataset):
-        # In-memory tensors: fetch a whole batch with one index per tensor instead of N item lookups
-        # plus a collate (measured: most of the trainer's overhead over a bare loop).
-        batches = torch.utils.data.BatchSampler(sampler or range(len(dataset)), batch_size, drop_last=False)
-        loader = DataLoader(dataset, batch_size=None, sampler=batches, num_workers=num_workers,
-                            pin_memory=pin_memory, persistent_workers=num_workers > 0)
-        loader.epoch_sampler = sampler
-        return loader
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                        pin_memory=pin_memory, persistent_workers=num_workers > 0)
+        # In-memory tensors: one index per tensor fetches a whole batch, instead of N item lookups + collate.
+        batching = {"batch_size": None, "sampler": torch.utils.data.BatchSampler(
+            sampler or range(len(dataset)), batch_size, drop_last=False)}
+    loader = DataLoader(dataset, num_workers=num_workers, pin_memory=pin_memory,
+                        persistent_workers=num_workers > 0, **batching)
     loader.epoch_sampler = sampler
     return loader
 
 
 def build_augment(config: dict, registry: Registry) -> Callable | None:
     """One callable applying the configured augmentations in order, or None when there are none."""
-    steps = [registry.create("augmentation", s["name"], **_params(s)) for s in config["data"]["augment"]]
+    steps = [registry.create("augmentation", s["name"], **component_params(s)) for s in config["data"]["augment"]]
     if not steps:
         return None
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
-__all__ = ["UnetlabError", "ConfigError", "PluginError", "did_you_mean", "known_list"]
+__all__ = ["UnetlabError", "ConfigError", "PluginError", "did_you_mean", "known_list", "exception_text"]
 
 
 class UnetlabError(Exception):
@@ -39,3 +39,9 @@ def known_list(choices: Iterable[str]) -> str:
     """Format names as ``a, b, c`` (sorted), or ``(none)`` when there are none."""
     names = sorted(str(c) for c in choices)
     return ", ".join(names) if names else "(none)"
+
+
+def exception_text(exc: BaseException) -> str:
+    """``TypeName: first line of the message`` (just ``TypeName`` when the message is empty), for one-line errors."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UnetlabError
+from .errors import UnetlabError, exception_text
 
 __all__ = ["export_model", "check_export"]
 
@@ -41,8 +41,7 @@ def export_model(model: torch.nn.Module, fmt: str, out: str | Path, size: int | 
     try:
         program = torch.export.export(model, (example,), dynamic_shapes={"x": dims})
     except Exception as exc:
-        raise UnetlabError(f"torch.export could not trace this model: {type(exc).__name__}: "
-                           f"{str(exc).strip().splitlines()[0]}") from None
+        raise UnetlabError(f"torch.export could not trace this model: {exception_text(exc)}") from None
     if fmt == "pt2":
         torch.export.save(program, out)
     elif fmt == "onnx":

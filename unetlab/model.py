@@ -14,14 +14,13 @@ The builder knows only the contracts (see ``docs/plugins.md``), never a concrete
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigError, UnetlabError
-from .registry import Registry
+from .errors import ConfigError, UnetlabError, exception_text
+from .registry import Registry, component_params
 
 __all__ = ["UNet", "build_unet", "output_shape", "count_parameters", "forward_flops", "logits_to_classes"]
 
@@ -86,15 +85,12 @@ def _pad_to(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return F.pad(x, [dx // 2, dx - dx // 2, dy // 2, dy - dy // 2])
 
 
-def _params(spec: dict) -> dict:
-    return {k: v for k, v in spec.items() if k != "name"}
-
 
 def build_unet(model_config: dict, in_channels: int, out_channels: int, registry: Registry) -> UNet:
     """Build a ``UNet`` from a resolved ``model`` section (components as ``{name, **params}``)."""
     try:
         encoder = registry.create("encoder", model_config["encoder"]["name"], in_channels=in_channels,
-                                  **_params(model_config["encoder"]))
+                                  **component_params(model_config["encoder"]))
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"cannot build encoder '{model_config['encoder']['name']}': {exc}",
                           "model.encoder") from None
@@ -119,20 +115,20 @@ def build_unet(model_config: dict, in_channels: int, out_channels: int, registry
                                "each stage must downsample by an integer factor >= 2")
         width = decoder_channels[i]
         upsamplers.append(registry.create("upsampler", model_config["upsampler"]["name"], in_channels=current,
-                                          out_channels=width, scale=scale, **_params(model_config["upsampler"])))
+                                          out_channels=width, scale=scale, **component_params(model_config["upsampler"])))
         fusion = registry.create("fusion", model_config["fusion"]["name"], skip_channels=skip_channels,
-                                 up_channels=width, **_params(model_config["fusion"]))
+                                 up_channels=width, **component_params(model_config["fusion"]))
         fused = getattr(fusion, "out_channels", None)
         if not isinstance(fused, int):
             raise UnetlabError(f"fusion '{model_config['fusion']['name']}' breaks the fusion contract: it must "
                                "declare out_channels (an int)")
         fusions.append(fusion)
         blocks.append(registry.create("block", model_config["block"]["name"], in_channels=fused,
-                                      out_channels=width, padding=padding, **_params(model_config["block"])))
+                                      out_channels=width, padding=padding, **component_params(model_config["block"])))
         current = width
     head = nn.Conv2d(current, out_channels, kernel_size=1)
     model = UNet(encoder, upsamplers, fusions, blocks, head, padding)
-    initialise = registry.create("initializer", model_config["init"]["name"], **_params(model_config["init"]))
+    initialise = registry.create("initializer", model_config["init"]["name"], **component_params(model_config["init"]))
     initialise(model)
     return model
 
@@ -168,7 +164,7 @@ def output_shape(model: nn.Module, in_channels: int, height: int, width: int) ->
 def _size_error(model: nn.Module, height: int, width: int, exc: Exception | None) -> str:
     depth = len(getattr(getattr(model, "encoder", None), "out_channels", [])) or "?"
     padding = getattr(model, "padding", "same")
-    reason = f": {str(exc).splitlines()[0]}" if exc else ""
+    reason = f": {exception_text(exc).split(': ', 1)[-1]}" if exc else ""
     return (f"input size {height}x{width} is too small for a U-Net of depth {depth} with {padding} padding"
             f"{reason}; use a larger image size or a smaller encoder depth")
 
@@ -183,9 +179,3 @@ def forward_flops(model: nn.Module, in_channels: int, height: int, width: int) -
         meta(torch.empty(1, in_channels, height, width, device="meta"))
     return int(counter.get_total_flops())
 
-
-def describe(model: nn.Module) -> dict[str, Any]:
-    """Parameter count and the encoder's declared channels and strides."""
-    enc = getattr(model, "encoder", None)
-    return {"params": count_parameters(model), "encoder_channels": list(getattr(enc, "out_channels", [])),
-            "strides": list(getattr(enc, "strides", []))}

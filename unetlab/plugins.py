@@ -24,7 +24,7 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
-from .errors import PluginError
+from .errors import PluginError, exception_text
 from .registry import KINDS, Registry
 
 __all__ = ["ENTRY_POINT_GROUP", "FIRST_PARTY_DISTRIBUTION", "PluginInfo", "PluginHost", "default_host"]
@@ -54,11 +54,6 @@ class PluginInfo:
 
 def _autoload_disabled() -> bool:
     return os.environ.get(DISABLE_AUTOLOAD_ENV, "").strip().lower() not in ("", "0", "false", "no")
-
-
-def _exception_text(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 class PluginHost:
@@ -94,7 +89,7 @@ class PluginHost:
                 plugin = ep.load()
             except Exception as exc:  # any import-time failure of a third-party module
                 info.error = (f"entry point '{ep.name} = {ep.value}' of distribution "
-                              f"'{dist_name} {info.version}' failed to import: {_exception_text(exc)}")
+                              f"'{dist_name} {info.version}' failed to import: {exception_text(exc)}")
                 continue
             self._register(plugin, info)
 
@@ -120,7 +115,7 @@ class PluginHost:
                 module_spec.loader.exec_module(module)
             except Exception as exc:
                 sys.modules.pop(module_name, None)
-                raise PluginError(f"plugin file '{spec}' failed to load: {_exception_text(exc)}") from None
+                raise PluginError(f"plugin file '{spec}' failed to load: {exception_text(exc)}") from None
             info = PluginInfo(name=name, source=str(path))
         else:
             name = spec
@@ -129,7 +124,7 @@ class PluginHost:
             try:
                 module = importlib.import_module(spec)
             except Exception as exc:
-                raise PluginError(f"plugin module '{spec}' failed to import: {_exception_text(exc)}") from None
+                raise PluginError(f"plugin module '{spec}' failed to import: {exception_text(exc)}") from None
             info = PluginInfo(name=name, source=f"module {spec}")
         self.plugins[name] = info
         self._register(module, info)
@@ -150,7 +145,7 @@ class PluginHost:
         try:
             self.pm.register(plugin, name=info.name)
         except Exception as exc:  # pluggy rejects impls with no matching spec or a wrong signature
-            info.error = f"plugin '{info.name}' has an invalid hook: {_exception_text(exc)}"
+            info.error = f"plugin '{info.name}' has an invalid hook: {exception_text(exc)}"
             return
         info.hooks = sorted(caller.name for caller in (self.pm.get_hookcallers(plugin) or []))
         self._registry = None
@@ -185,7 +180,7 @@ class PluginHost:
                     impl.function(**{arg: register for arg in impl.argnames})
                 except Exception as exc:
                     origin = f" (distribution '{info.distribution} {info.version}')" if info.distribution else ""
-                    info.error = f"plugin '{info.name}'{origin} raised in {kind.hook}: {_exception_text(exc)}"
+                    info.error = f"plugin '{info.name}'{origin} raised in {kind.hook}: {exception_text(exc)}"
                     self.pm.unregister(name=info.name)  # a broken plugin gets no lifecycle calls either
         registry = Registry()
         for plugin, kind_name, name, factory, description in pending:
@@ -213,12 +208,6 @@ def default_host() -> PluginHost:
     if _default is None:
         _default = PluginHost()
     return _default
-
-
-def reset_default_host() -> None:
-    """Forget the process-wide host, so the next ``default_host()`` rediscovers plugins."""
-    global _default
-    _default = None
 
 
 def module_from_functions(name: str, **functions: Any) -> types.ModuleType:

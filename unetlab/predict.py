@@ -9,7 +9,6 @@ Optional test-time augmentation averages the probabilities over flips.
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 from typing import Iterable
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import UnetlabError
+from .errors import UnetlabError, exception_text
 
 __all__ = ["load_model", "predict_probabilities", "predict_files"]
 
@@ -58,7 +57,7 @@ def load_model(spec: str) -> torch.nn.Module:
     try:
         return mlflow.pytorch.load_model(uri, map_location="cpu").eval()
     except Exception as exc:
-        raise UnetlabError(f"cannot load model '{uri}': {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+        raise UnetlabError(f"cannot load model '{uri}': {exception_text(exc)}") from None
 
 
 def _window(height: int, width: int) -> torch.Tensor:
@@ -156,7 +155,7 @@ def _read_image(path: Path, channels: int) -> torch.Tensor:
     try:
         array = io.imread(path).astype(np.float32)
     except Exception as exc:
-        raise UnetlabError(f"cannot read image '{path}': {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+        raise UnetlabError(f"cannot read image '{path}': {exception_text(exc)}") from None
     array = array / (65535.0 if array.max() > 255 else 255.0)
     if array.ndim == 3 and array.shape[2] == 4:
         array = array[..., :3]

@@ -10,7 +10,7 @@ from typing import Any, Callable
 from .errors import ConfigError, PluginError, did_you_mean, known_list
 from .params import Param, check_value, read_params
 
-__all__ = ["Kind", "KINDS", "Component", "Registry"]
+__all__ = ["Kind", "KINDS", "Component", "Registry", "component_params"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,11 @@ KINDS: dict[str, Kind] = {
              "callable(images, masks, generator) -> (images, masks), applied to training batches"),
     )
 }
+
+
+def component_params(spec: Mapping[str, Any], *drop: str) -> dict[str, Any]:
+    """A resolved component reference ``{name, **params}`` without its name (and any ``drop`` keys)."""
+    return {k: v for k, v in spec.items() if k != "name" and k not in drop}
 
 
 @dataclass(frozen=True)

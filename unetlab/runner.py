@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .data import build_source, model_io
-from .errors import ConfigError, UnetlabError, did_you_mean
+from .errors import ConfigError, UnetlabError, did_you_mean, exception_text
 from .experiment import Experiment, Run, load_experiment
 from .plugins import PluginHost, default_host
 from .report import Reporter
@@ -217,7 +217,7 @@ def _run_all(path, overrides, resume: bool, output: str, jobs: int, parent_run_i
             try:
                 status, message, summary = _train_one(prep, host, child, ckpt_dir, state, reporter, ctx)
             except Exception as exc:  # after training: logging the model, figures, a plugin's on_run_end...
-                text = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                text = exception_text(exc)
                 child.set_tags({"unetlab.error": text})
                 child.log_text(traceback.format_exc(), "error.txt")
                 status, message, summary = "FAILED", text + " (traceback in the run's error.txt artifact)", {}
@@ -358,7 +358,7 @@ def _train_one(prep: Prepared, host: PluginHost, child, ckpt_dir: Path, state, r
         host.call_lifecycle("on_run_end", run_name=run.name, status="FAILED", metrics={}, model=None, tracker=child)
         return "FAILED", str(exc), {}
     except (UnetlabError, Exception) as exc:  # a plugin's bug must not stop the other variants
-        text = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        text = exception_text(exc)
         child.set_tags({"unetlab.error": text})
         child.log_text(traceback.format_exc(), "error.txt")
         host.call_lifecycle("on_run_end", run_name=run.name, status="FAILED", metrics={}, model=None, tracker=child)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import UnetlabError
+from .errors import UnetlabError, exception_text
 
 __all__ = ["Tracker", "RunTracker", "resolve_tracking_uri", "git_commit"]
 
@@ -54,8 +54,7 @@ class Tracker:
             self.experiment_id = (existing.experiment_id if existing is not None
                                   else self.client.create_experiment(experiment_name))
         except Exception as exc:
-            raise UnetlabError(f"MLflow tracking store '{self.uri}': {type(exc).__name__}: "
-                               f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+            raise UnetlabError(f"MLflow tracking store '{self.uri}': {exception_text(exc)}") from None
         self.experiment_name = experiment_name
         self.parent_id: str | None = None
 

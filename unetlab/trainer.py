@@ -18,14 +18,13 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .checkpoint import load_checkpoint, save_atomic
 from .data import build_augment, make_loader
 from .distributed import DistContext
 from .errors import UnetlabError
 from .model import build_unet
-from .registry import Registry
+from .registry import Registry, component_params
 from .schedule import Schedule
 
 __all__ = ["RunFailed", "RunResult", "TrainSetup", "pick_device", "amp_dtype", "train_run", "evaluate",
@@ -121,14 +120,10 @@ def crop_target(masks: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return masks[..., top:top + h, left:left + w]
 
 
-def _params(spec: dict, drop: tuple[str, ...] = ("name",)) -> dict:
-    return {k: v for k, v in spec.items() if k not in drop}
-
-
 def build_loss(train: dict, num_classes: int, registry: Registry) -> Callable:
     """The weighted sum of the configured losses."""
     parts = [(spec["weight"], registry.create("loss", spec["name"], num_classes=num_classes,
-                                              **_params(spec, ("name", "weight"))))
+                                              **component_params(spec, "weight")))
              for spec in train["loss"]]
 
     def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -138,7 +133,7 @@ def build_loss(train: dict, num_classes: int, registry: Registry) -> Callable:
 
 def build_metrics(train: dict, num_classes: int, registry: Registry) -> list:
     """Fresh accumulators for the configured metrics."""
-    return [registry.create("metric", s["name"], num_classes=num_classes, **_params(s)) for s in train["metrics"]]
+    return [registry.create("metric", s["name"], num_classes=num_classes, **component_params(s)) for s in train["metrics"]]
 
 
 def make_optimizer(model: torch.nn.Module, train: dict) -> torch.optim.Optimizer:
@@ -378,7 +373,3 @@ def predict_logits(model, images: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(images.to(device)).float().cpu()
 
-
-def interpolate_to(x: torch.Tensor, size) -> torch.Tensor:
-    """Resize a prediction to ``size`` (nearest) for display."""
-    return F.interpolate(x[:, None].float(), size=size, mode="nearest")[:, 0]

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 import unetlab
-from unetlab.errors import UnetlabError
+from unetlab.errors import UnetlabError, exception_text
 
 SHAPE_TYPES = ("circle", "rectangle", "triangle", "ellipse")
 SPLITS = ("train", "val", "test")
@@ -218,8 +218,7 @@ class FolderSource:
         try:
             array = io.imread(path)
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise UnetlabError(f"folder dataset: cannot read '{path}': {type(exc).__name__}: {first}") from None
+            raise UnetlabError(f"folder dataset: cannot read '{path}': {exception_text(exc)}") from None
         if array.ndim == 3 and array.shape[2] == 4:
             array = array[..., :3]
         return array
