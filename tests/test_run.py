@@ -351,3 +351,13 @@ def test_an_error_after_training_marks_the_run_failed_not_running(tmp_path):
     assert parents[0].info.status == "FAILED"
     failed = next(c for c in children if c.info.run_name == "first/seed=0")
     assert "error.txt" in {a.path for a in client_for(tmp_path).list_artifacts(failed.info.run_id)}
+
+
+def test_only_runs_the_named_runs(tmp_path):
+    path = experiment(tmp_path, epochs=1, extra="variants: {concat: {}, add: {model.fusion: add}}\n")
+    proc = run_cli("run", str(path), "--quiet", "--only", "add/", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    _, children = runs_of(client_for(tmp_path))
+    assert [c.info.run_name for c in children] == ["add/seed=0"]
+    line = run_cli("run", str(path), "--only", "nope", cwd=tmp_path).stderr
+    assert "--only nope: matches no run (runs: concat/seed=0, add/seed=0)" in line

@@ -114,3 +114,11 @@ def test_gpu_path_amp_channels_last_compile(tmp_path, amp, compile_):
                                                       "data.pin_memory=true", "train.epochs=2"]))
     assert result.status == "FINISHED" and math.isfinite(result.history[-1]["train_loss"])
     assert next(result.model.parameters()).is_cuda
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_other_optimizers_and_gradient_clipping_train(tmp_path, optimizer):
+    result = train_run(setup_for(tmp_path, overrides=[f"train.optimizer={optimizer}", "train.grad_clip=0.1",
+                                                      "train.epochs=2"]))
+    losses = [h["train_loss"] for h in result.history]
+    assert all(math.isfinite(v) for v in losses) and losses[1] < losses[0]
