@@ -170,3 +170,26 @@ def test_combined_loss_list_weights(tmp_path):
     logits, target = binary_case()
     expected = 0.25 * loss("bce")(logits, target) + 0.75 * loss("dice")(logits, target)
     assert combined(logits, target).item() == pytest.approx(expected.item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("name", ["cross_entropy", "bce_iou"])
+def test_every_pixel_ignored_gives_zero_loss_and_finite_gradient(name):
+    # issue 14 item 1: F.cross_entropy's mean is 0/0 = NaN here, which failed the run as a non-finite loss
+    logits, _ = multi_case(5)
+    logits.requires_grad_(True)
+    target = torch.full((2, 5, 5), 255)
+    value = loss(name, 4, ignore_index=255)(logits, target)
+    value.backward()
+    assert value.item() == 0.0
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_cross_entropy_with_ignored_pixels_matches_pytorch(smoothing):
+    logits, target = multi_case(6)
+    target[0, :2] = 255
+    w = [0.5, 1.0, 2.0, 1.5]
+    expected = torch.nn.functional.cross_entropy(logits, target, weight=torch.tensor(w, dtype=torch.float64),
+                                                 ignore_index=255, label_smoothing=smoothing)
+    got = loss("cross_entropy", 4, class_weights=w, ignore_index=255, label_smoothing=smoothing)(logits, target)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-12)

@@ -125,3 +125,25 @@ def test_hd95_empty_cases():
     assert accumulate("hd95", 2, [empty], [empty])["hd95"] == 0.0
     assert accumulate("hd95", 2, [empty], [blob])["hd95"] == pytest.approx(np.hypot(10, 10))
     assert accumulate("hd95", 2, [blob], [blob])["hd95"] == 0.0
+
+
+def _one(name, k, logits, target, **params):
+    m = metric(name, k, **params)
+    m.update(torch.tensor(logits), torch.tensor(target))
+    return m.compute()
+
+
+def test_precision_recall_zero_over_zero_with_the_class_on_one_side_is_zero():
+    # issue 14 item 1, its exact inputs: the class is in the truth but never predicted (precision 0/0),
+    # or predicted but not in the truth (recall 0/0); only TP + FP + FN = 0 leaves a class out
+    got = _one("precision", 2, [[[[-1.0, -1.0]]]], [[[1, 0]]])["precision"]
+    assert got == 0.0 == precision_score([1, 0], [0, 0], zero_division=0)
+    got = _one("recall", 2, [[[[1.0, -1.0]]]], [[[0, 0]]])["recall"]
+    assert got == 0.0 == recall_score([0, 0], [1, 0], zero_division=0)
+    onehot = torch.nn.functional.one_hot(torch.tensor([[[1, 1]]]), 3).permute(0, 3, 1, 2).double().tolist()
+    got = _one("precision", 3, onehot, [[[1, 2]]])
+    by_hand = (1 / 2 + 0.0) / 2  # class 1: 1 TP of 2 predicted; class 2: in the truth, never predicted
+    assert got["precision"] == pytest.approx(0.25) == pytest.approx(by_hand)
+    assert got["precision"] == pytest.approx(precision_score([1, 2], [1, 1], labels=[1, 2], average="macro",
+                                                             zero_division=0))
+    assert np.isnan(got["precision_c0"])  # background: absent on both sides, left out

@@ -3,6 +3,19 @@
 Target: class indices (N x H x W, int64). Logits with one channel are binary (sigmoid, foreground =
 class 1); with C > 1 channels they are C classes (softmax). ``ignore_index`` pixels count nowhere.
 Region losses (dice, iou, tversky) sum over the whole batch per class, then average the classes.
+Every loss is 0 (with a finite, zero gradient) when every pixel of a batch is ignored.
+
+Conventions that differ from a peer on purpose:
+
+- Smoothing: region losses compute (TP + s) / (TP + alpha FP + beta FN + s). For dice (alpha = beta =
+  0.5) that is (2TP + 2s) / (2TP + FP + FN + 2s): MONAI's ``DiceLoss`` with ``smooth_nr = smooth_dr =
+  2s``, and segmentation_models_pytorch's ``smooth = 2s`` only when its ``eps`` is 0.
+- Absent classes: a class absent from the batch's truth is kept in the class mean with a smoothed
+  penalty s / (alpha FP + s), so predicting it anyway still costs something (smp drops such classes
+  from the mean for dice; Lovasz here skips them, as its authors' "present" mode).
+- Focal ``alpha``: binary, alpha weighs the foreground and 1 - alpha the background (Lin et al.,
+  torchvision's ``sigmoid_focal_loss``); several classes, alpha is one global scale on every pixel,
+  not a per-class weight (use ``cross_entropy``'s ``class_weights`` for that).
 """
 
 from __future__ import annotations
@@ -80,10 +93,19 @@ class CrossEntropyLoss(torch.nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if logits.shape[1] == 1:
             return BCELoss(2, ignore_index=self.ignore_index)(logits, target)
+        logits = _f32(logits)
         w = None if self.class_weights is None else torch.tensor(self.class_weights, device=logits.device,
-                                                                dtype=_f32(logits).dtype)
-        return F.cross_entropy(_f32(logits), target, weight=w, label_smoothing=self.label_smoothing,
-                               ignore_index=-100 if self.ignore_index is None else self.ignore_index)
+                                                                dtype=logits.dtype)
+        ignore = -100 if self.ignore_index is None else self.ignore_index
+        # PyTorch's "mean" divides by the summed weight of the valid pixels, which is 0/0 = NaN when every
+        # pixel is ignored; dividing ourselves gives the same mean and 0 for an all-ignored batch.
+        per_pixel = F.cross_entropy(logits, target, weight=w, label_smoothing=self.label_smoothing,
+                                    ignore_index=ignore, reduction="none")
+        valid = target != ignore
+        safe = torch.where(valid, target, torch.zeros_like(target))
+        pixel_weight = valid.to(logits.dtype) if w is None else w[safe] * valid
+        total = pixel_weight.sum()
+        return per_pixel.sum() / torch.where(total > 0, total, torch.ones_like(total))
 
 
 class TverskyLoss(torch.nn.Module):
@@ -201,11 +223,11 @@ class LovaszLoss(torch.nn.Module):
 
 @unetlab.hookimpl
 def register_losses(register):
-    register("bce", BCELoss)
-    register("cross_entropy", CrossEntropyLoss)
-    register("dice", dice)
-    register("iou", iou)
-    register("bce_iou", BCEIoULoss)
-    register("focal", FocalLoss)
-    register("tversky", TverskyLoss)
-    register("lovasz", LovaszLoss)
+    register("bce", BCELoss, direction="min")
+    register("cross_entropy", CrossEntropyLoss, direction="min")
+    register("dice", dice, direction="min")
+    register("iou", iou, direction="min")
+    register("bce_iou", BCEIoULoss, direction="min")
+    register("focal", FocalLoss, direction="min")
+    register("tversky", TverskyLoss, direction="min")
+    register("lovasz", LovaszLoss, direction="min")

@@ -4,9 +4,14 @@ Predictions: one logit channel -> class 1 where the logit > 0; C channels -> arg
 report the foreground class. Multi-class tasks report every class (``<metric>_c<k>``) and the mean
 over classes (background excluded unless ``include_background``).
 
-Empty-mask convention: a class that is absent from both truth and prediction over the whole set has
-an undefined ratio (0/0); it is left out of the mean, and a score with no defined class is 1.0
-(nothing to find and nothing found is a perfect result). ``hd95``: see ``HD95``.
+Empty-mask convention (as torchmetrics and scikit-learn with ``zero_division=0``, except the last
+point): a class is *absent* when it is in neither truth nor prediction over the whole set
+(TP + FP + FN = 0). An absent class is left out of the multi-class mean; a binary score whose
+foreground is absent, or a mean with no present class, is 1.0 (nothing to find and nothing found is a
+perfect result; scikit-learn would give 0 for precision/recall there). Any other 0/0 ratio scores 0:
+precision of a class that is in the truth but never predicted (TP + FP = 0), recall of a class that
+is predicted but not in the truth (TP + FN = 0). So a model that predicts only background gets
+precision 0, not 1. ``hd95``: see ``HD95`` (empty masks differ from MONAI on purpose).
 """
 
 from __future__ import annotations
@@ -69,8 +74,10 @@ class ConfusionMetric:
         return out
 
 
-def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    return torch.where(den > 0, num / den.clamp_min(1e-300), torch.full_like(num, float("nan")))
+def _ratio(num: torch.Tensor, den: torch.Tensor, tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor) -> torch.Tensor:
+    """num / den per class; NaN for an absent class (TP + FP + FN = 0), 0 for any other 0/0."""
+    ratio = torch.where(den > 0, num / den.clamp_min(1e-300), torch.zeros_like(num))
+    return torch.where(tp + fp + fn > 0, ratio, torch.full_like(num, float("nan")))
 
 
 class IoU(ConfusionMetric):
@@ -80,7 +87,7 @@ class IoU(ConfusionMetric):
 
     def per_class(self) -> torch.Tensor:
         tp, fp, fn = self.counts()
-        return _ratio(tp, tp + fp + fn)
+        return _ratio(tp, tp + fp + fn, tp, fp, fn)
 
 
 class Dice(ConfusionMetric):
@@ -90,7 +97,7 @@ class Dice(ConfusionMetric):
 
     def per_class(self) -> torch.Tensor:
         tp, fp, fn = self.counts()
-        return _ratio(2 * tp, 2 * tp + fp + fn)
+        return _ratio(2 * tp, 2 * tp + fp + fn, tp, fp, fn)
 
 
 class Precision(ConfusionMetric):
@@ -99,8 +106,8 @@ class Precision(ConfusionMetric):
     key = "precision"
 
     def per_class(self) -> torch.Tensor:
-        tp, fp, _ = self.counts()
-        return _ratio(tp, tp + fp)
+        tp, fp, fn = self.counts()
+        return _ratio(tp, tp + fp, tp, fp, fn)
 
 
 class Recall(ConfusionMetric):
@@ -109,14 +116,17 @@ class Recall(ConfusionMetric):
     key = "recall"
 
     def per_class(self) -> torch.Tensor:
-        tp, _, fn = self.counts()
-        return _ratio(tp, tp + fn)
+        tp, fp, fn = self.counts()
+        return _ratio(tp, tp + fn, tp, fp, fn)
 
 
 class Accuracy(ConfusionMetric):
     """Pixel accuracy: correctly classified pixels / all (non-ignored) pixels."""
 
     key = "accuracy"
+
+    def __init__(self, num_classes: int, ignore_index: Optional[int] = None):  # every class counts: no include_background
+        super().__init__(num_classes, include_background=True, ignore_index=ignore_index)
 
     def compute(self) -> dict[str, float]:
         total = self.matrix.sum().item()
@@ -137,7 +147,9 @@ def hausdorff95(pred: np.ndarray, truth: np.ndarray) -> float:
     """95th-percentile symmetric Hausdorff distance (pixels) between two binary masks.
 
     Both empty: 0.0. Exactly one empty: the image diagonal (the worst possible distance), so that a
-    missed or hallucinated object is penalised rather than silently skipped.
+    missed or hallucinated object is penalised rather than silently skipped. This differs from MONAI's
+    ``compute_hausdorff_distance`` on purpose: MONAI gives NaN or inf (with a warning) when a mask is
+    empty, which would drop exactly the failures from the mean or make it infinite.
     """
     pred, truth = pred.astype(bool), truth.astype(bool)
     if not pred.any() and not truth.any():
@@ -182,9 +194,9 @@ class HD95:
 
 @unetlab.hookimpl
 def register_metrics(register):
-    register("iou", IoU)
-    register("dice", Dice)
-    register("precision", Precision)
-    register("recall", Recall)
-    register("accuracy", Accuracy)
-    register("hd95", HD95)
+    register("iou", IoU, direction="max")
+    register("dice", Dice, direction="max")
+    register("precision", Precision, direction="max")
+    register("recall", Recall, direction="max")
+    register("accuracy", Accuracy, direction="max")
+    register("hd95", HD95, direction="min")
