@@ -136,7 +136,7 @@ def test_seed_unet_structure_matches_the_blog():
     drops = [type(d).__name__ for d in model.encoder.dropouts]
     assert drops == ["Identity", "Identity", "Identity", "Dropout2d", "Dropout2d"]
     first_up = model.upsamplers[0].body
-    assert [type(m).__name__ for m in first_up] == ["Upsample", "Conv2d", "ReLU"]
+    assert [type(m).__name__ for m in first_up] == ["BilinearUpsample", "Conv2d", "ReLU"]
     assert first_up[1].in_channels == 1024 and first_up[1].out_channels == 512
 
 

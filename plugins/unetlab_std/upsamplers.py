@@ -8,8 +8,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-
 import unetlab
+
+from .layers import BilinearUpsample
 
 
 class InterpolateUp(nn.Module):
@@ -18,8 +19,10 @@ class InterpolateUp(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, scale: int = 2, mode: str = "bilinear",
                  align_corners: bool | None = True, activation: Literal["relu", "none"] = "relu") -> None:
         super().__init__()
-        up = nn.Upsample(scale_factor=scale, mode=mode,
-                         align_corners=align_corners if mode == "bilinear" else None)
+        # bilinear: matrix products on an accelerator in deterministic mode (its interpolation backward
+        # has no fast deterministic kernel), PyTorch's kernel elsewhere; see layers.bilinear_upsample
+        up = (BilinearUpsample(scale, bool(align_corners)) if mode == "bilinear"
+              else nn.Upsample(scale_factor=scale, mode=mode))
         layers: list[nn.Module] = [up, nn.Conv2d(in_channels, out_channels, 1)]
         if activation == "relu":
             layers.append(nn.ReLU(inplace=True))
