@@ -87,7 +87,12 @@ def test_folder_class_values_map_masks(tmp_path):
     assert src.num_classes == 3
     masks = arrays(src)[1]
     assert set(np.unique(masks)) == {0, 1, 2}
-    with pytest.raises(unetlab.UnetlabError, match=r"unexpected value\(s\) \[255\]"):
+    # 255 not among class_values is the ignore value (VOC); another unlisted value is an error
+    ignored = arrays(source("folder", root=str(root), class_values=[0, 7], val_fraction=0.0))[1]
+    assert set(np.unique(ignored)) == {0, 1, 255}
+    weird[0, 0] = 9
+    io.imsave(root / "masks" / "a.png", weird, check_contrast=False)
+    with pytest.raises(unetlab.UnetlabError, match=r"unexpected mask value\(s\) \[9\] \(e.g. in '.*a.png'\)"):
         source("folder", root=str(root), class_values=[0, 7], val_fraction=0.0).split("train")
 
 

@@ -1,5 +1,5 @@
 """Standard datasets: ``shapes`` and ``blobs`` (generated, deterministic from ``seed``, cached on disk)
-and ``folder`` (your own images and masks).
+and ``folder`` (your own images and masks, any size, decoded once into a cache and read lazily).
 
 Dataset contract: the factory returns a *source* with ``in_channels``, ``num_classes`` (background
 included: 2 for binary), ``image_size`` ((H, W) or None) and ``split(name)`` for ``train``, ``val``
@@ -13,22 +13,34 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
 import unetlab
-from unetlab.errors import UnetlabError, exception_text
+from unetlab.data_options import DataOptions
+from unetlab.params import FilePath, Range
+from unetlab.errors import UnetlabError
+from unetlab.folder_cache import cache_home, decode_many
+from unetlab.normalization import fit_normalization
+from unetlab.patches import IGNORE_INDEX, PatchDataset, SampleStore, TileDataset, WholeImageDataset
+from unetlab.splits import kfold, random_split, split_from_file
 
 SHAPE_TYPES = ("circle", "rectangle", "triangle", "ellipse")
+MAX_IMAGES = 1_000_000
+Seed = Annotated[int, Range(0, 2 ** 32 - 1)]
+ImageSize = Annotated[int, Range(8, 4096)]
+Count = Annotated[int, Range(1, MAX_IMAGES)]
+Fraction = Annotated[float, Range(0, 1)]
 SPLITS = ("train", "val", "test")
+KINDS = ("image", "mask")
 
 
 def cache_dir() -> Path:
     """Where generated datasets are cached: ``$UNETLAB_CACHE_DIR`` or ``~/.cache/unetlab``."""
-    return Path(os.environ.get("UNETLAB_CACHE_DIR") or Path.home() / ".cache" / "unetlab") / "datasets"
+    return cache_home() / "datasets"
 
 
 class ArraySource:
@@ -74,10 +86,12 @@ def _smooth_noise(rng: np.random.Generator, size: int, sigma: float) -> np.ndarr
     return field / (field.std() + 1e-8)
 
 
-def shapes(seed: int = 0, image_size: int = 64, n_train: int = 256, n_val: int = 64, n_test: int = 0,
+def shapes(seed: Seed = 0, image_size: ImageSize = 64, n_train: Count = 256, n_val: Count = 64,
+           n_test: Annotated[int, Range(0, MAX_IMAGES)] = 0,
            mode: Literal["binary", "target", "multiclass"] = "binary",
            target_shape: Literal["circle", "rectangle", "triangle", "ellipse"] = "circle",
-           min_shapes: int = 1, max_shapes: int = 4, min_size: int = 8, max_size: Optional[int] = None,
+           min_shapes: Annotated[int, Range(0, 64)] = 1, max_shapes: Annotated[int, Range(0, 64)] = 4,
+           min_size: Annotated[int, Range(1, 4096)] = 8, max_size: Optional[Annotated[int, Range(1, 4096)]] = None,
            noise: float = 0.1, texture: float = 0.15, channels: Literal[1, 3] = 3) -> ArraySource:
     """Random shapes (skimage.draw.random_shapes) on a textured, noisy background.
 
@@ -127,8 +141,9 @@ def shapes(seed: int = 0, image_size: int = 64, n_train: int = 256, n_val: int =
                        (image_size, image_size), generate)
 
 
-def blobs(seed: int = 0, image_size: int = 64, n_train: int = 256, n_val: int = 64, n_test: int = 0,
-          blob_size_fraction: float = 0.1, volume_fraction: float = 0.3, blur: float = 1.5,
+def blobs(seed: Seed = 0, image_size: ImageSize = 64, n_train: Count = 256, n_val: Count = 64,
+          n_test: Annotated[int, Range(0, MAX_IMAGES)] = 0, blob_size_fraction: Fraction = 0.1,
+          volume_fraction: Fraction = 0.3, blur: float = 1.5,
           illumination: float = 0.5, photons: float = 30.0) -> ArraySource:
     """Microscopy-like cells (skimage.data.binary_blobs) with blur, uneven illumination and shot noise."""
     from scipy.ndimage import gaussian_filter
@@ -156,146 +171,302 @@ def blobs(seed: int = 0, image_size: int = 64, n_train: int = 256, n_val: int = 
 
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
+IN_MEMORY_BYTES = 256 * 2 ** 20  # decoded sets up to this size are held in RAM; larger ones are memory-mapped
+
+
+class _RawImages:
+    """A lazy sequence of raw training images (for normalisation statistics)."""
+
+    def __init__(self, entries: list) -> None:
+        self.entries = entries
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.entries[index].load()
+
+
+def _more(items: list[str], limit: int = 5) -> str:
+    return ", ".join(items[:limit]) + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
 
 
 class FolderSource:
-    """Images and masks from disk: ``root/images`` and ``root/masks`` with matching file names."""
+    """Images and masks from disk, paired by file stem, decoded once into a cache and read lazily.
 
-    def __init__(self, root: Path, image_dir: str, mask_dir: str, val_fraction: float, seed: int,
-                 grayscale: bool, class_values: Optional[list[int]]) -> None:
-        self.root, self.grayscale, self.class_values = root, grayscale, class_values
+    Layouts: ``root/images`` + ``root/masks`` (split by ``split_file``, ``data.folds`` or ``val_fraction``),
+    or ``root/train``, ``root/val``, ``root/test`` each holding ``images`` + ``masks``. A ``root/test``
+    folder is the test split in both. The data.* options (patches, resize, normalisation, folds) arrive
+    through ``configure``; the dataset is scanned and decoded on first use.
+    """
+
+    def __init__(self, root: Path, image_dir: str = "images", mask_dir: str = "masks", mask_suffix: str = "",
+                 val_fraction: float = 0.2, seed: int = 0, grayscale: bool = False,
+                 class_values: Optional[list[int]] = None, split_file: Optional[Path] = None,
+                 cache: str = "auto") -> None:
         if not root.is_dir():
             raise UnetlabError(f"folder dataset: root '{root}' is not a directory")
-        explicit_val = (root / "val").is_dir()
-        self.pairs: dict[str, list[tuple[Path, Path]]] = {}
-        if explicit_val:
-            self.pairs["train"] = self._scan(root / "train" if (root / "train").is_dir() else root, image_dir, mask_dir)
-            self.pairs["val"] = self._scan(root / "val", image_dir, mask_dir)
-        else:
-            pairs = self._scan(root, image_dir, mask_dir)
-            order = np.random.default_rng(seed).permutation(len(pairs))
-            n_val = int(round(val_fraction * len(pairs)))
-            if val_fraction > 0 and n_val == 0 and len(pairs) > 1:
-                n_val = 1
-            self.pairs["val"] = [pairs[i] for i in sorted(order[:n_val])]
-            self.pairs["train"] = [pairs[i] for i in sorted(order[n_val:])]
-        self.pairs["test"] = self._scan(root / "test", image_dir, mask_dir) if (root / "test").is_dir() else []
-        first_image = self._read(self.pairs["train"][0][0]) if self.pairs["train"] else None
-        if first_image is None:
-            raise UnetlabError(f"folder dataset: no training images under '{root}'")
-        self.in_channels = 1 if (first_image.ndim == 2 or grayscale) else first_image.shape[2]
-        self.image_size = tuple(first_image.shape[:2])
-        self.num_classes = len(class_values) if class_values else None  # found from the masks when loaded
-        self._splits: dict[str, TensorDataset] = {}
-        if self.num_classes is None:
-            self.num_classes = len(self._mask_values())
+        self.root, self.image_dir, self.mask_dir, self.mask_suffix = root, image_dir, mask_dir, mask_suffix
+        self.val_fraction, self.seed, self.grayscale = val_fraction, seed, grayscale
+        self.class_values, self.split_file, self.cache = class_values, split_file, cache
+        self.options = DataOptions()
+        self.layout = ""  # how the splits were made, for 'unetlab data'
+        self._built: Optional[dict] = None
 
-    def _scan(self, base: Path, image_dir: str, mask_dir: str) -> list[tuple[Path, Path]]:
-        images_path, masks_path = base / image_dir, base / mask_dir
-        for p in (images_path, masks_path):
-            if not p.is_dir():
-                raise UnetlabError(f"folder dataset: missing folder '{p}'")
-        images = {p.stem: p for p in images_path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
-        masks = {p.stem: p for p in masks_path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
-        if not images:
-            raise UnetlabError(f"folder dataset: '{images_path}' holds no images ({', '.join(IMAGE_SUFFIXES)})")
-        missing_masks = sorted(set(images) - set(masks))
-        missing_images = sorted(set(masks) - set(images))
-        if missing_masks or missing_images:
-            parts = []
-            if missing_masks:
-                parts.append(f"images without a mask in '{masks_path}': {', '.join(missing_masks[:5])}"
-                             + (f" (+{len(missing_masks) - 5} more)" if len(missing_masks) > 5 else ""))
-            if missing_images:
-                parts.append(f"masks without an image in '{images_path}': {', '.join(missing_images[:5])}"
-                             + (f" (+{len(missing_images) - 5} more)" if len(missing_images) > 5 else ""))
-            raise UnetlabError("folder dataset: " + "; ".join(parts))
-        return [(images[k], masks[k]) for k in sorted(images)]
+    def configure(self, options: DataOptions) -> None:
+        """Take the checked data.* options (before first use)."""
+        self.options, self._built = options, None
 
-    def _read(self, path: Path) -> np.ndarray:
-        from skimage import io
+    # --- public contract ------------------------------------------------------------------------------
+    @property
+    def in_channels(self) -> int:
+        """Channels of the model input."""
+        return self._build()["channels"]
 
-        try:
-            array = io.imread(path)
-        except Exception as exc:
-            raise UnetlabError(f"folder dataset: cannot read '{path}': {exception_text(exc)}") from None
-        if array.ndim == 3 and array.shape[2] == 4:
-            array = array[..., :3]
-        return array
+    @property
+    def num_classes(self) -> int:
+        """Classes, background included (2 for binary)."""
+        return self._build()["num_classes"]
 
-    def _mask_values(self) -> list[int]:
-        """Mask values in class order: ``class_values``, or {0, 255} (binary), or class indices 0..K-1."""
-        if self.class_values:
-            return list(self.class_values)
-        if getattr(self, "_detected", None) is None:
-            seen: dict[int, Path] = {}
-            for pairs in self.pairs.values():
-                for _, mask_path in pairs:
-                    for v in np.unique(self._mask(mask_path)).tolist():
-                        seen.setdefault(int(v), mask_path)
-            values = set(seen) | {0}
-            if values <= {0, 255}:
-                self._detected = [0, 255]
-            elif values == set(range(max(values) + 1)):
-                self._detected = sorted(values)
-            else:
-                odd = sorted(values - {0, 255}) if 255 in values else sorted(values)
-                example = seen[odd[-1]] if odd[-1] in seen else next(iter(seen.values()))
-                raise UnetlabError(f"folder dataset: unexpected mask value(s) {odd[:10]} (e.g. in '{example}'): masks "
-                                   "must be binary {0, 255} or class indices 0..K-1; set class_values to map other "
-                                   "values to classes")
-        return self._detected
+    @property
+    def image_size(self) -> Optional[tuple[int, int]]:
+        """The training input size: patch_size, resize, or the images' common size."""
+        return self._build()["image_size"]
 
-    def _mask(self, path: Path) -> np.ndarray:
-        mask = self._read(path)
-        return mask[..., 0] if mask.ndim == 3 else mask
+    @property
+    def normalization(self) -> dict:
+        """The normalisation spec (fitted on the training split); checkpoints store it."""
+        return self._build()["normalization"]
+
+    @property
+    def ignore_index(self) -> Optional[int]:
+        """Mask value that losses and metrics must ignore, when the data can hold it (padding, 255 masks)."""
+        return self._build()["ignore_index"]
 
     def split(self, name: str) -> Dataset:
-        """Load split ``name`` into memory (images scaled to [0, 1], masks mapped to class indices)."""
+        """Split ``name``: random patches (train, with data.patch_size) or tiles (val, test), else whole
+        images (a TensorDataset when the set is held in RAM)."""
+        store = self._store(name)
+        patch = self.options.patch_size
+        if patch is not None:
+            return PatchDataset(store, patch, self.options.foreground_oversample) if name == "train" \
+                else TileDataset(store, patch)
+        if store.in_memory:
+            if len(store) == 0:
+                c, (h, w) = self.in_channels, self.image_size
+                return TensorDataset(torch.empty(0, c, h, w), torch.empty(0, h, w, dtype=torch.long))
+            items = [store.read(i) for i in range(len(store))]
+            return TensorDataset(torch.stack([i for i, _ in items]), torch.stack([m for _, m in items]))
+        return WholeImageDataset(store)
+
+    def whole_images(self, name: str) -> Dataset:
+        """Split ``name`` as whole images of their own size (for sliding-window validation)."""
+        return WholeImageDataset(self._store(name))
+
+    def check(self) -> tuple[dict, list[str]]:
+        """Scan and decode everything; return the summary and every problem found (never raises on data)."""
+        return self._build(strict=False), list(self._built_problems)
+
+    # --- scanning ---------------------------------------------------------------------------------------
+    def _store(self, name: str) -> SampleStore:
         if name not in SPLITS:
             raise UnetlabError(f"unknown split '{name}' (splits: {', '.join(SPLITS)})")
-        if name in self._splits:
-            return self._splits[name]
-        values = self._mask_values()
-        lookup = {v: i for i, v in enumerate(values)}
-        images, masks = [], []
-        for image_path, mask_path in self.pairs[name]:
-            image = self._read(image_path).astype(np.float32)
-            image = image / (65535.0 if image.max() > 255 else 255.0)
-            if self.grayscale and image.ndim == 3:
-                image = image.mean(axis=2)
-            image = image[None] if image.ndim == 2 else image.transpose(2, 0, 1)
-            mask = self._mask(mask_path)
-            if image.shape[0] != self.in_channels or image.shape[1:] != self.image_size:
-                raise UnetlabError(f"folder dataset: '{image_path}' is {image.shape[1]}x{image.shape[2]} with "
-                                   f"{image.shape[0]} channel(s); expected {self.image_size[0]}x{self.image_size[1]} "
-                                   f"with {self.in_channels} like the first image")
-            if mask.shape != image.shape[1:]:
-                raise UnetlabError(f"folder dataset: size mismatch: mask '{mask_path}' is {mask.shape[0]}x"
-                                   f"{mask.shape[1]}, its image is {image.shape[1]}x{image.shape[2]}")
-            unexpected = sorted(set(np.unique(mask).tolist()) - set(lookup))
-            if unexpected:
-                raise UnetlabError(f"folder dataset: mask '{mask_path}' has unexpected value(s) "
-                                   f"{unexpected[:10]} (expected: {values}; set class_values to map them)")
-            images.append(image)
-            masks.append(np.vectorize(lookup.get, otypes=[np.int64])(mask))
+        return self._build()["stores"][name]
+
+    def _scan(self, base: Path, problems: list[str]) -> dict[str, tuple[Path, Path]]:
+        images_path, masks_path = base / self.image_dir, base / self.mask_dir
+        missing = [p for p in (images_path, masks_path) if not p.is_dir()]
+        if missing:
+            problems.append(f"missing folder '{missing[0]}'")
+            return {}
+        images: dict[str, Path] = {}
+        masks: dict[str, Path] = {}
+        for folder, found, suffix in ((images_path, images, ""), (masks_path, masks, self.mask_suffix)):
+            for p in sorted(folder.iterdir()):
+                if p.suffix.lower() not in IMAGE_SUFFIXES or p.name.startswith("."):
+                    continue
+                stem = p.stem
+                if suffix:
+                    if not stem.endswith(suffix):
+                        continue
+                    stem = stem[: -len(suffix)]
+                if stem in found:
+                    problems.append(f"two files for '{stem}' in '{folder}': '{found[stem].name}' and '{p.name}'")
+                found[stem] = p
         if not images:
-            tensors = (torch.empty(0, self.in_channels, *self.image_size), torch.empty(0, *self.image_size,
-                                                                                       dtype=torch.long))
+            problems.append(f"'{images_path}' holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        no_mask, no_image = sorted(set(images) - set(masks)), sorted(set(masks) - set(images))
+        unpaired = []
+        if no_mask:
+            hint = f" (mask_suffix: '{self.mask_suffix}')" if self.mask_suffix else ""
+            unpaired.append(f"images without a mask in '{masks_path}'{hint}: {_more(no_mask)}")
+        if no_image:
+            unpaired.append(f"masks without an image in '{images_path}': {_more(no_image)}")
+        if unpaired:
+            problems.append("; ".join(unpaired))
+        return {k: (images[k], masks[k]) for k in sorted(set(images) & set(masks))}
+
+    def _layout(self, problems: list[str]) -> dict[str, dict[str, tuple[Path, Path]]]:
+        """Pairs per split, as the folders, the split file or the folds say."""
+        root, opts = self.root, self.options
+        test = self._scan(root / "test", problems) if (root / "test").is_dir() else {}
+        explicit = (root / "train").is_dir()
+        if explicit or (root / "val").is_dir():
+            if self.split_file is not None:
+                problems.append(f"split_file given, but '{root}' already has train/ or val/ folders: use one of them")
+            pool = self._scan(root / "train" if explicit else root, problems)
+            self.layout = f"{'train/' if explicit else 'images/ + masks/'}, val/{', test/' if test else ''} folders"
+            if (root / "val").is_dir():
+                if opts.folds is not None:
+                    problems.append(f"data.folds: '{root}' has an explicit val/ folder; folds split the training "
+                                    "pool (remove val/ or data.folds)")
+                return {"train": pool, "val": self._scan(root / "val", problems), "test": test}
         else:
-            tensors = (torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(masks)))
-        self._splits[name] = TensorDataset(*tensors)
-        return self._splits[name]
+            pool = self._scan(root, problems)
+        stems = sorted(pool)
+        try:
+            if self.split_file is not None:
+                if opts.folds is not None:
+                    raise UnetlabError("data.folds and split_file: pick one (a split file may list folds itself)")
+                self.layout = f"split file {self.split_file}"
+                named = split_from_file(self.split_file, stems + sorted(test), opts.fold)
+                merged = {**pool, **test}
+                return {name: {s: merged[s] for s in named[name]} for name in SPLITS}
+            if opts.folds is not None:
+                self.layout = f"fold {opts.fold} of {opts.folds}, seed {self.seed}"
+                train, val = kfold(stems, opts.folds, opts.fold, self.seed)
+            else:
+                self.layout = f"random split, val_fraction {self.val_fraction:g}, seed {self.seed}"
+                train, val = random_split(stems, self.val_fraction, self.seed)
+        except UnetlabError as exc:
+            problems.append(str(exc))
+            train, val = stems, []
+        return {"train": {s: pool[s] for s in train}, "val": {s: pool[s] for s in val}, "test": test}
+
+    # --- decoding and checks ----------------------------------------------------------------------------
+    def _build(self, strict: bool = True) -> dict:
+        if self._built is None:
+            self._built_problems: list[str] = []
+            self._built = self._decode_and_check(self._built_problems)
+        if strict and self._built_problems:
+            first, rest = self._built_problems[0], len(self._built_problems) - 1
+            more = f" (+{rest} more problem(s); 'unetlab data FILE' lists them all)" if rest else ""
+            raise UnetlabError(f"folder dataset: {first}{more}")
+        return self._built
+
+    def _decode_and_check(self, problems: list[str]) -> dict:
+        opts = self.options
+        layout = self._layout(problems)
+        jobs = [(p, kind) for pairs in layout.values() for pair in pairs.values() for p, kind in zip(pair, KINDS)]
+        entries, decode_problems = decode_many(jobs, self.grayscale, opts.resize)
+        problems.extend(decode_problems)
+        decoded = {job: e for job, e in zip(jobs, entries)}
+        samples: dict[str, list] = {}
+        for name, pairs in layout.items():
+            samples[name] = []
+            for image_path, mask_path in pairs.values():
+                image, mask = decoded[(image_path, "image")], decoded[(mask_path, "mask")]
+                if image is None or mask is None:
+                    continue
+                if image.meta["source_shape"] != mask.meta["source_shape"]:
+                    (h, w), (mh, mw) = image.meta["source_shape"], mask.meta["source_shape"]
+                    problems.append(f"size mismatch: mask '{mask_path}' is {mh}x{mw}, its image is {h}x{w}")
+                    continue
+                samples[name].append((image, mask))
+        everything = [s for name in SPLITS for s in samples[name]]
+        if not samples["train"]:
+            problems.append(f"no training images under '{self.root}'")
+        channels = self._one_kind(everything, lambda e: e.meta["shape"][2], "channel counts",
+                                  "set grayscale: true or convert them", problems)
+        dtype = self._one_kind(everything, lambda e: e.meta["dtype"], "dtypes", "convert them to one", problems)
+        sizes = {tuple(i.shape) for i, _ in everything}
+        image_size = opts.patch_size or opts.resize or (next(iter(sizes)) if len(sizes) == 1 else None)
+        if len(sizes) > 1 and not (opts.patch_size or opts.resize):
+            (a, _), (b, _) = everything[0], next(s for s in everything if tuple(s[0].shape) != everything[0][0].shape)
+            problems.append(f"images differ in size ('{a.source}' is {'x'.join(map(str, a.shape))}, '{b.source}' is "
+                            f"{'x'.join(map(str, b.shape))}): set data.patch_size: [H, W] to train on patches, or "
+                            "data.resize: [H, W] to resize every image")
+        values, lut, ignore = self._classes([m for _, m in everything], problems)
+        num_classes = max(len(values), 2)
+        spec: dict = {}
+        if samples["train"] and channels is not None and dtype is not None and not problems:
+            try:
+                spec = fit_normalization(opts.normalize, dtype, channels, _RawImages([i for i, _ in samples["train"]]),
+                                         self.seed)
+            except UnetlabError as exc:
+                problems.append(str(exc))
+        total = sum(i.nbytes + m.nbytes for i, m in everything)
+        in_memory = self.cache == "memory" or (self.cache == "auto" and total <= IN_MEMORY_BYTES)
+        foreground = [v for v, c in enumerate(lut) if c not in (0, IGNORE_INDEX, -1)]
+        stores = {}
+        if not problems:
+            stores = {name: SampleStore([i for i, _ in samples[name]], [m for _, m in samples[name]], lut, spec,
+                                        foreground, in_memory) for name in SPLITS}
+        ignore_index = IGNORE_INDEX if (ignore or opts.patch_size) else None
+        return {"channels": channels, "dtype": dtype, "num_classes": num_classes, "image_size": image_size,
+                "normalization": spec, "ignore_index": ignore_index, "stores": stores, "samples": samples,
+                "class_values": values, "lut": lut, "in_memory": in_memory, "decoded_bytes": total}
+
+    @staticmethod
+    def _one_kind(samples: list, key, what: str, fix: str, problems: list[str]):
+        seen: dict = {}
+        for image, _ in samples:
+            seen.setdefault(key(image), image.source)
+        if len(seen) > 1:
+            shown = ", ".join(f"'{path}' has {value}" for value, path in list(seen.items())[:3])
+            problems.append(f"images mix {what}: {shown} ({fix})")
+            return None
+        return next(iter(seen), None)
+
+    def _classes(self, masks: list, problems: list[str]) -> tuple[list[int], np.ndarray, bool]:
+        """Raw mask values in class order, the raw -> class lookup table, and whether 255 means 'ignore'."""
+        where: dict[int, Path] = {}
+        for m in masks:
+            for v in m.meta["values"]:
+                where.setdefault(v, m.source)
+        present = set(where)
+        palette = any(m.meta["palette"] for m in masks)
+        size = 65536 if any(m.meta["dtype"] == "uint16" for m in masks) else 256
+        if self.class_values:
+            values = list(self.class_values)
+            ignore = IGNORE_INDEX not in values
+        elif present <= {0, 255} and not palette:
+            values, ignore = [0, 255], False  # binary masks saved as 0 / 255
+        else:
+            ignore = True  # class indices (or palette indices) 0..K-1, and 255 = ignore as in VOC
+            indices = sorted(present - {IGNORE_INDEX} | {0})
+            values = [v for k, v in enumerate(indices) if v == k]
+        unexpected = sorted(present - set(values) - ({IGNORE_INDEX} if ignore else set()))
+        if unexpected:
+            expected = f"class_values {values}" if self.class_values else \
+                "binary {0, 255} or class indices 0..K-1 (255 = ignore)"
+            problems.append(f"unexpected mask value(s) {unexpected[:10]} (e.g. in '{where[unexpected[0]]}'): masks "
+                            f"must be {expected}; set class_values to map other values to classes")
+        if len(values) > IGNORE_INDEX:
+            problems.append(f"{len(values)} classes: at most {IGNORE_INDEX} (mask value {IGNORE_INDEX} means ignore)")
+        lut = np.full(size, -1, np.int64)
+        if ignore:
+            lut[IGNORE_INDEX] = IGNORE_INDEX
+        for k, v in enumerate(values):
+            if 0 <= v < size:
+                lut[v] = k
+        return values, lut, ignore and IGNORE_INDEX in present
 
 
-def folder(root: str, image_dir: str = "images", mask_dir: str = "masks", val_fraction: float = 0.2,
-           seed: int = 0, grayscale: bool = False, class_values: Optional[list[int]] = None) -> FolderSource:
-    """Your own data: ``root/images`` + ``root/masks`` (same file names); ``root/val`` gives an explicit split.
+def folder(root: Annotated[str, FilePath()], image_dir: str = "images", mask_dir: str = "masks", mask_suffix: str = "",
+           val_fraction: Annotated[float, Range(0, 1, max_exclusive=True)] = 0.2, seed: Seed = 0,
+           grayscale: bool = False, class_values: Optional[list[int]] = None, split_file: Optional[Annotated[str, FilePath()]] = None,
+           cache: Literal["auto", "memory", "disk"] = "auto") -> FolderSource:
+    """Your own images and masks (PNG, JPEG, TIFF; 8/16-bit; any size), paired by file stem.
 
-    ``class_values``: mask values in class order (default: {0, 255} is binary, else the sorted values).
-    Relative roots are taken from the working directory.
+    ``mask_suffix``: a mask is named like its image plus this (``_mask``: ``a.png`` -> ``a_mask.png``).
+    ``class_values``: mask values in class order (default: {0, 255} is binary, else class indices with
+    255 = ignore; palette PNGs give their palette indices). ``split_file``: JSON or CSV lists of stems
+    per split. ``cache``: auto holds sets up to 256 MB decoded in RAM and memory-maps larger ones.
+    ``root`` and ``split_file``, when relative, are relative to the experiment file.
     """
-    return FolderSource(Path(root).expanduser(), image_dir, mask_dir, val_fraction, seed, grayscale, class_values)
+    return FolderSource(Path(root).expanduser(), image_dir, mask_dir, mask_suffix, val_fraction, seed, grayscale,
+                        class_values, Path(split_file).expanduser() if split_file else None, cache)
 
 
 @unetlab.hookimpl
