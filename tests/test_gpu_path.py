@@ -106,3 +106,106 @@ def test_bilinear_on_cuda_is_deterministic_and_equal(channels_last, monkeypatch)
     assert torch.equal(grads[0], grads[1])
     torch.testing.assert_close(y, F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True),
                                rtol=0, atol=1e-5)
+
+
+# --- deterministic mode ------------------------------------------------------------------------------
+
+@pytest.fixture
+def restore_determinism():
+    """Tests here switch global PyTorch flags: put them back."""
+    state = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    yield
+    torch.use_deterministic_algorithms(state[0], warn_only=state[1])
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = state[2], state[3]
+
+
+def test_configure_sets_flags_and_cublas_workspace_only_if_unset(monkeypatch, restore_determinism):
+    from unetlab.determinism import configure
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    configure(True, torch.device("cpu"))
+    assert "CUBLAS_WORKSPACE_CONFIG" not in __import__("os").environ  # only CUDA needs it
+    assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    configure(True, torch.device("cuda"))  # flags only: no CUDA call is made
+    assert __import__("os").environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    configure(True, torch.device("cuda"))
+    assert __import__("os").environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"  # the user's choice stays
+    configure(False, torch.device("cuda"))
+    assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark
+
+
+def test_op_without_deterministic_kernel_is_named_once(restore_determinism):
+    from unetlab.determinism import configure, report_nondeterministic_ops
+
+    class PluginLayer(torch.nn.Module):
+        """A third-party layer using an op that has no deterministic kernel even on the CPU (put_)."""
+
+        def forward(self, x):
+            marks = torch.zeros(4)
+            marks.put_(torch.tensor([1]), torch.tensor([1.0]))  # accumulate=False: alerts on every device
+            return x * marks.sum()
+
+    configure(True, torch.device("cpu"))
+    lines: list[str] = []
+    layer = PluginLayer()
+    with report_nondeterministic_ops(lines.append) as seen, pytest.warns(UserWarning, match="unrelated"):
+        for _ in range(3):  # three steps: still one line
+            layer(torch.ones(2, requires_grad=True)).sum().backward()
+        import warnings
+
+        warnings.warn("unrelated", UserWarning)  # other warnings are left alone
+    assert seen == {"put_"}
+    assert len(lines) == 1 and "'put_'" in lines[0] and "\n" not in lines[0]
+
+
+def _tiny_model(**parts):
+    from unetlab.model import build_unet
+    from unetlab.plugins import default_host
+
+    registry = default_host().registry
+
+    def spec(kind, name):
+        return {"name": name, **registry.get(kind, name).defaults()}
+    names = {"encoder": "classic", "upsampler": "bilinear", "fusion": "concat", "block": "double_conv",
+             "initializer": "default", **parts}
+    config = {k: spec(k, names[k]) for k in ("encoder", "upsampler", "fusion", "block")}
+    config["encoder"].update(depth=2, base_channels=4)
+    config.update(init=spec("initializer", names["initializer"]), decoder_channels=None)
+    return build_unet(config, 1, 2, registry)
+
+
+COMPONENTS = [("encoder", "residual"), ("upsampler", "bilinear"), ("upsampler", "nearest"),
+              ("upsampler", "pixel_shuffle"), ("upsampler", "transpose"), ("fusion", "add"),
+              ("fusion", "attention"), ("fusion", "none"), ("block", "residual")]
+
+
+@pytest.mark.parametrize("kind, name", COMPONENTS)
+def test_first_party_models_run_under_strict_determinism(kind, name, restore_determinism):
+    torch.use_deterministic_algorithms(True)  # warn_only=False: an op without a deterministic kernel raises
+    torch.manual_seed(0)
+    model = _tiny_model(**{kind: name}).train()
+    model(torch.randn(2, 1, 16, 16)).square().mean().backward()
+
+
+def test_first_party_losses_metrics_augmentations_under_strict_determinism(restore_determinism):
+    import unetlab
+
+    registry = unetlab.default_host().registry
+    torch.use_deterministic_algorithms(True)
+    for num_classes, channels in ((2, 1), (3, 3)):
+        logits = torch.randn(2, channels, 12, 12, requires_grad=True)
+        target = torch.randint(0, num_classes, (2, 12, 12))
+        for name in unetlab.list_components("loss"):
+            registry.create("loss", name, num_classes=num_classes)(logits, target).backward()
+        for name in unetlab.list_components("metric"):
+            metric = registry.create("metric", name, num_classes=num_classes)
+            metric.update(logits.detach(), target)
+            metric.compute()
+    generator = torch.Generator().manual_seed(0)
+    images, masks = torch.randn(2, 1, 32, 32), torch.randint(0, 2, (2, 32, 32))
+    for name in unetlab.list_components("augmentation"):
+        params = {"size": 8} if name == "crop" else {}
+        registry.create("augmentation", name, **params)(images, masks, generator)
