@@ -181,3 +181,98 @@ def test_public_api_lists_and_creates():
     assert fusion.out_channels == 4
     with pytest.raises(unetlab.ConfigError, match="unknown component kind 'fusions'; did you mean 'fusion'"):
         unetlab.list_components("fusions")
+
+
+TYPO_PLUGIN = '''
+import unetlab
+from unetlab_std.fusions import AddFusion
+
+@unetlab.hookimpl
+def register_fusion(register):          # no "s": not a hook
+    register("typo_add", AddFusion)
+
+def register_blocks(register):          # an unmarked module function named like a hook is a hook
+    pass
+'''
+
+
+def test_unknown_hook_in_local_plugin_file_is_broken_with_did_you_mean(tmp_path):
+    (tmp_path / "typo.py").write_text(TYPO_PLUGIN)
+    (tmp_path / "lifecycle_typo.py").write_text("def on_epoch_ended(run_name, epoch):\n    pass\n")
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("plugins: [typo.py, lifecycle_typo.py]\n")
+    text = run_cli("plugins", "--file", str(exp), check=True).stdout
+    typo_line = next(line for line in text.splitlines() if "typo.py" in line and "lifecycle" not in line)
+    assert typo_line.endswith("BROKEN"), text
+    assert ("defines 'register_fusion', which is not a unetlab hook; did you mean 'register_fusions'?"
+            in text), text
+    report = {p["name"]: p for p in json.loads(run_cli("plugins", "--json", "--file", str(exp), check=True).stdout)}
+    typo = report[f"file:{(tmp_path / 'typo.py').resolve()}"]
+    assert typo["broken"] and typo["components"] == []
+    assert "'register_fusion'" in typo["error"] and "register_fusions" in typo["error"]
+    lifecycle = report[f"file:{(tmp_path / 'lifecycle_typo.py').resolve()}"]
+    assert lifecycle["broken"] and "did you mean 'on_epoch_end'?" in lifecycle["error"]
+    # an experiment that names it fails the unetlab way, before anything runs
+    line = one_line_error(run_cli("validate", str(exp)))
+    assert "plugins[0]" in line and "register_fusions" in line
+
+
+def test_unmarked_module_functions_named_like_hooks_are_registered(tmp_path):
+    plugin = GOOD_PLUGIN.replace("@unetlab.hookimpl\n", "")
+    (tmp_path / "plain.py").write_text(plugin)
+    host = PluginHost(autoload=False)
+    info = host.load_path_or_module("plain.py", base_dir=tmp_path)
+    assert info.hooks == ["register_fusions"]
+    assert host.registry.get("fusion", "max").plugin == info.name
+
+
+def test_metric_must_declare_its_direction():
+    host = PluginHost(autoload=False)
+
+    class Score:
+        """A score."""
+
+        def __init__(self, num_classes: int):
+            pass
+
+    host.register(module_from_functions("undirected", register_metrics=lambda register: register("score", Score)))
+    host.register(module_from_functions("directed", register_metrics=lambda register: register(
+        "lower", Score, direction="min")))
+    broken = {info.name: info.error for info in host.broken()}
+    assert list(broken) == ["undirected"]
+    assert "metric 'score' must declare which way is better" in broken["undirected"]
+    assert host.registry.get("metric", "lower").direction == "min"
+
+
+RAISING_HOOK = '''
+import unetlab
+
+@unetlab.hookimpl
+def on_epoch_end(run_name, epoch):
+    raise RuntimeError(f"hook bug at epoch {epoch}")
+'''
+
+
+def test_exception_in_lifecycle_hook_fails_the_run_naming_plugin_and_hook(tmp_path):
+    (tmp_path / "raiser.py").write_text(RAISING_HOOK)
+    exp = tmp_path / "tiny.yaml"
+    exp.write_text(f"""
+plugins: [raiser.py]
+data: {{dataset: {{name: shapes, image_size: 32, n_train: 8, n_val: 4}}, batch_size: 8}}
+model: {{encoder: {{name: classic, depth: 2, base_channels: 4}}}}
+train: {{epochs: 1, metrics: [iou]}}
+tracking: {{uri: "sqlite:///{tmp_path / 'm.db'}", checkpoint_dir: "{tmp_path / 'ckpt'}", log_model: false,
+           figures: false}}
+""")
+    proc = run_cli("run", str(exp), "--quiet", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    plugin = f"file:{(tmp_path / 'raiser.py').resolve()}"
+    expected = f"plugin '{plugin}' raised in on_epoch_end: RuntimeError: hook bug at epoch 1"
+    assert "raised in on_epoch_end: RuntimeError: hook bug at epoch 1" in proc.stdout
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    child = next(r for r in runs if r.info.run_name == "base/seed=0")
+    assert child.info.status == "FAILED"
+    assert expected in child.data.tags["unetlab.error"]

@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plugins", help="list plugins and the components they register")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--kind", help="only components of this kind")
+    p.add_argument("--file", metavar="EXP.yaml", help="also load the local plugins this experiment file names")
 
     p = sub.add_parser("validate", help="validate an experiment file and print its resolved runs")
     p.add_argument("file")
@@ -157,6 +158,15 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     from .registry import KINDS
 
     host = default_host()
+    if args.file:
+        from pathlib import Path
+
+        from .yamlio import load_yaml_file
+
+        data, _ = load_yaml_file(Path(args.file))
+        specs = data.get("plugins") if isinstance(data, dict) else None
+        for spec in [specs] if isinstance(specs, str) else specs or []:
+            host.load_local(str(spec), base_dir=Path(args.file).parent)  # a broken one is listed as BROKEN
     registry = host.registry
     if args.kind and args.kind not in KINDS:
         registry.list(args.kind)  # raises the did-you-mean error
@@ -168,7 +178,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             "source": info.source, "first_party": info.first_party, "hooks": info.hooks,
             "broken": info.broken, "error": info.error,
             "components": [{
-                "kind": c.kind, "name": c.name, "description": c.description,
+                "kind": c.kind, "name": c.name, "description": c.description, "direction": c.direction,
+                "binary_only": c.binary_only,
                 "params": [{"name": p.name, "type": p.type_name(), "required": p.required,
                             "default": None if p.required else _jsonable(p.default)} for p in c.params],
             } for c in components],
@@ -184,7 +195,9 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         if plugin["broken"]:
             print(f"    error: {plugin['error']}")
         for c in plugin["components"]:
-            print(f"    {c['kind']:<11} {c['name']:<16} {c['description']}")
+            notes = "".join([f" [{c['direction']} is better]" if c["direction"] else "",
+                             " [binary only]" if c["binary_only"] else ""])
+            print(f"    {c['kind']:<11} {c['name']:<16} {c['description']}{notes}")
             if c["params"]:
                 params = ", ".join(
                     f"{p['name']}: {p['type']}" + ("" if p["required"] else f" = {json.dumps(p['default'])}")

@@ -5,8 +5,19 @@ distribution and any installed third-party plugin, found the same way), then plu
 named in an experiment file's ``plugins:`` list. ``UNETLAB_DISABLE_PLUGIN_AUTOLOAD=1`` keeps only the
 entry points of the ``unetlab`` distribution itself.
 
-A plugin that fails to import, or raises in a hook, is recorded as broken (``PluginInfo.error``) and
-the others go on: unlike llm, one broken plugin does not break every command.
+A plugin that fails to import, implements a function named like a hook that is not one
+(``register_fusion``, ``on_epoch_ended``: refused the way pytest refuses unknown hooks, with the
+closest real hook), or raises in a component hook is recorded as broken (``PluginInfo.error``), and
+the others go on: unlike llm, one broken plugin does not break every command. A plugin named in an
+experiment file that is broken is an error of that file.
+
+Hook candidates of a plugin: functions marked with ``@unetlab.hookimpl``, and plain functions of the
+plugin's own module whose name starts with ``register_`` or ``on_`` (the decorator is optional, as
+for pytest's ``pytest_*`` functions).
+
+An exception in a lifecycle hook (``on_run_start``, ``on_epoch_end``, ``on_run_end``) is a
+``PluginError`` naming the plugin and the hook: the run it happened in fails (FAILED, with that
+message), as any other error during training.
 """
 
 from __future__ import annotations
@@ -24,14 +35,47 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
-from .errors import PluginError, exception_text
-from .registry import KINDS, Registry
+from .errors import PluginError, did_you_mean, exception_text, known_list
+from .registry import KINDS, Registry, check_registration
 
 __all__ = ["ENTRY_POINT_GROUP", "FIRST_PARTY_DISTRIBUTION", "PluginInfo", "PluginHost", "default_host"]
 
 ENTRY_POINT_GROUP = "unetlab"
 FIRST_PARTY_DISTRIBUTION = "unetlab"
 DISABLE_AUTOLOAD_ENV = "UNETLAB_DISABLE_PLUGIN_AUTOLOAD"
+HOOK_PREFIXES = ("register_", "on_")
+_PLAIN_IMPL_OPTS = {"wrapper": False, "hookwrapper": False, "optionalhook": False, "tryfirst": False,
+                    "trylast": False, "specname": None}
+
+
+def _spec_names() -> list[str]:
+    return sorted(name for name, fn in vars(hookspecs).items() if hasattr(fn, "unetlab_spec"))
+
+
+def _check_kinds_match_hookspecs() -> None:
+    """Each kind in ``registry.KINDS`` has its hook in ``hookspecs`` and vice versa (one definition)."""
+    component_hooks = {name for name in _spec_names() if name.startswith("register_")}
+    kind_hooks = {kind.hook for kind in KINDS.values()}
+    if component_hooks != kind_hooks:
+        raise RuntimeError(f"registry.KINDS and hookspecs disagree: hooks without a kind "
+                           f"{sorted(component_hooks - kind_hooks)}, kinds without a hook {sorted(kind_hooks - component_hooks)}")
+
+
+_check_kinds_match_hookspecs()
+
+
+class _PluginManager(pluggy.PluginManager):
+    """pluggy's manager, also taking unmarked ``register_*``/``on_*`` functions of a plugin module as hooks."""
+
+    def parse_hookimpl_opts(self, plugin: Any, name: str) -> Any:
+        opts = super().parse_hookimpl_opts(plugin, name)
+        if opts is not None or not name.startswith(HOOK_PREFIXES):
+            return opts
+        function = getattr(plugin, name, None)
+        own_module = getattr(plugin, "__name__", None) if isinstance(plugin, types.ModuleType) else None
+        if isinstance(function, types.FunctionType) and own_module and function.__module__ == own_module:
+            return dict(_PLAIN_IMPL_OPTS)
+        return None
 
 
 @dataclass
@@ -45,6 +89,7 @@ class PluginInfo:
     first_party: bool = False
     error: str | None = None
     hooks: list[str] = field(default_factory=list)
+    entry_point: str | None = None
 
     @property
     def broken(self) -> bool:
@@ -60,7 +105,7 @@ class PluginHost:
     """A pluggy plugin manager plus the plugins' metadata and the registry built from their hooks."""
 
     def __init__(self, autoload: bool = True) -> None:
-        self.pm = pluggy.PluginManager("unetlab")
+        self.pm = _PluginManager("unetlab")
         self.pm.add_hookspecs(hookspecs)
         self.plugins: dict[str, PluginInfo] = {}
         self._registry: Registry | None = None
@@ -83,7 +128,7 @@ class PluginHost:
                 continue
             info = PluginInfo(name=name, source=f"entry point '{ep.name} = {ep.value}'",
                               distribution=dist_name, version=dist.version if dist else None,
-                              first_party=first_party)
+                              first_party=first_party, entry_point=ep.name)
             self.plugins[name] = info
             try:
                 plugin = ep.load()
@@ -93,10 +138,11 @@ class PluginHost:
                 continue
             self._register(plugin, info)
 
-    def load_path_or_module(self, spec: str, base_dir: Path | None = None) -> PluginInfo:
+    def load_local(self, spec: str, base_dir: Path | None = None) -> PluginInfo:
         """Load a plugin named in an experiment file: a ``.py`` path (relative to ``base_dir``) or a module.
 
-        Raises ``PluginError`` naming the plugin and the exception when it cannot be loaded.
+        A plugin that cannot be found, imported or registered is recorded as broken (its ``error``
+        says why) rather than raised, so ``unetlab plugins --file`` can list it.
         """
         if spec.endswith(".py") or "/" in spec or os.sep in spec:
             path = Path(spec) if Path(spec).is_absolute() else (base_dir or Path.cwd()) / spec
@@ -104,8 +150,10 @@ class PluginHost:
             name = f"file:{path}"
             if name in self.plugins:
                 return self.plugins[name]
+            info = self.plugins[name] = PluginInfo(name=name, source=str(path))
             if not path.is_file():
-                raise PluginError(f"plugin file '{spec}' not found (looked at {path})")
+                info.error = f"plugin file '{spec}' not found (looked at {path})"
+                return info
             module_name = f"unetlab_local_plugins.{path.stem}_{abs(hash(str(path))) % 10**8}"
             try:
                 module_spec = importlib.util.spec_from_file_location(module_name, path)
@@ -115,20 +163,25 @@ class PluginHost:
                 module_spec.loader.exec_module(module)
             except Exception as exc:
                 sys.modules.pop(module_name, None)
-                raise PluginError(f"plugin file '{spec}' failed to load: {exception_text(exc)}") from None
-            info = PluginInfo(name=name, source=str(path))
+                info.error = f"plugin file '{spec}' failed to load: {exception_text(exc)}"
+                return info
         else:
             name = spec
             if name in self.plugins:
                 return self.plugins[name]
+            info = self.plugins[name] = PluginInfo(name=name, source=f"module {spec}")
             try:
                 module = importlib.import_module(spec)
             except Exception as exc:
-                raise PluginError(f"plugin module '{spec}' failed to import: {exception_text(exc)}") from None
-            info = PluginInfo(name=name, source=f"module {spec}")
-        self.plugins[name] = info
+                info.error = f"plugin module '{spec}' failed to import: {exception_text(exc)}"
+                return info
         self._register(module, info)
         _ = self.registry  # run its hooks now, so a failure is reported against the experiment file
+        return info
+
+    def load_path_or_module(self, spec: str, base_dir: Path | None = None) -> PluginInfo:
+        """Load a plugin named in an experiment file (see ``load_local``); raise ``PluginError`` if it is broken."""
+        info = self.load_local(spec, base_dir)
         if info.error:
             raise PluginError(info.error)
         return info
@@ -144,10 +197,20 @@ class PluginHost:
     def _register(self, plugin: Any, info: PluginInfo) -> None:
         try:
             self.pm.register(plugin, name=info.name)
-        except Exception as exc:  # pluggy rejects impls with no matching spec or a wrong signature
+        except Exception as exc:  # pluggy rejects a hook implementation whose arguments the spec lacks
             info.error = f"plugin '{info.name}' has an invalid hook: {exception_text(exc)}"
             return
-        info.hooks = sorted(caller.name for caller in (self.pm.get_hookcallers(plugin) or []))
+        callers = self.pm.get_hookcallers(plugin) or []
+        info.hooks = sorted(caller.name for caller in callers)
+        # pluggy accepts an implementation without a spec (it reports it only in check_pending(), which
+        # would blame every plugin at once): refuse it here, naming this plugin and the closest hook.
+        unknown = sorted(caller.name for caller in callers if caller.spec is None)
+        if unknown:
+            hooks = _spec_names()
+            info.error = "; ".join(
+                f"plugin '{info.name}'{_origin(info)} defines '{fn}', which is not a unetlab hook"
+                f"{did_you_mean(fn, hooks) or ' (hooks: ' + known_list(hooks) + ')'}" for fn in unknown)
+            self.pm.unregister(name=info.name)
         self._registry = None
 
     # --- the registry ----------------------------------------------------------------------------
@@ -162,7 +225,7 @@ class PluginHost:
     def _build_registry(self) -> Registry:
         # Collect every plugin's registrations first and commit only those of plugins that did not
         # raise in any hook, so a half-registered broken plugin leaves nothing behind.
-        pending: list[tuple[str, str, str, Any, str | None]] = []  # plugin, kind, name, factory, description
+        pending: list[tuple] = []  # plugin, kind, name, factory, description, direction, binary_only
         for kind in KINDS.values():
             caller = getattr(self.pm.hook, kind.hook)
             # pluggy lists later-registered impls first; go in registration order so that the
@@ -172,20 +235,20 @@ class PluginHost:
                 if info is None or info.broken:
                     continue
 
-                def register(name: str, factory: Any, description: str | None = None,
-                             _plugin: str = info.name, _kind: str = kind.name) -> None:
-                    pending.append((_plugin, _kind, name, factory, description))
+                def register(name: str, factory: Any, description: str | None = None, direction: str | None = None,
+                             binary_only: bool = False, _plugin: str = info.name, _kind: str = kind.name) -> None:
+                    check_registration(_kind, name, direction, binary_only)
+                    pending.append((_plugin, _kind, name, factory, description, direction, binary_only))
 
                 try:
                     impl.function(**{arg: register for arg in impl.argnames})
                 except Exception as exc:
-                    origin = f" (distribution '{info.distribution} {info.version}')" if info.distribution else ""
-                    info.error = f"plugin '{info.name}'{origin} raised in {kind.hook}: {exception_text(exc)}"
+                    info.error = f"plugin '{info.name}'{_origin(info)} raised in {kind.hook}: {exception_text(exc)}"
                     self.pm.unregister(name=info.name)  # a broken plugin gets no lifecycle calls either
         registry = Registry()
-        for plugin, kind_name, name, factory, description in pending:
+        for plugin, kind_name, name, factory, description, direction, binary_only in pending:
             if not self.plugins[plugin].broken:
-                registry.add(kind_name, name, factory, description, plugin)
+                registry.add(kind_name, name, factory, description, plugin, direction, binary_only)
         registry.broken_plugins = [i.name for i in self.plugins.values() if i.broken]
         return registry
 
@@ -195,8 +258,23 @@ class PluginHost:
         return [i for i in self.plugins.values() if i.broken]
 
     def call_lifecycle(self, hook: str, **kwargs: Any) -> None:
-        """Call a lifecycle hook (``on_run_start``...) on every working plugin."""
-        getattr(self.pm.hook, hook)(**kwargs)
+        """Call a lifecycle hook (``on_run_start``...) on every working plugin, in registration order.
+
+        An exception in an implementation is a ``PluginError`` naming the plugin and the hook (the
+        run fails with it); the implementations after it are not called.
+        """
+        for impl in reversed(getattr(self.pm.hook, hook).get_hookimpls()):
+            try:
+                impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
+            except Exception as exc:
+                info = self.plugins.get(impl.plugin_name)
+                origin = _origin(info) if info else ""
+                raise PluginError(f"plugin '{impl.plugin_name}'{origin} raised in {hook}: "
+                                  f"{exception_text(exc)}") from exc
+
+
+def _origin(info: PluginInfo) -> str:
+    return f" (distribution '{info.distribution} {info.version}')" if info.distribution else ""
 
 
 _default: PluginHost | None = None

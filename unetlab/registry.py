@@ -1,4 +1,10 @@
-"""The component registry: named factories of each kind, filled by plugins' ``register_*`` hooks."""
+"""The component registry: named factories of each kind, filled by plugins' ``register_*`` hooks.
+
+``KINDS`` is the one definition of a component kind: its hook name, its contract arguments and what
+it builds. ``unetlab.hookspecs`` declares one hook per kind (checked against ``KINDS`` when the
+plugin manager starts), ``unetlab.testing.CHECKS`` has one check per kind, and the experiment
+schema's component fields name kinds from here; ``tests/test_docs.py`` checks that they all agree.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +13,13 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .errors import ConfigError, PluginError, did_you_mean, known_list
-from .params import Param, check_value, read_params
+from .errors import ConfigError, PluginError, did_you_mean, exception_text, known_list
+from .params import OutOfRange, Param, check_value, read_params
 
-__all__ = ["Kind", "KINDS", "Component", "Registry", "component_params"]
+__all__ = ["Kind", "KINDS", "DIRECTIONS", "Component", "Registry", "component_params", "metric_directions",
+           "resolve_monitor_mode", "check_registration"]
+
+DIRECTIONS = ("max", "min")
 
 
 @dataclass(frozen=True)
@@ -53,9 +62,30 @@ def component_params(spec: Mapping[str, Any], *drop: str) -> dict[str, Any]:
     return {k: v for k, v in spec.items() if k != "name" and k not in drop}
 
 
+def check_registration(kind: str, name: Any, direction: str | None, binary_only: Any) -> None:
+    """Check the keywords of one ``register(...)`` call; a bad one is a ``PluginError`` naming the component.
+
+    A metric must say which way is better (``direction="max"`` or ``"min"``); any other kind may
+    declare a direction too (a loss: ``"min"``). ``binary_only`` must be a bool.
+    """
+    if direction is None and kind == "metric":
+        raise PluginError(f"metric '{name}' must declare which way is better: "
+                          f"register('{name}', factory, direction='max') or direction='min'")
+    if direction is not None and direction not in DIRECTIONS:
+        raise PluginError(f"{kind} '{name}': direction must be 'max' or 'min', got {direction!r}"
+                          f"{did_you_mean(str(direction), DIRECTIONS)}")
+    if not isinstance(binary_only, bool):
+        raise PluginError(f"{kind} '{name}': binary_only must be True or False, got {binary_only!r}")
+
+
 @dataclass(frozen=True)
 class Component:
-    """A registered component: kind, name, factory, description, parameters and the plugin it came from."""
+    """A registered component: kind, name, factory, description, parameters and the plugin it came from.
+
+    ``direction``: which way is better, ``"max"`` or ``"min"`` (required for metrics, else optional).
+    ``binary_only``: the component accepts only one-channel (binary) logits; the conformance kit then
+    skips its multi-class checks and experiments should use it only for binary tasks.
+    """
 
     kind: str
     name: str
@@ -63,6 +93,8 @@ class Component:
     description: str
     params: tuple[Param, ...]
     plugin: str
+    direction: str | None = None
+    binary_only: bool = False
 
     def param(self, name: str) -> Param | None:
         """The parameter called ``name``, or None."""
@@ -88,6 +120,8 @@ class Component:
                                   f"{did_you_mean(key, allowed)} (allowed: {allowed_text})", path(key))
             try:
                 resolved[key] = check_value(value, param.annotation)
+            except OutOfRange as exc:  # the type is right: the range in the message is what is allowed
+                raise ConfigError(f"{exc} for {self.kind} '{self.name}'", path(key)) from None
             except TypeError as exc:
                 raise ConfigError(f"{exc} for {self.kind} '{self.name}' (allowed: {allowed_text})",
                                   path(key)) from None
@@ -106,7 +140,7 @@ class Component:
 
 @dataclass
 class Registry:
-    """All components by kind. Build it from plugins with ``unetlab.plugins.build_registry``."""
+    """All components by kind, built from the plugins' hooks by ``unetlab.plugins.PluginHost.registry``."""
 
     components: dict[str, dict[str, Component]] = field(
         default_factory=lambda: {kind: {} for kind in KINDS}
@@ -114,7 +148,7 @@ class Registry:
     broken_plugins: list[str] = field(default_factory=list)
 
     def add(self, kind: str, name: str, factory: Callable[..., Any], description: str | None,
-            plugin: str) -> Component:
+            plugin: str, direction: str | None = None, binary_only: bool = False) -> Component:
         """Register ``factory`` under ``kind``/``name`` for ``plugin``; a duplicate name is a ``PluginError``."""
         if kind not in KINDS:
             raise PluginError(f"plugin '{plugin}': unknown component kind '{kind}'"
@@ -131,8 +165,9 @@ class Registry:
         if description is None:
             doc = (getattr(factory, "__doc__", None) or "").strip()
             description = doc.splitlines()[0] if doc else ""
+        check_registration(kind, name, direction, binary_only)
         component = Component(kind, name, factory, description,
-                              read_params(factory, KINDS[kind].contract_args), plugin)
+                              read_params(factory, KINDS[kind].contract_args), plugin, direction, binary_only)
         self.components[kind][name] = component
         return component
 
@@ -166,3 +201,48 @@ class Registry:
     def __iter__(self) -> Iterator[Component]:
         for kind in KINDS:
             yield from self.components[kind].values()
+
+
+def _probe_batch(num_classes: int) -> tuple[Any, Any]:
+    """Tiny logits and target holding every class, so per-class keys appear in ``compute()``."""
+    import torch
+
+    channels = 1 if num_classes == 2 else num_classes
+    target = (torch.arange(16).reshape(1, 4, 4) % num_classes).long()
+    if channels == 1:
+        logits = torch.where(target == 1, 1.0, -1.0)[:, None]
+    else:
+        logits = torch.nn.functional.one_hot(target, channels).permute(0, 3, 1, 2).float()
+    return logits, target
+
+
+def metric_directions(train_config: Mapping[str, Any], num_classes: int, registry: Registry) -> dict[str, str]:
+    """Every key a run logs (``train_loss``, ``val_loss``, ``val_<metric key>``) -> ``"max"`` or ``"min"``.
+
+    The metrics of ``train_config["metrics"]`` are built, fed one tiny batch holding every class and
+    asked for ``compute()``: each key it returns gets the direction its metric registered with.
+    """
+    directions = {"train_loss": "min", "val_loss": "min"}
+    logits, target = _probe_batch(num_classes)
+    for spec in train_config["metrics"]:
+        component = registry.get("metric", spec["name"])
+        metric = registry.create("metric", spec["name"], num_classes=num_classes, **component_params(spec))
+        try:
+            metric.reset()
+            if not (component.binary_only and num_classes > 2):
+                metric.update(logits, target)
+            keys = list(metric.compute())
+        except Exception as exc:  # a plugin's bug: one line naming the metric, not a traceback
+            raise PluginError(f"metric '{spec['name']}' (plugin {component.plugin}) failed on a tiny "
+                              f"{num_classes}-class batch: {exception_text(exc)}") from None
+        for key in keys:
+            directions[f"val_{key}"] = component.direction or "max"
+    return directions
+
+
+def resolve_monitor_mode(train_config: Mapping[str, Any], directions: Mapping[str, str]) -> str:
+    """``train.monitor_mode`` with ``"auto"`` replaced by the monitored key's direction."""
+    mode = train_config["monitor_mode"]
+    if mode != "auto":
+        return mode
+    return directions.get(train_config["monitor"], "max")

@@ -129,7 +129,12 @@ def loss(num_classes: int, smooth: float = 1.0):
 
 
 class PixelError:
-    """Fraction of misclassified pixels over the whole set."""
+    """Fraction of misclassified pixels over the whole set (lower is better: registered with direction="min").
+
+    Keys of ``compute()``: the registered name, optionally ``<name>_c<k>`` per class k.
+    """
+
+    key = "{name}_pixel_error"
 
     def __init__(self, num_classes: int) -> None:
         self.reset()
@@ -143,7 +148,7 @@ class PixelError:
         self.total += target.numel()
 
     def compute(self) -> dict[str, float]:
-        return {{"pixel_error": self.wrong / self.total if self.total else 0.0}}
+        return {{self.key: self.wrong / self.total if self.total else 0.0}}
 
 
 class SquaresSource:
@@ -214,7 +219,7 @@ def register_losses(register):
 
 @unetlab.hookimpl
 def register_metrics(register):
-    register("{name}_pixel_error", PixelError)
+    register(PixelError.key, PixelError, direction="min")
 
 
 @unetlab.hookimpl

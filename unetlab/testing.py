@@ -17,15 +17,16 @@ contract it broke, e.g. ``fusion 'max' breaks the fusion contract [out_channels]
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from .params import Param
-from .plugins import default_host
+from .plugins import PluginHost, PluginInfo, default_host
 from .registry import KINDS, Component, Registry
 
-__all__ = ["ContractError", "check_component", "components_of", "CHECKS"]
+__all__ = ["ContractError", "check_component", "components_of", "load_plugin", "CHECKS"]
 
 
 class ContractError(AssertionError):
@@ -142,9 +143,31 @@ def check_initializer(check: _Checker, build: Callable[..., Any]) -> None:
     check.expect(all(torch.isfinite(p).all() for p in model.parameters()), "finite", "it produced non-finite weights")
 
 
+def _class_target(num_classes: int) -> torch.Tensor:
+    """2 x 8 x 8 class indices with every class present as a block (background elsewhere)."""
+    target = torch.zeros(2, 8, 8, dtype=torch.long)
+    target[:, 1:5, 2:6] = 1
+    if num_classes > 2:
+        target[:, 5:8, 0:3] = 2
+    return target
+
+
+def _confident_logits(target: torch.Tensor, channels: int) -> torch.Tensor:
+    """Logits that predict ``target`` confidently (one channel: +-6 around the threshold at 0)."""
+    if channels == 1:
+        return torch.where(target == 1, 6.0, -6.0)[:, None]
+    return 12 * torch.nn.functional.one_hot(target, channels).permute(0, 3, 1, 2).float() - 6
+
+
+def _cases(check: _Checker) -> list[tuple[int, int]]:
+    """``(logit channels, num_classes)``: binary, and 3 classes unless the component is binary-only."""
+    return [(1, 2)] if check.component.binary_only else [(1, 2), (3, 3)]
+
+
 def check_loss(check: _Checker, build: Callable[..., Any]) -> None:
     g = torch.Generator().manual_seed(0)
-    for channels, num_classes in ((1, 2), (3, 3)):
+    for channels, num_classes in _cases(check):
+        what = "binary (1-channel)" if channels == 1 else f"{num_classes}-class"
         fn = build(num_classes=num_classes)
         target = torch.randint(0, num_classes, (2, 8, 8), generator=g)
         logits = torch.zeros(2, channels, 8, 8).normal_(generator=g).requires_grad_()
@@ -163,27 +186,101 @@ def check_loss(check: _Checker, build: Callable[..., Any]) -> None:
         last = fn(logits, target).item()
         check.expect(last < first, "decreases", f"30 Adam steps on free logits took it from {first:.4f} to {last:.4f}")
 
+        target = _class_target(num_classes)
+        perfect = _confident_logits(target, channels)
+        with torch.no_grad():
+            good, bad = fn(perfect, target).item(), fn(-perfect, target).item()
+        check.expect(good < bad, "perfect beats inverted",
+                     f"{what} logits: a perfect prediction costs {good:.4f}, its inverse {bad:.4f}; a loss must be "
+                     "lower for the perfect one (sign flipped?"
+                     + (" one channel only? register it with binary_only=True)" if channels > 1 else ")"))
+        if num_classes > 2:
+            swapped = _confident_logits(torch.where(target == 1, 2, torch.where(target == 2, 1, target)), channels)
+            with torch.no_grad():
+                confused = fn(swapped, target).item()
+            check.expect(good < confused, "foreground counts",
+                         f"a prediction right on the background but with foreground classes 1 and 2 swapped costs "
+                         f"{confused:.4f}, no more than a perfect one ({good:.4f}): is it computed on the background only?")
+        with torch.no_grad():
+            low = fn(perfect.bfloat16(), target)
+        check.expect(isinstance(low, torch.Tensor) and low.dtype == torch.float32, "float32 under bf16",
+                     f"{what} bf16 logits gave a {getattr(low, 'dtype', type(low).__name__)} loss; compute in float32 "
+                     "(logits.float()) so mixed precision stays stable")
+
+
+def _score_keys(check: _Checker, values: dict, num_classes: int) -> None:
+    name = check.component.name
+    allowed = {name} | {f"{name}_c{k}" for k in range(num_classes)}
+    check.expect(isinstance(values, dict) and bool(values) and all(isinstance(v, float) for v in values.values()),
+                 "compute", f"compute() must return a non-empty dict of floats, got {values!r}")
+    wrong = sorted(set(values) - allowed)
+    check.expect(not wrong and name in values, "key names",
+                 f"compute() returned keys {sorted(values)} for {num_classes} classes; the keys must be '{name}' "
+                 f"(the registered name) and optionally '{name}_c<k>' per class k in 0..{num_classes - 1}")
+
+
+def _better_or_equal(a: float, b: float, direction: str) -> bool:
+    return a >= b - 1e-9 if direction == "max" else a <= b + 1e-9
+
 
 def check_metric(check: _Checker, build: Callable[..., Any]) -> None:
-    g = torch.Generator().manual_seed(0)
-    target = torch.randint(0, 3, (4, 8, 8), generator=g)
-    logits = torch.randn(4, 3, 8, 8, generator=g)
-    m = build(num_classes=3)
-    for attr in ("reset", "update", "compute"):
-        check.expect(callable(getattr(m, attr, None)), "accumulator", f"it has no {attr}()")
-    m.reset()
-    m.update(logits[:2], target[:2])
-    m.update(logits[2:], target[2:])
-    split = m.compute()
-    check.expect(isinstance(split, dict) and split and all(isinstance(v, float) for v in split.values()),
-                 "compute", f"compute() must return a non-empty dict of floats, got {split!r}")
-    m.reset()
-    m.update(logits, target)
-    whole = m.compute()
-    same = all(math.isclose(split[k], whole[k], rel_tol=1e-6, abs_tol=1e-9) or (math.isnan(split[k]) and
-                                                                                  math.isnan(whole[k])) for k in whole)
-    check.expect(set(split) == set(whole) and same, "accumulates over the whole set",
-                 f"two batches gave {split}, the same pixels in one batch gave {whole}")
+    direction = check.component.direction or "max"
+    for channels, num_classes in _cases(check):
+        what = "binary (1-channel)" if channels == 1 else f"{num_classes}-class"
+        m = build(num_classes=num_classes)
+        for attr in ("reset", "update", "compute"):
+            check.expect(callable(getattr(m, attr, None)), "accumulator", f"it has no {attr}()")
+
+        g = torch.Generator().manual_seed(0)
+        target = torch.randint(0, num_classes, (4, 8, 8), generator=g)
+        logits = torch.randn(4, channels, 8, 8, generator=g)
+        m.reset()
+        m.update(logits[:2], target[:2])
+        m.update(logits[2:], target[2:])
+        split = m.compute()
+        _score_keys(check, split, num_classes)
+        m.reset()
+        m.update(logits, target)
+        whole = m.compute()
+        same = all(math.isclose(split[k], whole[k], rel_tol=1e-6, abs_tol=1e-9) or
+                   (math.isnan(split[k]) and math.isnan(whole[k])) for k in whole)
+        check.expect(set(split) == set(whole) and same, "accumulates over the whole set",
+                     f"two batches gave {split}, the same pixels in one batch gave {whole}")
+
+        truth = _class_target(num_classes)
+        perfect = _confident_logits(truth, channels)
+        scores = []
+        for prediction in (perfect, -perfect):
+            m.reset()
+            m.update(prediction, truth)
+            scores.append(m.compute())
+        good, bad = scores
+        _score_keys(check, good, num_classes)
+        name = check.component.name
+        worse = [k for k in good if k in bad and not (math.isnan(good[k]) or math.isnan(bad[k]))
+                 and not _better_or_equal(good[k], bad[k], direction)]
+        strictly = not math.isnan(good[name]) and not math.isnan(bad[name]) and good[name] != bad[name] and \
+            _better_or_equal(good[name], bad[name], direction)
+        check.expect(not worse and strictly, "perfect beats inverted",
+                     f"{what} logits (one channel: class 1 where the logit > 0): a perfect prediction scored {good}, "
+                     f"its inverse {bad}; with direction='{direction}' the perfect one must score better")
+
+        if channels > 1:  # a boolean parameter must change the result of an imperfect multi-class prediction
+            for param in check.component.params:
+                if param.annotation is bool and not param.required:
+                    flipped = build(num_classes=num_classes, **{param.name: not param.default})
+                    flipped.reset()
+                    flipped.update(logits, target)
+                    other = flipped.compute()
+                    m.reset()
+                    m.update(logits, target)
+                    base = m.compute()
+                    changed = set(other) != set(base) or any(
+                        not (math.isclose(other[k], base[k]) or (math.isnan(other[k]) and math.isnan(base[k])))
+                        for k in base)
+                    check.expect(changed, "parameters have an effect",
+                                 f"{param.name}={not param.default} gave the same result as {param.name}={param.default} "
+                                 f"on a {num_classes}-class prediction: {base}")
 
 
 def check_dataset(check: _Checker, build: Callable[..., Any]) -> None:
@@ -230,35 +327,70 @@ def check_augmentation(check: _Checker, build: Callable[..., Any]) -> None:
                      f"after the transform only {agree:.1%} of pixels agree between image and mask")
 
 
-CHECKS: dict[str, Callable[[_Checker, Callable[..., Any]], None]] = {
-    "encoder": check_encoder, "upsampler": check_upsampler, "fusion": check_fusion, "block": check_block,
-    "initializer": check_initializer, "loss": check_loss, "metric": check_metric, "dataset": check_dataset,
-    "augmentation": check_augmentation,
-}
+def _checks_by_kind() -> dict[str, Callable[[_Checker, Callable[..., Any]], None]]:
+    """``check_<kind>`` for every kind of ``registry.KINDS``: a kind without its check fails at import."""
+    missing = [kind for kind in KINDS if f"check_{kind}" not in globals()]
+    if missing:
+        raise RuntimeError(f"unetlab.testing has no conformance check for kind(s) {', '.join(missing)}")
+    return {kind: globals()[f"check_{kind}"] for kind in KINDS}
+
+
+CHECKS: dict[str, Callable[[_Checker, Callable[..., Any]], None]] = _checks_by_kind()
 
 
 def check_component(kind: str, name: str, registry: Registry | None = None, **params: Any) -> None:
-    """Build ``kind``/``name`` with ``params`` and check its contract; raise ``ContractError`` if broken."""
+    """Build ``kind``/``name`` with ``params`` and check its contract; raise ``ContractError`` if broken.
+
+    The component comes from the default plugin host (installed plugins, plus any local plugin
+    loaded with ``load_plugin`` or ``components_of("path/to/plugin.py")``) unless ``registry`` is given.
+    """
     registry = registry or default_host().registry
     component = registry.get(kind, name)
     check = _Checker(component)
     _declared(check, component.params)
 
     def build(**contract: Any) -> Any:
-        return registry.create(kind, name, **contract, **params)
+        return registry.create(kind, name, **{**params, **contract})
 
     torch.manual_seed(0)
     CHECKS[kind](check, build)
 
 
-def components_of(plugin: str, registry: Registry | None = None) -> list[tuple[str, str]]:
-    """``(kind, name)`` of every component a plugin registers, for ``pytest.mark.parametrize``."""
-    registry = registry or default_host().registry
-    found = [(c.kind, c.name) for c in registry if c.plugin == plugin]
+def load_plugin(spec: str | Path, host: PluginHost | None = None) -> PluginInfo:
+    """Load a local plugin (a ``.py`` file or an importable module) into the default host, as an experiment would.
+
+    Raises ``PluginError`` when it cannot be loaded or is broken (e.g. it defines an unknown hook).
+    """
+    return (host or default_host()).load_path_or_module(str(spec))
+
+
+def _normalise(name: str) -> str:
+    return name.lower().replace("-", "_")
+
+
+def components_of(plugin: str | Path, registry: Registry | None = None,
+                  host: PluginHost | None = None) -> list[tuple[str, str]]:
+    """``(kind, name)`` of every component a plugin registers, for ``pytest.mark.parametrize``.
+
+    ``plugin`` is the plugin's module (``unetlab_myplugin``), its entry point name (``myplugin``), its
+    distribution (``unetlab-myplugin``: all its entry points) or a local ``.py`` file (loaded first).
+    A broken plugin raises ``LookupError`` with the reason, so a plugin's own tests fail on it.
+    """
+    host = host or default_host()
+    spec = str(plugin)
+    if spec.endswith(".py") or "/" in spec:
+        info = host.load_local(spec)
+        names = {info.name}
+    else:
+        names = {i.name for i in host.plugins.values()
+                 if spec in (i.name, i.entry_point) or (i.distribution and _normalise(i.distribution) == _normalise(spec))}
+    if registry is None:
+        registry = host.registry  # builds the registry, running the hooks (a hook may break a plugin)
+    broken = [host.plugins[n].error for n in sorted(names) if n in host.plugins and host.plugins[n].broken]
+    if broken:
+        raise LookupError(f"plugin '{spec}' is broken: {'; '.join(broken)}")
+    found = [(c.kind, c.name) for c in registry if c.plugin in names or c.plugin == spec]
     if not found:
         plugins = sorted({c.plugin for c in registry})
-        raise LookupError(f"plugin '{plugin}' registers no components (plugins: {', '.join(plugins)})")
+        raise LookupError(f"plugin '{spec}' registers no components (plugins: {', '.join(plugins)})")
     return found
-
-
-assert set(CHECKS) == set(KINDS), "every kind needs a conformance check"

@@ -216,7 +216,7 @@ def register_losses(register):
 
 @unetlab.hookimpl
 def register_metrics(register):
-    register("volume_similarity", VolumeSimilarity)
+    register("volume_similarity", VolumeSimilarity, direction="max")
 
 
 @unetlab.hookimpl
