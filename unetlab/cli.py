@@ -325,7 +325,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     """``unetlab export MODEL --format pt2|onnx --out FILE``: export, then compare with PyTorch."""
     from .export import check_export, export_model
-    from .predict import load_model
+    from .model_store import load_model
 
     if args.tracking_uri:
         import mlflow

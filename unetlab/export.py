@@ -3,6 +3,7 @@
 Dynamic shapes: the batch always; height and width as multiples of the encoder's total downsampling
 when the model uses ``same`` padding (any such size then works). ``valid`` padding models keep the
 spatial size they were exported with (the paper's tile size), batch still dynamic.
+The model is rebuilt from weights by ``unetlab.model_store`` (a store's pickled MLflow model is never loaded).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 
 from .errors import UnetlabError, exception_text
 
-__all__ = ["export_model", "check_export"]
+__all__ = ["check_export", "export_model"]
 
 
 def _example(model: torch.nn.Module, size: int | None) -> tuple[torch.Tensor, int]:
@@ -40,7 +41,7 @@ def export_model(model: torch.nn.Module, fmt: str, out: str | Path, size: int | 
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         program = torch.export.export(model, (example,), dynamic_shapes={"x": dims})
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 -- any library error becomes one line
         raise UnetlabError(f"torch.export could not trace this model: {exception_text(exc)}") from None
     if fmt == "pt2":
         torch.export.save(program, out)
@@ -63,13 +64,13 @@ def check_export(model: torch.nn.Module, fmt: str, path: str | Path, shapes: lis
     worst = 0.0
     if fmt == "pt2":
         program = torch.export.load(str(path)).module()
-        run = lambda x: program(x)  # noqa: E731
+        run = lambda x: program(x)
     else:
         import onnxruntime
 
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
-        run = lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])  # noqa: E731
+        run = lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
     with torch.no_grad():
         for shape in shapes:
             x = torch.randn(*shape)
