@@ -209,3 +209,38 @@ def test_first_party_losses_metrics_augmentations_under_strict_determinism(resto
     for name in unetlab.list_components("augmentation"):
         params = {"size": 8} if name == "crop" else {}
         registry.create("augmentation", name, **params)(images, masks, generator)
+
+
+# --- data on the device ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shuffle, world_size", [(True, 1), (True, 2), (False, 1)])
+def test_device_batches_equal_the_dataloader_batches(shuffle, world_size):
+    from unetlab.data import DeviceBatches, make_batches, make_loader
+
+    images = torch.randn(23, 2, 4, 4)
+    masks = torch.randint(0, 3, (23, 4, 4))
+    dataset = torch.utils.data.TensorDataset(images, masks)
+    for rank in range(world_size):
+        loader = make_loader(dataset, 5, shuffle, 0, False, rank, world_size)
+        resident = make_batches(dataset, 5, shuffle, 0, False, torch.device("cpu"), rank, world_size)
+        assert isinstance(resident, DeviceBatches) and len(resident) == len(loader)
+        for seed in (0, 1, 12345) if shuffle else (None,):
+            if shuffle:
+                loader.epoch_sampler.set_epoch(seed)
+                resident.epoch_sampler.set_epoch(seed)
+            expected, got = list(loader), list(resident)
+            assert len(got) == len(expected) == len(loader)
+            for (xi, yi), (xr, yr) in zip(expected, got):
+                assert torch.equal(xi, xr) and torch.equal(yi, yr)
+
+
+def test_split_too_large_for_the_device_keeps_the_loader(monkeypatch):
+    import unetlab.data as data
+
+    dataset = torch.utils.data.TensorDataset(torch.zeros(4, 1, 2, 2))
+    assert isinstance(data.make_batches(dataset, 2, True, 0, False, torch.device("cpu")), data.DeviceBatches)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000, 8000))
+    assert data.fits_on_device(dataset, torch.device("cuda"), share=0.25)  # 64 bytes < 1/4 of 1000 free
+    dataset = torch.utils.data.TensorDataset(torch.zeros(100, 1, 2, 2))  # 1600 bytes > 250
+    assert not data.fits_on_device(dataset, torch.device("cuda"))
+    assert not data.fits_on_device([torch.zeros(1)], torch.device("cpu"))  # not in-memory tensors

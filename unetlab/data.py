@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader
 
+from .data_options import configure_source
 from .errors import UnetlabError
 from .registry import Registry, component_params
 
-__all__ = ["build_source", "model_io", "make_loader", "build_augment", "EpochSampler"]
+__all__ = ["build_source", "model_io", "make_loader", "make_batches", "DeviceBatches", "CudaPrefetcher",
+           "fits_on_device", "build_augment", "EpochSampler"]
 
 
 
@@ -21,6 +23,7 @@ def build_source(config: dict, registry: Registry) -> Any:
         source = registry.create("dataset", spec["name"], **component_params(spec))
     except (ValueError, TypeError) as exc:
         raise UnetlabError(f"data.dataset: cannot build dataset '{spec['name']}': {exc}") from None
+    configure_source(source, config["data"], spec["name"])  # data.patch_size, resize, normalize, folds
     for attr in ("in_channels", "num_classes", "split"):
         if not hasattr(source, attr):
             raise UnetlabError(f"dataset '{spec['name']}' breaks the dataset contract: it has no '{attr}'")
@@ -77,7 +80,9 @@ def make_loader(dataset, batch_size: int, shuffle: bool, num_workers: int, pin_m
 
     Workers only read and collate (augmentation runs on the training device), so they draw no random numbers.
     """
-    sampler = EpochSampler(len(dataset), rank, world_size) if shuffle else None
+    # a dataset drawing random patches names its sampler, which hands each index its own seed
+    sampler_class = getattr(dataset, "sampler_class", EpochSampler)
+    sampler = sampler_class(len(dataset), rank, world_size) if shuffle else None
     batching: dict = {"batch_size": batch_size, "sampler": sampler}
     if isinstance(dataset, torch.utils.data.TensorDataset):
         # In-memory tensors: one index per tensor fetches a whole batch, instead of N item lookups + collate.
@@ -86,6 +91,96 @@ def make_loader(dataset, batch_size: int, shuffle: bool, num_workers: int, pin_m
     loader = DataLoader(dataset, num_workers=num_workers, pin_memory=pin_memory,
                         persistent_workers=num_workers > 0, **batching)
     loader.epoch_sampler = sampler
+    return loader
+
+
+class DeviceBatches:
+    """The batches of an in-memory split whose tensors live on the training device: each batch is gathered
+    there with ``index_select``, in the order of the same ``EpochSampler`` a DataLoader would use, so the
+    batches, their order and the numbers are those of ``make_loader`` (no host work or copy per step).
+
+    Like a loader: iterable, ``len()`` is the number of batches, ``epoch_sampler.set_epoch(seed)``.
+    """
+
+    def __init__(self, dataset: torch.utils.data.TensorDataset, batch_size: int, sampler: EpochSampler | None,
+                 device: torch.device) -> None:
+        self.device = torch.device(device)
+        self.tensors = [t.to(self.device) for t in dataset.tensors]  # once per run; no copy on the CPU
+        self.size, self.batch_size, self.epoch_sampler = len(dataset), batch_size, sampler
+
+    def __len__(self) -> int:
+        count = len(self.epoch_sampler) if self.epoch_sampler is not None else self.size
+        return -(-count // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        order = list(self.epoch_sampler) if self.epoch_sampler is not None else range(self.size)
+        index = torch.as_tensor(order, dtype=torch.long).to(self.device)  # one copy per epoch
+        for start in range(0, len(index), self.batch_size):
+            rows = index[start:start + self.batch_size]
+            yield tuple(t.index_select(0, rows) for t in self.tensors)
+
+
+class CudaPrefetcher:
+    """Wraps a loader of pinned CPU batches: the next batch is copied to the GPU on a side stream while
+    the current one trains. Same batches, same order; the copies no longer stall the compute stream."""
+
+    def __init__(self, loader, device: torch.device) -> None:
+        self.loader, self.device = loader, torch.device(device)
+        self.epoch_sampler = getattr(loader, "epoch_sampler", None)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def _copy(self, batch, stream):
+        with torch.cuda.stream(stream):
+            return tuple(t.to(self.device, non_blocking=True) for t in batch)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        stream = torch.cuda.Stream(self.device)
+        pending = None
+        for batch in self.loader:
+            ready = self._copy(batch, stream)
+            if pending is not None:
+                yield self._hand_over(pending, stream)
+            pending = ready
+        if pending is not None:
+            yield self._hand_over(pending, stream)
+
+    def _hand_over(self, batch, stream):
+        current = torch.cuda.current_stream(self.device)
+        current.wait_stream(stream)
+        for t in batch:  # the caching allocator must not reuse this memory before the compute stream is done
+            t.record_stream(current)
+        return batch
+
+
+def fits_on_device(dataset, device: torch.device, share: float = 0.25) -> bool:
+    """Whether an in-memory split (a ``TensorDataset``) should live on ``device``: on the CPU it already
+    does; on CUDA when its tensors take under ``share`` of the free GPU memory."""
+    if not isinstance(dataset, torch.utils.data.TensorDataset) or hasattr(dataset, "sampler_class"):
+        return False
+    device = torch.device(device)
+    if device.type == "cpu":
+        return True
+    if device.type != "cuda":
+        return False
+    size = sum(t.numel() * t.element_size() for t in dataset.tensors)
+    free, _ = torch.cuda.mem_get_info(device)
+    return size < share * free
+
+
+def make_batches(dataset, batch_size: int, shuffle: bool, num_workers: int, pin_memory: bool,
+                 device: torch.device, rank: int = 0, world_size: int = 1):
+    """The batches of a run on ``device``, fastest way that gives the same batches in the same order:
+    an in-memory split that fits lives on the device (``DeviceBatches``); otherwise a DataLoader
+    (``make_loader``), whose pinned batches are prefetched to a GPU on a side stream (``CudaPrefetcher``).
+    """
+    if fits_on_device(dataset, device):
+        sampler = EpochSampler(len(dataset), rank, world_size) if shuffle else None
+        return DeviceBatches(dataset, batch_size, sampler, device)
+    loader = make_loader(dataset, batch_size, shuffle, num_workers, pin_memory, rank, world_size)
+    if torch.device(device).type == "cuda" and pin_memory:
+        return CudaPrefetcher(loader, device)
     return loader
 
 
