@@ -114,7 +114,7 @@ def test_flatten_gives_dotted_keys():
      "exp.yaml:3: model.fusoin: unknown key; did you mean 'fusion'?"),
     ("trian: {epochs: 3}\n", "exp.yaml:1: trian: unknown key; did you mean 'train'?"),
     ("model:\n  encoder: {name: classic, depth: '3'}\n",
-     "exp.yaml:2: model.encoder.depth: expected int, got '3' for encoder 'classic' (allowed: depth: int"),
+     "exp.yaml:2: model.encoder.depth: expected int in [1, 8], got '3' for encoder 'classic' (allowed: depth: int"),
     ("model:\n  encoder: {name: classic, dpeth: 3}\n",
      "exp.yaml:2: model.encoder.dpeth: unknown parameter of encoder 'classic'; did you mean 'depth'?"),
     ("variants:\n  a: {}\n  b:\n    model:\n      fusion: atention\n",
@@ -149,7 +149,7 @@ def test_python_tag_is_never_executed(tmp_path):
     ("model.encoder.dept=3", "--set model.encoder.dept: unknown parameter of encoder 'classic'; did you mean 'depth'?"),
     ("trian.epochs=3", "--set trian.epochs=...: unknown key; did you mean 'train'?"),
     ("train.epochs", "--set train.epochs: expected KEY=VALUE"),
-    ("train.epochs=three", "--set train.epochs: expected int, got 'three'"),
+    ("train.epochs=three", "--set train.epochs: expected int in [1, 100000], got 'three'"),
 ])
 def test_set_errors(tmp_path, override, expected):
     write(tmp_path, "train: {epochs: 2}\n")

@@ -19,14 +19,21 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError, UnetlabError, did_you_mean, known_list
+from .params import OutOfRange, is_file_path
 from .plugins import PluginHost, default_host
-from .schema import (RUN_KEYS, SCHEMA, TOP_LEVEL_KEYS, Field, defaults, lookup_field, normalise_component,
-                     validate_config)
+from .schema import (MAX_RUN_NAME, MAX_SEEDS, MAX_VARIANT_NAME, RUN_KEYS, SCHEMA, SEED_RANGE, TOP_LEVEL_KEYS, Field,
+                     defaults, iter_fields, lookup_field, normalise_component, validate_config)
 from .yamlio import KeyPath, load_yaml_file, parse_scalar
 
 __all__ = ["Run", "Experiment", "load_experiment", "parse_set", "flatten"]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.+-]+$")
+_MINIMAL_FILE = "a minimal file sets at least one key, e.g. 'train: {epochs: 10}'"
+
+
+def _clip(text: str, limit: int = 60) -> str:
+    """A user's text shortened for an error line (a 300-character name, a 5,000-deep --set value)."""
+    return text if len(text) <= limit else f"{text[:limit - 3]}..."
 
 
 @dataclass
@@ -205,14 +212,12 @@ def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
 def parse_set(expression: str) -> tuple[str, Any]:
     """Parse ``--set key.path=value``; the value is read as a YAML scalar or flow collection."""
     if "=" not in expression:
-        raise ConfigError(f"--set {expression}: expected KEY=VALUE, e.g. --set train.epochs=3")
+        raise ConfigError(f"--set {_clip(expression)}: expected KEY=VALUE, e.g. --set train.epochs=3")
     key, raw = expression.split("=", 1)
     key = key.strip()
-    try:
-        value = parse_scalar(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"--set {expression}: cannot parse the value: {problem}") from None
+    # same rules as a file: plain data only, bounded depth and size (a 5,000-deep list is one line, not a
+    # RecursionError)
+    value = parse_scalar(raw, source=f"--set {_clip(key)}") if raw.strip() else ""
     return key, value
 
 
@@ -226,6 +231,9 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = (), host: Plugi
     host = host or default_host()
     path = Path(path)
     data, lines = load_yaml_file(path)
+    if data is None or data == {}:
+        what = "is empty" if data is None else "is an empty mapping"
+        raise ConfigError(f"{path}: the experiment file {what}; {_MINIMAL_FILE}")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys (allowed: "
                           f"{known_list(list(RUN_KEYS) + list(TOP_LEVEL_KEYS))})")
@@ -243,13 +251,19 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = (), host: Plugi
 
     # --set seeds=... and --set name=... change the expansion itself, so they apply before it.
     parsed_sets = []
+    set_by_override: set[str] = set()
     for expression in overrides:
         key, value = parse_set(expression)
         if key in ("seeds", "name"):
             data[key] = value
             lines.pop((key,), None)
+            set_by_override.add(key)
         else:
             parsed_sets.append((key, value))
+
+    def located(key: str) -> str:
+        """``exp.yaml:3: seeds``, or ``--set seeds`` when an override set it."""
+        return f"--set {key}" if key in set_by_override else f"{at((key,))}: {key}"
 
     plugin_specs = _plugin_list(data.get("plugins", []), at)
     for i, spec in enumerate(plugin_specs):
@@ -273,7 +287,7 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = (), host: Plugi
     for key, values in matrix.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{at(('matrix', key))}: matrix.{key}: expected a non-empty list of values")
-    seeds = _seed_list(data.get("seeds"), at)
+    seeds = _seed_list(data.get("seeds"), located("seeds"))
 
     variant_items = list(variants.items()) or [("base", {})]
     runs: list[Run] = []
@@ -282,8 +296,11 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = (), host: Plugi
     for variant_name, variant in variant_items:
         vpath: KeyPath = ("variants", variant_name)
         if not isinstance(variant_name, str) or not _NAME_RE.match(variant_name):
-            raise ConfigError(f"{at(vpath)}: variants.{variant_name}: a variant name may hold letters, "
-                              "digits and _ . + - only")
+            raise ConfigError(f"{at(vpath)}: variants.{_clip(str(variant_name))}: a variant name may hold "
+                              "letters, digits and _ . + - only")
+        if len(variant_name) > MAX_VARIANT_NAME:
+            raise ConfigError(f"{at(vpath)}: variants.{_clip(variant_name, 40)}: a variant name may be at most "
+                              f"{MAX_VARIANT_NAME} characters, got {len(variant_name)}")
         if variant is not None and not isinstance(variant, dict):
             raise ConfigError(f"{at(vpath)}: variants.{variant_name}: expected a mapping of overrides, "
                               f"got {variant!r}")
@@ -310,16 +327,23 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = (), host: Plugi
                 name = "/".join([variant_name] * bool(variants or not matrix)
                                 + [f"{short[k]}={_label(v)}" for k, v in cell_values.items()]
                                 + [f"seed={run_layers.config['train']['seed']}"])
+                if len(name) > MAX_RUN_NAME:
+                    raise ConfigError(f"{fname}: run name '{_clip(name)}' is {len(name)} characters; at most "
+                                      f"{MAX_RUN_NAME} (shorten variant names or matrix values)")
                 if name in names_seen:
                     raise ConfigError(f"{fname}: two runs would both be named '{name}'; "
                                       "give variants or seeds distinct values")
                 names_seen.add(name)
                 config = _validated(run_layers, registry, name)
+                _resolve_file_paths(config, registry, path.parent, run_layers)
                 runs.append(Run(name=name, variant=variant_name, seed=config["train"]["seed"],
                                 config=config, matrix=cell_values))
     name = data.get("name") or path.stem
     if not isinstance(name, str):
-        raise ConfigError(f"{at(('name',))}: name: expected a string, got {name!r}")
+        raise ConfigError(f"{located('name')}: expected a string, got {_clip(repr(name))}")
+    if len(name) > MAX_RUN_NAME:
+        raise ConfigError(f"{located('name')}: an experiment name may be at most {MAX_RUN_NAME} characters, "
+                          f"got {len(name)}")
     return Experiment(name=name, path=path, runs=runs, plugins=plugin_specs,
                       description=str(data.get("description") or ""))
 
@@ -338,6 +362,29 @@ def _apply(layers: _Layers, key: str, value: Any, origin: _Origin, lines: dict, 
         layers.set(key, value, origin)
     except ConfigError as exc:
         raise ConfigError(f"{origin.where}: {exc}") from None
+
+
+def _resolve_file_paths(config: dict, registry, base_dir: Path, layers: _Layers) -> None:
+    """Make every component's ``FilePath`` parameter absolute (``~`` expanded): a relative one is taken
+    from the experiment file's folder, or from the working directory when ``--set`` gave it."""
+    import os
+
+    for dotted, spec in iter_fields():
+        if not spec.kind:
+            continue
+        value = _get(config, dotted.split("."))
+        for i, item in enumerate(value if spec.many else [value]):
+            component = registry.get(spec.kind, item["name"])
+            for param in component.params:
+                raw = item.get(param.name)
+                if not (isinstance(raw, str) and raw and is_file_path(param.annotation)):
+                    continue
+                target = Path(raw).expanduser()
+                if not target.is_absolute():
+                    origin, _ = layers.origin_of(f"{dotted}.{i}.{param.name}" if spec.many else f"{dotted}.{param.name}")
+                    base = Path.cwd() if origin is not None and origin.where == "--set" else base_dir
+                    target = Path(os.path.abspath(base / target))
+                item[param.name] = str(target)
 
 
 def _validated(layers: _Layers, registry, run_name: str) -> dict:
@@ -364,18 +411,26 @@ def _plugin_list(value: Any, at) -> list[str]:
     return value
 
 
-def _seed_list(value: Any, at) -> list[int] | None:
+def _seed_list(value: Any, where: str) -> list[int] | None:
+    """``seeds:`` as a list of seeds; ``where`` is ``exp.yaml:3: seeds`` or ``--set seeds``."""
     if value is None:
         return None
     if isinstance(value, int) and not isinstance(value, bool):
-        if value < 1:
-            raise ConfigError(f"{at(('seeds',))}: seeds: a count must be >= 1, got {value}")
+        if not 1 <= value <= MAX_SEEDS:
+            raise ConfigError(f"{where}: a count must be in [1, {MAX_SEEDS}], got {_clip(str(value))}")
         return list(range(value))
     if isinstance(value, list) and value and all(isinstance(s, int) and not isinstance(s, bool) for s in value):
+        if len(value) > MAX_SEEDS:
+            raise ConfigError(f"{where}: at most {MAX_SEEDS} seeds, got {len(value)}")
+        for i, seed in enumerate(value):
+            try:
+                SEED_RANGE.check(seed)
+            except OutOfRange as exc:
+                raise ConfigError(f"{where}[{i}]: {exc}") from None
         if len(set(value)) != len(value):
-            raise ConfigError(f"{at(('seeds',))}: seeds: duplicate seeds in {value}")
+            raise ConfigError(f"{where}: duplicate seeds in {_clip(str(value))}")
         return value
-    raise ConfigError(f"{at(('seeds',))}: seeds: expected a list of integers or a count, got {value!r}")
+    raise ConfigError(f"{where}: expected a list of integers or a count, got {_clip(repr(value))}")
 
 
 def _short_matrix_names(keys: list[str]) -> dict[str, str]:

@@ -1,15 +1,104 @@
-"""Component parameters read from a factory's signature, and checking user values against them."""
+"""Component parameters read from a factory's signature, and checking user values against them.
+
+A factory declares the range of a numeric parameter with ``typing.Annotated``::
+
+    def encoder(in_channels: int, depth: Annotated[int, Range(1, 8)] = 5): ...
+
+``check_value`` enforces it (``must be >= 1, got 0``) and ``describe_type`` shows it (``int in [1, 8]``).
+"""
 
 from __future__ import annotations
 
 import collections.abc
 import inspect
+import math
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Union
+from typing import Annotated, Any, Callable, Literal, Union
 
-__all__ = ["Param", "REQUIRED", "read_params", "check_value", "describe_type"]
+__all__ = ["Param", "REQUIRED", "Range", "OutOfRange", "FilePath", "is_file_path", "read_params", "check_value",
+           "describe_type"]
+
+
+class OutOfRange(TypeError):
+    """A value of the right type outside its declared ``Range``.
+
+    A ``TypeError`` because a range is part of the declared type: every caller that reports a type
+    mismatch as a one-line config error reports this the same way.
+    """
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else repr(x)
+
+
+@dataclass(frozen=True)
+class Range:
+    """The allowed interval of a number: ``Range(1)`` is >= 1, ``Range(0, 1, min_exclusive=True)`` is (0, 1].
+
+    Used as ``Annotated[int, Range(1, 8)]`` in a factory signature or as ``Field(..., bounds=Range(1))``
+    in the schema. A bounded value must also be finite (no ``.nan``, ``.inf``).
+    """
+
+    minimum: float | None = None
+    maximum: float | None = None
+    min_exclusive: bool = False
+    max_exclusive: bool = False
+
+    def check(self, value: Any, shown: Any = None) -> None:
+        """Raise ``OutOfRange`` when ``value`` (a number; other values pass) lies outside the range.
+
+        ``shown`` is the value as the user wrote it (``-1`` rather than the converted ``-1.0``).
+        """
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return
+        got = _short_repr(value if shown is None else shown)
+        both = self.minimum is not None and self.maximum is not None
+        allowed = f" (allowed: {self.describe()})" if both else ""
+        if isinstance(value, float) and not math.isfinite(value):
+            raise OutOfRange(f"must be a finite number, got {got}{allowed}")
+        lo, hi = self.minimum, self.maximum
+        if lo is not None and (value <= lo if self.min_exclusive else value < lo):
+            raise OutOfRange(f"must be {'>' if self.min_exclusive else '>='} {_number(lo)}, got {got}{allowed}")
+        if hi is not None and (value >= hi if self.max_exclusive else value > hi):
+            raise OutOfRange(f"must be {'<' if self.max_exclusive else '<='} {_number(hi)}, got {got}{allowed}")
+
+    def describe(self) -> str:
+        """Interval notation: ``[1, 8]``, ``(0, 10]``, ``>= 0``, ``> 0``."""
+        lo, hi = self.minimum, self.maximum
+        if lo is not None and hi is not None:
+            return (f"{'(' if self.min_exclusive else '['}{_number(lo)}, {_number(hi)}"
+                    f"{')' if self.max_exclusive else ']'}")
+        if lo is not None:
+            return f"{'>' if self.min_exclusive else '>='} {_number(lo)}"
+        if hi is not None:
+            return f"{'<' if self.max_exclusive else '<='} {_number(hi)}"
+        return "any"
+
+
+class FilePath:
+    """Marks a ``str`` parameter as a file system path: ``Annotated[str, FilePath()]``.
+
+    The experiment loader expands ``~`` and makes a relative path relative to the experiment file
+    (to the working directory when it comes from ``--set``), so the resolved config says what was read.
+    """
+
+
+def is_file_path(annotation: Any) -> bool:
+    """True for ``Annotated[str, FilePath()]`` (also inside ``Optional[...]``)."""
+    if typing.get_origin(annotation) is Annotated:
+        return any(isinstance(e, FilePath) for e in typing.get_args(annotation)[1:])
+    return any(is_file_path(a) for a in typing.get_args(annotation)) if typing.get_origin(annotation) in (
+        Union, types.UnionType) else False
+
+
+def _split_annotated(annotation: Any) -> tuple[Any, tuple[Range, ...]]:
+    """``Annotated[int, Range(1, 8)]`` -> ``(int, (Range(1, 8),))``; other annotations pass through."""
+    if typing.get_origin(annotation) is Annotated:
+        base, *extras = typing.get_args(annotation)
+        return base, tuple(e for e in extras if isinstance(e, Range))
+    return annotation, ()
 
 
 class _Required:
@@ -48,7 +137,7 @@ def read_params(factory: Callable[..., Any], contract_args: tuple[str, ...]) -> 
     target = factory.__init__ if inspect.isclass(factory) else factory
     signature = inspect.signature(factory)
     try:
-        hints = typing.get_type_hints(target)
+        hints = typing.get_type_hints(target, include_extras=True)  # keep Annotated[..., Range]
     except Exception:  # unresolvable forward references: fall back to untyped
         hints = {}
     params = []
@@ -65,6 +154,11 @@ def describe_type(annotation: Any) -> str:
     """Render a type annotation for error messages and ``unetlab plugins``."""
     if annotation is Any or annotation is inspect.Parameter.empty:
         return "any"
+    base, ranges = _split_annotated(annotation)
+    if ranges:
+        shown = [r.describe() for r in ranges]
+        return " ".join([describe_type(base)] + [f"in {d}" if d[0] in "[(" else d for d in shown])
+    annotation = base
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin is Literal:
@@ -88,18 +182,31 @@ class _Mismatch(Exception):
 def check_value(value: Any, annotation: Any) -> Any:
     """Return ``value`` converted to ``annotation`` (int -> float, list -> tuple) or raise ``TypeError``.
 
-    Supported: bool, int, float, str, None, Literal, Optional/Union, list[...], tuple[...], dict and Any.
-    An int is accepted for a float; a bool is never accepted for an int or a float.
+    Supported: bool, int, float, str, None, Literal, Optional/Union, list[...], tuple[...], dict, Any
+    and ``Annotated[T, Range(...)]`` (a value of type T outside the range raises ``OutOfRange``, a
+    ``TypeError``). An int is accepted for a float; a bool is never accepted for an int or a float.
     """
     try:
         return _check(value, annotation)
     except _Mismatch:
-        raise TypeError(f"expected {describe_type(annotation)}, got {value!r}") from None
+        raise TypeError(f"expected {describe_type(annotation)}, got {_short_repr(value)}") from None
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    # a user's value can be huge (a 10,000-item list): an error line stays readable
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _check(value: Any, annotation: Any) -> Any:
     if annotation is Any or annotation is inspect.Parameter.empty:
         return value
+    annotation, ranges = _split_annotated(annotation)
+    if ranges:
+        converted = _check(value, annotation)
+        for bounds in ranges:
+            bounds.check(converted, shown=value)
+        return converted
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin is Literal:
@@ -108,11 +215,16 @@ def _check(value: Any, annotation: Any) -> Any:
                 return value
         raise _Mismatch
     if origin in (Union, types.UnionType):
+        out_of_range: OutOfRange | None = None
         for option in args:
             try:
                 return _check(value, option)
             except _Mismatch:
                 continue
+            except OutOfRange as exc:  # the right type, a bad value: report that unless another option fits
+                out_of_range = out_of_range or exc
+        if out_of_range is not None:
+            raise out_of_range
         raise _Mismatch
     if annotation is type(None) or annotation is None:
         if value is None:
@@ -143,7 +255,10 @@ def _check(value: Any, annotation: Any) -> Any:
         raise _Mismatch
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an int beyond float's range (10**400)
+                raise OutOfRange(f"must be a finite number, got {_short_repr(value)}") from None
         raise _Mismatch
     if annotation is str:
         if isinstance(value, str):

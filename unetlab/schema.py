@@ -2,25 +2,35 @@
 
 Sections are dicts of ``Field``s. A field with ``kind`` is a component reference, written either as
 a name (``fusion: add``) or a mapping with ``name`` and parameters (``encoder: {name: classic,
-depth: 4}``); with ``many=True`` it is a list of them (``loss``, ``metrics``). ``validate_config``
-normalises a merged config against this table, fills defaults and checks every component against
-the registry.
+depth: 4}``); with ``many=True`` it is a list of them (``loss``, ``metrics``). Every number a user
+can set has ``bounds`` (a ``Range``), so ``epochs: -3`` is refused with the key and the allowed range
+before anything runs. ``validate_config`` normalises a merged config against this table, fills
+defaults and checks every component (and its parameters' ranges) against the registry.
 """
 
 from __future__ import annotations
 
 import copy
+import types
+import typing
 from dataclasses import dataclass
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from .errors import ConfigError, did_you_mean, known_list
-from .params import check_value
+from .params import Range, check_value, describe_type
 from .registry import Registry
 
-__all__ = ["Field", "SCHEMA", "RUN_KEYS", "TOP_LEVEL_KEYS", "validate_config", "normalise_component",
+__all__ = ["Field", "Range", "SCHEMA", "RUN_KEYS", "TOP_LEVEL_KEYS", "validate_config", "normalise_component",
            "lookup_field", "iter_fields"]
 
 Auto = Literal["auto"]
+
+# Sane bounds: generous for real work, small enough that a typo (or an overflow) is caught early.
+MAX_COUNT = 100_000            # epochs, intervals, patience
+MAX_CHANNELS = 65_536
+MAX_BATCH = 65_536
+SEED_RANGE = Range(0, 2 ** 32 - 1)  # what numpy's global seed accepts
+Channels = Annotated[int, Range(1, MAX_CHANNELS)]
 
 
 @dataclass(frozen=True)
@@ -32,6 +42,30 @@ class Field:
     doc: str
     kind: str | None = None
     many: bool = False
+    bounds: Range | None = None  # the allowed interval of a number (or of each number of a list)
+
+    @property
+    def checked_annotation(self) -> Any:
+        """The annotation ``check_value`` enforces: the type, with ``bounds`` attached when there are any."""
+        return _bounded(self.annotation, self.bounds) if self.bounds else self.annotation
+
+    def allowed(self) -> str:
+        """What a user may write, for the reference table: ``int in [1, 100000]``, ``an encoder``..."""
+        if self.kind:
+            return f"{self.kind} list" if self.many else self.kind
+        return describe_type(self.checked_annotation)
+
+
+def _bounded(annotation: Any, bounds: Range) -> Any:
+    """Attach ``bounds`` to the numbers: ``Optional[list[int]]`` -> ``Optional[list[Annotated[int, bounds]]]``."""
+    if annotation in (int, float):
+        return Annotated[annotation, bounds]
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (Union, types.UnionType):
+        return Union[tuple(_bounded(a, bounds) for a in args)]
+    if origin is list and args:
+        return list[_bounded(args[0], bounds)]
+    return annotation
 
 
 Section = dict  # name -> Field | Section
@@ -41,47 +75,66 @@ SCHEMA: Section = {
     "description": Field(str, "", "free text, logged as the parent run's description"),
     "data": {
         "dataset": Field(None, "shapes", "the dataset component and its parameters", kind="dataset"),
-        "batch_size": Field(int, 8, "training batch size"),
-        "val_batch_size": Field(Optional[int], None, "validation batch size; default: batch_size"),
-        "num_workers": Field(int, 0, "DataLoader worker processes (0: load in the main process)"),
+        "batch_size": Field(int, 8, "training batch size", bounds=Range(1, MAX_BATCH)),
+        "val_batch_size": Field(Optional[int], None, "validation batch size; default: batch_size",
+                                bounds=Range(1, MAX_BATCH)),
+        "num_workers": Field(int, 0, "DataLoader worker processes (0: load in the main process)",
+                             bounds=Range(0, 256)),
         "pin_memory": Field(Union[bool, Auto], "auto", "pin host memory; auto: only when training on CUDA"),
         "augment": Field(None, [], "augmentations applied to training batches, in order", kind="augmentation",
                          many=True),
+        "patch_size": Field(Optional[list[int]], None, "[H, W]: train on random patches of images of any size "
+                            "(padding gets mask value 255, ignored); validate on tiles", bounds=Range(1)),
+        "foreground_oversample": Field(float, 0.33, "with patch_size: share of patches centred on a foreground "
+                                       "pixel", bounds=Range(0, 1)),
+        "resize": Field(Optional[list[int]], None, "[H, W]: resize every image (bilinear) and mask (nearest)",
+                        bounds=Range(1)),
+        "normalize": Field(Optional[dict], None, "null: scale by the dtype (uint8 /255, uint16 /65535); "
+                           "{mode: zscore, percentile or fixed, ...}: per dataset, from the training split"),
+        "folds": Field(Optional[int], None, "K-fold cross-validation of the training pool (seeded by the "
+                       "dataset's seed)", bounds=Range(2, 100)),
+        "fold": Field(int, 0, "the fold used for validation (0..folds-1)", bounds=Range(0, 99)),
     },
     "model": {
-        "in_channels": Field(Union[int, Auto], "auto", "input channels; auto: the dataset's"),
+        "in_channels": Field(Union[int, Auto], "auto", "input channels; auto: the dataset's",
+                             bounds=Range(1, MAX_CHANNELS)),
         "out_channels": Field(Union[int, Auto], "auto",
-                              "1 = binary (sigmoid logits), >1 = classes (softmax logits); auto: the dataset's"),
+                              "1 = binary (sigmoid logits), >1 = classes (softmax logits); auto: the dataset's",
+                              bounds=Range(1, MAX_CHANNELS)),
         "encoder": Field(None, "classic", "the encoder component", kind="encoder"),
         "upsampler": Field(None, "bilinear", "the upsampler used at every decoder level", kind="upsampler"),
         "fusion": Field(None, "concat", "how a skip meets the upsampled map", kind="fusion"),
         "block": Field(None, "double_conv", "the decoder block after each fusion", kind="block"),
         "init": Field(None, "default", "weight initialisation", kind="initializer"),
-        "decoder_channels": Field(Optional[list[int]], None,
+        "decoder_channels": Field(Optional[list[Channels]], None,
                                   "channels of each decoder level, coarsest first; default: the skip's"),
     },
     "train": {
-        "seed": Field(int, 0, "random seed (overridden per run by seeds:)"),
-        "epochs": Field(int, 10, "number of epochs"),
-        "max_steps": Field(Optional[int], None, "stop after this many optimizer steps (budget in steps)"),
+        "seed": Field(int, 0, "random seed (overridden per run by seeds:)", bounds=SEED_RANGE),
+        "epochs": Field(int, 10, "number of epochs", bounds=Range(1, MAX_COUNT)),
+        "max_steps": Field(Optional[int], None, "stop after this many optimizer steps (budget in steps)",
+                           bounds=Range(1, 10 ** 9)),
         "loss": Field(None, "bce", "loss, or a weighted list [{name: bce, weight: 0.5}, ...]", kind="loss",
                       many=True),
         "metrics": Field(None, ["iou", "dice"], "metrics computed on the validation set", kind="metric",
                          many=True),
         "optimizer": Field(Literal["adam", "adamw", "sgd"], "adam", "optimizer"),
-        "lr": Field(float, 1e-3, "learning rate"),
-        "weight_decay": Field(float, 0.0, "weight decay"),
-        "momentum": Field(float, 0.9, "momentum (sgd only)"),
+        "lr": Field(float, 1e-3, "learning rate", bounds=Range(0, 10, min_exclusive=True)),
+        "weight_decay": Field(float, 0.0, "weight decay", bounds=Range(0, 1)),
+        "momentum": Field(float, 0.9, "momentum (sgd only)", bounds=Range(0, 1)),
         "scheduler": Field(Literal["none", "cosine", "step", "plateau"], "none", "learning-rate schedule"),
-        "warmup_epochs": Field(int, 0, "linear warm-up epochs before the schedule"),
-        "step_size": Field(int, 10, "epochs between decays (scheduler: step)"),
-        "gamma": Field(float, 0.1, "decay factor (scheduler: step, plateau)"),
-        "patience": Field(int, 5, "epochs without improvement before decay (scheduler: plateau)"),
-        "grad_clip": Field(Optional[float], None, "clip the gradient norm to this value"),
-        "val_every": Field(int, 1, "validate every N epochs (and always after the last)"),
+        "warmup_epochs": Field(int, 0, "linear warm-up epochs before the schedule", bounds=Range(0, MAX_COUNT)),
+        "step_size": Field(int, 10, "epochs between decays (scheduler: step)", bounds=Range(1, MAX_COUNT)),
+        "gamma": Field(float, 0.1, "decay factor (scheduler: step, plateau)", bounds=Range(0, 1, min_exclusive=True)),
+        "patience": Field(int, 5, "epochs without improvement before decay (scheduler: plateau)",
+                          bounds=Range(0, MAX_COUNT)),
+        "grad_clip": Field(Optional[float], None, "clip the gradient norm to this value",
+                           bounds=Range(0, 1e6, min_exclusive=True)),
+        "val_every": Field(int, 1, "validate every N epochs (and always after the last)", bounds=Range(1, MAX_COUNT)),
         "monitor": Field(str, "val_iou", "metric that picks the best checkpoint and drives early stopping"),
         "monitor_mode": Field(Literal["max", "min"], "max", "whether a larger monitor value is better"),
-        "early_stopping": Field(Optional[int], None, "stop after N validations without improvement"),
+        "early_stopping": Field(Optional[int], None, "stop after N validations without improvement",
+                                bounds=Range(1, MAX_COUNT)),
         "device": Field(str, "auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps"),
         "amp": Field(Literal["auto", "off", "bf16", "fp16"], "auto",
                      "mixed precision; auto: bf16 on CUDA when supported, else fp16 with a grad scaler; off on CPU"),
@@ -110,7 +163,17 @@ TOP_LEVEL_KEYS: dict[str, str] = {
     "matrix": "cartesian product: {dotted.key: [value, ...]}",
     "seeds": "list of seeds (or a count N for seeds 0..N-1); every variant runs once per seed",
 }
+MAX_SEEDS = 10_000
+TOP_LEVEL_ALLOWED: dict[str, str] = {
+    "plugins": "list[str]",
+    "variants": "mapping; names: letters, digits, _ . + - (at most 64 characters)",
+    "matrix": "mapping of dotted key -> non-empty list",
+    "seeds": f"list[int in {SEED_RANGE.describe()}] or a count in [1, {MAX_SEEDS}]",
+}
+MAX_VARIANT_NAME = 64
+MAX_RUN_NAME = 200   # a run's name becomes part of its checkpoint directory's name (255 bytes at most)
 RUN_KEYS = tuple(SCHEMA)
+LOSS_WEIGHT = Annotated[float, Range(0, 1e6)]
 
 
 def iter_fields(section: Section = SCHEMA, prefix: str = ""):
@@ -182,6 +245,11 @@ def validate_config(config: dict, registry: Registry) -> dict:
     return _validate_section(config, SCHEMA, "", registry)
 
 
+def validate_section(name: str, values: Any, registry: Registry) -> dict:
+    """Check one top-level section (``"model"``...) on its own, as ``validate_config`` would; return it resolved."""
+    return _validate_section(values, SCHEMA[name], f"{name}.", registry)
+
+
 def _validate_section(values: Any, section: Section, prefix: str, registry: Registry) -> dict:
     if not isinstance(values, dict):
         raise ConfigError(f"expected a mapping with keys {known_list(section)}, got {values!r}",
@@ -200,7 +268,7 @@ def _validate_section(values: Any, section: Section, prefix: str, registry: Regi
             out[key] = _validate_components(value, spec, path, registry)
         else:
             try:
-                out[key] = check_value(value, spec.annotation)
+                out[key] = check_value(value, spec.checked_annotation)
             except TypeError as exc:
                 raise ConfigError(f"{exc}", path) from None
     return out
@@ -221,7 +289,7 @@ def _validate_components(value: Any, spec: Field, path: str, registry: Registry)
         if spec.many and spec.kind == "loss":
             weight = params.pop("weight", 1.0)
             try:
-                weight = check_value(weight, float)
+                weight = check_value(weight, LOSS_WEIGHT)
             except TypeError as exc:
                 raise ConfigError(f"{exc}", f"{where}.weight") from None
         checked = component.check_params(params, where=where)
@@ -232,14 +300,14 @@ def _validate_components(value: Any, spec: Field, path: str, registry: Registry)
 
 def reference_markdown() -> str:
     """The experiment-file reference as a Markdown table (pasted into README.md; a test checks it is current)."""
-    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+    rows = ["| key | default | allowed | meaning |", "| --- | --- | --- | --- |"]
     for key, spec in iter_fields():
         default = spec.default
         shown = "null" if default is None else (str(default).lower() if isinstance(default, bool) else default)
-        kind = f" ({spec.kind}{' list' if spec.many else ''})" if spec.kind else ""
-        rows.append(f"| `{key}` | `{shown}` | {spec.doc}{kind} |")
+        allowed = spec.allowed().replace("|", "\\|")  # a bare | would end the table cell
+        rows.append(f"| `{key}` | `{shown}` | {allowed} | {spec.doc} |")
     for key, doc in TOP_LEVEL_KEYS.items():
-        rows.append(f"| `{key}` | | {doc} |")
+        rows.append(f"| `{key}` | | {TOP_LEVEL_ALLOWED[key]} | {doc} |")
     return "\n".join(rows)
 
 

@@ -9,13 +9,16 @@ only. Randomness comes only from ``generator``, so a seeded run augments identic
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 
 import unetlab
+from unetlab.params import Range
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+Probability = Annotated[float, Range(0, 1)]
 
 
 def _rand(n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -39,17 +42,17 @@ def _flip(dim: int, p: float):
     return augment
 
 
-def hflip(p: float = 0.5):
+def hflip(p: Probability = 0.5):
     """Flip left-right with probability p."""
     return _flip(-1, p)
 
 
-def vflip(p: float = 0.5):
+def vflip(p: Probability = 0.5):
     """Flip up-down with probability p."""
     return _flip(-2, p)
 
 
-def rot90(p: float = 0.75):
+def rot90(p: Probability = 0.75):
     """Rotate by a random multiple of 90 degrees with probability p (square images only)."""
     def augment(images, masks, generator):
         if images.shape[-1] != images.shape[-2]:
@@ -67,7 +70,7 @@ def rot90(p: float = 0.75):
     return augment
 
 
-def crop(size: int):
+def crop(size: Annotated[int, Range(1, 65536)]):
     """Random crop to size x size (the same window for image and mask; one window per batch)."""
     def augment(images, masks, generator):
         h, w = images.shape[-2:]
@@ -79,7 +82,7 @@ def crop(size: int):
     return augment
 
 
-def affine(p: float = 0.5, scale: list[float] = (0.8, 1.2), degrees: float = 15.0):
+def affine(p: Probability = 0.5, scale: list[float] = (0.8, 1.2), degrees: float = 15.0):
     """Random zoom (scale range) and rotation (+-degrees) with probability p; borders reflected."""
     low, high = scale
 
@@ -98,7 +101,7 @@ def affine(p: float = 0.5, scale: list[float] = (0.8, 1.2), degrees: float = 15.
     return augment
 
 
-def brightness_contrast(p: float = 0.5, brightness: float = 0.2, contrast: float = 0.2):
+def brightness_contrast(p: Probability = 0.5, brightness: float = 0.2, contrast: float = 0.2):
     """Image only: add a random offset (+-brightness) and scale around the mean (1 +- contrast)."""
     def augment(images, masks, generator):
         n, device = images.shape[0], images.device
@@ -111,7 +114,7 @@ def brightness_contrast(p: float = 0.5, brightness: float = 0.2, contrast: float
     return augment
 
 
-def elastic(p: float = 0.5, alpha: float = 10.0, sigma: float = 4.0):
+def elastic(p: Probability = 0.5, alpha: float = 10.0, sigma: float = 4.0):
     """Elastic deformation (the U-Net paper's key augmentation): a smooth random displacement field.
 
     Displacements are Gaussian noise smoothed with std ``sigma`` pixels, scaled so that ``alpha`` is

@@ -7,10 +7,13 @@ stage to stage) and ``padding`` (``same`` or ``valid``, passed on to the decoder
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from torch import nn
 
 import unetlab
+from unetlab.params import Range
 
 from .layers import Activation, BasicBlock, DoubleConv, Norm, Padding, make_activation, make_norm
 
@@ -31,9 +34,12 @@ def _per_level(value: float | list[float], depth: int, name: str) -> list[float]
 class ClassicEncoder(nn.Module):
     """Double 3x3 conv per level with 2x2 max-pooling between levels (Ronneberger et al. 2015)."""
 
-    def __init__(self, in_channels: int, depth: int = 5, base_channels: int = 64, channel_multiplier: float = 2.0,
+    def __init__(self, in_channels: int, depth: Annotated[int, Range(1, 8)] = 5,
+                 base_channels: Annotated[int, Range(1, 4096)] = 64,
+                 channel_multiplier: Annotated[float, Range(0, 16, min_exclusive=True)] = 2.0,
                  norm: Norm = "batch", conv_bias: bool = True, padding: Padding = "same",
-                 activation: Activation = "relu", dropout: float | list[float] = 0.0, groups: int = 8) -> None:
+                 activation: Activation = "relu", dropout: float | list[float] = 0.0,
+                 groups: Annotated[int, Range(1, 1024)] = 8) -> None:
         super().__init__()
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
@@ -65,9 +71,11 @@ class ClassicEncoder(nn.Module):
 class ResidualEncoder(nn.Module):
     """ResNet-style encoder: a 3x3 stem, then basic blocks per level, stride-2 blocks between levels."""
 
-    def __init__(self, in_channels: int, depth: int = 5, base_channels: int = 32, channel_multiplier: float = 2.0,
-                 blocks_per_level: int = 2, norm: Norm = "batch", activation: Activation = "relu",
-                 groups: int = 8) -> None:
+    def __init__(self, in_channels: int, depth: Annotated[int, Range(1, 8)] = 5,
+                 base_channels: Annotated[int, Range(1, 4096)] = 32,
+                 channel_multiplier: Annotated[float, Range(0, 16, min_exclusive=True)] = 2.0,
+                 blocks_per_level: Annotated[int, Range(1, 64)] = 2, norm: Norm = "batch",
+                 activation: Activation = "relu", groups: Annotated[int, Range(1, 1024)] = 8) -> None:
         super().__init__()
         if depth < 1 or blocks_per_level < 1:
             raise ValueError("depth and blocks_per_level must be >= 1")

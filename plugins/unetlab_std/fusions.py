@@ -3,10 +3,13 @@ combines two maps of equal spatial size; the module declares ``out_channels``.""
 
 from __future__ import annotations
 
+from typing import Annotated, Optional
+
 import torch
 from torch import nn
 
 import unetlab
+from unetlab.params import Range
 
 
 class ConcatFusion(nn.Module):
@@ -35,7 +38,8 @@ class AddFusion(nn.Module):
 class AttentionFusion(nn.Module):
     """Attention gate (Oktay et al. 2018): the upsampled map gates the skip, then both are concatenated."""
 
-    def __init__(self, skip_channels: int, up_channels: int, inter_channels: int | None = None,
+    def __init__(self, skip_channels: int, up_channels: int,
+                 inter_channels: Optional[Annotated[int, Range(1, 65536)]] = None,
                  norm: bool = True) -> None:
         super().__init__()
         inter = inter_channels or max(skip_channels // 2, 1)
