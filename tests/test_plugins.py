@@ -276,3 +276,65 @@ tracking: {{uri: "sqlite:///{tmp_path / 'm.db'}", checkpoint_dir: "{tmp_path / '
     child = next(r for r in runs if r.info.run_name == "base/seed=0")
     assert child.info.status == "FAILED"
     assert expected in child.data.tags["unetlab.error"]
+
+
+BOOM_UPSAMPLER = '''
+import torch, unetlab
+
+def boom_up(in_channels: int, out_channels: int, scale: int = 2, factor: int = 2):
+    """Nearest upsampling; refuses factor 3."""
+    if factor == 3:
+        raise ValueError("factor 3 is not supported")
+    return torch.nn.Sequential(torch.nn.Upsample(scale_factor=scale), torch.nn.Conv2d(in_channels, out_channels, 1))
+
+class Allocates(torch.nn.Module):
+    """A block that would allocate a huge weight, fine on the meta device."""
+    def __init__(self, in_channels: int, out_channels: int, padding: str = "same"):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.huge = torch.nn.Parameter(torch.empty(1 << 36))   # 256 GiB of float32 on a real device
+
+@unetlab.hookimpl
+def register_upsamplers(register):
+    register("boom", boom_up)
+
+@unetlab.hookimpl
+def register_blocks(register):
+    register("huge", Allocates)
+'''
+
+
+def test_validate_builds_components_and_reports_factory_errors(tmp_path):
+    (tmp_path / "boom.py").write_text(BOOM_UPSAMPLER)
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("plugins: [boom.py]\nmodel: {upsampler: {name: boom, factor: 3}, block: huge}\n"
+                   "variants: {concat: {}, add: {model.fusion: add}}\nseeds: 2\n")
+    line = one_line_error(run_cli("validate", str(exp)))
+    assert line == (f"unetlab: error: {exp}: run 'concat/seed=0': model.upsampler: cannot build upsampler 'boom': "
+                    "ValueError: factor 3 is not supported")
+    # the same file with a value the factory accepts validates: built on the meta device, no memory used
+    proc = run_cli("validate", str(exp), "--set", "model.upsampler.factor=2", check=True)
+    assert "OK, experiment 'exp', 4 run(s)" in proc.stdout
+
+
+def test_build_model_accepts_the_forms_of_an_experiment_file():
+    import torch
+
+    from unetlab.model import count_parameters
+
+    model = unetlab.build_model({"encoder": {"depth": 3, "base_channels": 4}, "fusion": "add"}, 1, 2)
+    assert len(model.blocks) == 2 and model(torch.zeros(1, 1, 16, 16)).shape == (1, 2, 16, 16)
+    # a mapping without 'name' sets parameters of the default encoder, 'classic'; add keeps the channels
+    same = unetlab.build_model({"encoder": {"name": "classic", "depth": 3, "base_channels": 4},
+                                "fusion": {"name": "add"}, "upsampler": "bilinear"}, 1, 2)
+    assert count_parameters(same) == count_parameters(model)
+    concat = unetlab.build_model({"encoder": {"depth": 3, "base_channels": 4}}, 1, 2)  # default fusion: concat
+    assert count_parameters(concat) > count_parameters(model)
+    with torch.device("meta"):  # the default U-Net is large: shapes only
+        default = unetlab.build_model(None, 3, 1)
+    assert len(default.blocks) == 4 and default.encoder.out_channels[-1] == 1024  # classic: depth 5, 64 channels
+    with pytest.raises(unetlab.ConfigError, match=r"^model\.fusion: unknown fusion 'ad'; did you mean 'add'\?"):
+        unetlab.build_model({"fusion": "ad"}, 1, 1)
+    with pytest.raises(unetlab.ConfigError, match=r"^model\.encoder\.depht: unknown parameter of encoder 'classic'; "
+                                                   r"did you mean 'depth'\?"):
+        unetlab.build_model({"encoder": {"depht": 3}}, 1, 1)

@@ -7,6 +7,7 @@ Public API::
     unetlab.create("fusion", "add", skip_channels=64, up_channels=32)
     exp = unetlab.load_experiment("experiments/concat_vs_add.yaml", overrides=["train.epochs=1"])
     model = unetlab.build_model(exp.runs[0].config["model"], in_channels=3, out_channels=1)
+    model = unetlab.build_model({"encoder": {"depth": 3}, "fusion": "add"}, in_channels=1, out_channels=1)
 
 Plugins implement the hooks in ``unetlab.hookspecs`` with ``@unetlab.hookimpl``.
 This module imports neither torch nor mlflow, so ``unetlab --help`` starts fast.
@@ -14,13 +15,14 @@ This module imports neither torch nor mlflow, so ``unetlab --help`` starts fast.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from .errors import ConfigError, PluginError, UnetlabError
 from .experiment import Experiment, Run, load_experiment
 from .hookspecs import hookimpl
 from .plugins import PluginHost, default_host
-from .registry import KINDS, Component
+from .registry import KINDS, Component, Registry
 
 __version__ = "0.1.0"
 
@@ -50,8 +52,20 @@ def create(kind: str, name: str, /, **kwargs: Any) -> Any:
     return default_host().registry.create(kind, name, **kwargs)
 
 
-def build_model(model_config: dict, in_channels: int, out_channels: int, registry=None):
-    """Assemble a U-Net from a resolved ``model`` config section (see ``unetlab.model``)."""
-    from .model import build_unet  # torch is imported only when a model is built
+def build_model(model_config: Mapping[str, Any] | str | None, in_channels: int, out_channels: int,
+                registry: Registry | None = None) -> Any:
+    """Assemble a U-Net (a ``torch.nn.Module`` returning logits) from a ``model`` section.
 
-    return build_unet(model_config, in_channels, out_channels, registry or default_host().registry)
+    ``model_config`` takes the forms of an experiment file's ``model:`` section: each component a bare
+    name or a mapping with ``name`` and parameters (a mapping without ``name`` sets parameters of the
+    default component); missing keys get the schema's defaults. ``None`` or ``{}`` is the default U-Net::
+
+        unetlab.build_model({"encoder": {"name": "classic", "depth": 3}, "fusion": "add"}, 3, 1)
+
+    ``out_channels`` is 1 for binary (one sigmoid logit; class 1 where the logit > 0) or the number
+    of classes. An unknown name or parameter raises ``ConfigError`` with the key path and a did-you-mean.
+    """
+    from .model import build_unet, resolve_model_config  # torch is imported only when a model is built
+
+    registry = registry or default_host().registry
+    return build_unet(resolve_model_config(model_config, registry), in_channels, out_channels, registry)

@@ -207,12 +207,14 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    """``unetlab validate FILE``: load, expand and check every run; print the runs."""
+    """``unetlab validate FILE``: load, expand and check every run, build its components on the meta device."""
     from .experiment import load_experiment
+    from .meta_build import build_runs_on_meta
     from .plugins import default_host
 
     host = default_host()
     experiment = load_experiment(args.file, args.overrides, host=host)
+    build_runs_on_meta(experiment.runs, host.registry, where=args.file)  # factory errors, no memory, no weights
     _warn_broken(host)
     if args.json:
         print(json.dumps({"name": experiment.name, "runs": [

@@ -14,6 +14,8 @@ The builder knows only the contracts (see ``docs/plugins.md``), never a concrete
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +24,8 @@ from torch import nn
 from .errors import ConfigError, UnetlabError, exception_text
 from .registry import Registry, component_params
 
-__all__ = ["UNet", "build_unet", "output_shape", "count_parameters", "forward_flops", "logits_to_classes"]
+__all__ = ["UNet", "build_unet", "resolve_model_config", "output_shape", "count_parameters", "forward_flops",
+           "logits_to_classes"]
 
 
 class UNet(nn.Module):
@@ -86,14 +89,46 @@ def _pad_to(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 
-def build_unet(model_config: dict, in_channels: int, out_channels: int, registry: Registry) -> UNet:
-    """Build a ``UNet`` from a resolved ``model`` section (components as ``{name, **params}``)."""
+def resolve_model_config(model_config: Mapping[str, Any] | None, registry: Registry) -> dict:
+    """A ``model`` section in any form an experiment file accepts, resolved as ``validate`` resolves it.
+
+    Components may be bare names (``"add"``), mappings with ``name`` and parameters, or mappings of
+    parameters only (``{"depth": 3}``: the default component with those parameters); missing keys get
+    the schema's defaults and every component's parameters are checked and completed. Raises
+    ``ConfigError`` with the key path (``model.fusion: unknown fusion 'ad'; did you mean 'add'?``).
+    """
+    from .schema import SCHEMA, normalise_component, validate_section
+
+    if model_config is None:
+        model_config = {}
+    if not isinstance(model_config, Mapping):
+        raise ConfigError(f"expected a mapping of model keys, got {model_config!r}", "model")
+    values = dict(model_config)
+    for key, field in SCHEMA["model"].items():
+        value = values.get(key)
+        if getattr(field, "kind", None) and isinstance(value, Mapping) and "name" not in value:
+            values[key] = {**normalise_component(field.default, field, f"model.{key}"), **value}
+    return validate_section("model", values, registry)
+
+
+def _create(registry: Registry, kind: str, key: str, spec: Mapping[str, Any], **contract: Any) -> Any:
+    """Build one component of the model; a factory's own exception becomes a one-line ``ConfigError``."""
     try:
-        encoder = registry.create("encoder", model_config["encoder"]["name"], in_channels=in_channels,
-                                  **component_params(model_config["encoder"]))
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"cannot build encoder '{model_config['encoder']['name']}': {exc}",
-                          "model.encoder") from None
+        return registry.create(kind, spec["name"], **contract, **component_params(spec))
+    except UnetlabError:
+        raise
+    except Exception as exc:  # a plugin factory rejecting a value (ValueError) or failing (anything)
+        raise ConfigError(f"cannot build {kind} '{spec['name']}': {exception_text(exc)}", f"model.{key}") from None
+
+
+def build_unet(model_config: dict, in_channels: int, out_channels: int, registry: Registry,
+               initialise: bool = True) -> UNet:
+    """Build a ``UNet`` from a resolved ``model`` section (components as ``{name, **params}``).
+
+    ``initialise=False`` builds the initializer without applying it (for a model on the meta device).
+    Factory errors are ``ConfigError``s naming the component's key path.
+    """
+    encoder = _create(registry, "encoder", "encoder", model_config["encoder"], in_channels=in_channels)
     channels = list(getattr(encoder, "out_channels", []))
     strides = list(getattr(encoder, "strides", [2 ** i for i in range(len(channels))]))
     if not channels or len(strides) != len(channels):
@@ -114,22 +149,23 @@ def build_unet(model_config: dict, in_channels: int, out_channels: int, registry
             raise UnetlabError(f"encoder '{model_config['encoder']['name']}' declares strides {strides}: "
                                "each stage must downsample by an integer factor >= 2")
         width = decoder_channels[i]
-        upsamplers.append(registry.create("upsampler", model_config["upsampler"]["name"], in_channels=current,
-                                          out_channels=width, scale=scale, **component_params(model_config["upsampler"])))
-        fusion = registry.create("fusion", model_config["fusion"]["name"], skip_channels=skip_channels,
-                                 up_channels=width, **component_params(model_config["fusion"]))
+        upsamplers.append(_create(registry, "upsampler", "upsampler", model_config["upsampler"], in_channels=current,
+                                  out_channels=width, scale=scale))
+        fusion = _create(registry, "fusion", "fusion", model_config["fusion"], skip_channels=skip_channels,
+                         up_channels=width)
         fused = getattr(fusion, "out_channels", None)
         if not isinstance(fused, int):
             raise UnetlabError(f"fusion '{model_config['fusion']['name']}' breaks the fusion contract: it must "
                                "declare out_channels (an int)")
         fusions.append(fusion)
-        blocks.append(registry.create("block", model_config["block"]["name"], in_channels=fused,
-                                      out_channels=width, padding=padding, **component_params(model_config["block"])))
+        blocks.append(_create(registry, "block", "block", model_config["block"], in_channels=fused,
+                              out_channels=width, padding=padding))
         current = width
     head = nn.Conv2d(current, out_channels, kernel_size=1)
     model = UNet(encoder, upsamplers, fusions, blocks, head, padding)
-    initialise = registry.create("initializer", model_config["init"]["name"], **component_params(model_config["init"]))
-    initialise(model)
+    init = _create(registry, "initializer", "init", model_config["init"])
+    if initialise:
+        init(model)
     return model
 
 
