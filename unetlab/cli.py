@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"),
                    help="input size (default: the dataset's image size)")
+    p = sub.add_parser("data", help="check the dataset of an experiment file: counts, sizes, classes, problems")
+    p.add_argument("file")
+    _add_set(p)
+
     p = sub.add_parser("run", help="train every run of an experiment file and log each to MLflow")
     p.add_argument("file")
     _add_set(p)
@@ -274,6 +278,13 @@ def cmd_run(args: argparse.Namespace) -> int:
                           jobs=args.jobs, parent_run_id=args.parent_run_id, exact=args.run_name)
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    """``unetlab data FILE``: per split counts, sizes, channels, dtype, classes; exit 2 listing every problem."""
+    from .datacheck import data_command
+
+    return data_command(args.file, args.overrides)
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     """``unetlab compare``: one row per variant, mean +- std over seeds, and which differences are real."""
     from .compare import compare_command
@@ -347,7 +358,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"export": cmd_export, "predict": cmd_predict, "new-plugin": cmd_new_plugin, "plugins": cmd_plugins, "validate": cmd_validate, "summary": cmd_summary, "run": cmd_run,
-            "compare": cmd_compare, "ui": cmd_ui}
+            "compare": cmd_compare, "ui": cmd_ui, "data": cmd_data}
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ __all__ = ["check_data", "data_command", "describe_sizes"]
 SPLITS = ("train", "val", "test")
 
 
-def describe_sizes(sizes: list[tuple[int, int]], top: int = 3) -> str:
+def describe_sizes(sizes: list[tuple[int, int]], top: int = 2) -> str:
     """``256x256: 40, 512x512: 30, +5 other sizes (300x200 .. 1024x1400)``: a size histogram on one line."""
     if not sizes:
         return "-"
@@ -60,12 +60,12 @@ def _folder_report(source: Any, name: str) -> tuple[list[str], list[str]]:
         size = built["image_size"]
         lines.append(f"  decoded: {built['decoded_bytes'] / 2 ** 20:.1f} MB, {where}; training input: "
                      f"{'x'.join(map(str, size)) if size else 'sizes differ'}")
-    lines.append(f"  {'split':<6} {'count':>6}  {'sizes (HxW: count)':<58} class pixels")
+    lines.append(f"  {'split':<6} {'count':>6}  {'sizes (HxW: count)':<52} class pixels")
     for split in SPLITS:
         samples = built["samples"].get(split, []) if built.get("samples") else []
         sizes = [tuple(i.meta["source_shape"]) for i, _ in samples]
         shares = _class_shares([m for _, m in samples], built["lut"], built["num_classes"]) if samples else "-"
-        lines.append(f"  {split:<6} {len(samples):>6}  {describe_sizes(sizes):<58} {shares}")
+        lines.append(f"  {split:<6} {len(samples):>6}  {describe_sizes(sizes):<52} {shares}")
     return lines, problems
 
 
@@ -100,18 +100,21 @@ def check_data(path: str, overrides: Sequence[str] = ()) -> tuple[list[str], lis
         groups.setdefault(json.dumps(data, sort_keys=True, default=str), []).append(run)
     lines: list[str] = []
     problems: list[str] = []
-    for runs in groups.values():
+    for number, runs in enumerate(groups.values()):
         config = runs[0].config
         spec = config["data"]["dataset"]
         names = ", ".join(r.name for r in runs[:3]) + (f" (+{len(runs) - 3})" if len(runs) > 3 else "")
-        if len(groups) > 1:
-            lines.append(f"runs {names}:")
         source = host.registry.create("dataset", spec["name"], **component_params(spec))
         if callable(getattr(source, "check", None)):  # a source that lists its problems instead of raising
             configure_source(source, config["data"], spec["name"])
             report, found = _folder_report(source, spec["name"])
         else:
             report, found = _generic_report(build_source(config, host.registry), spec["name"])
+        if number and not found and len(report) > 4:  # folds and the like: one line each after the first
+            counts = ", ".join(f"{line.split()[0]} {line.split()[1]}" for line in report[-3:])
+            report = [f"  {names}: {counts}"]
+        elif len(groups) > 1:
+            report = [f"runs {names}:", *report]
         lines += report
         problems += [p for p in found if p not in problems]
     return lines, problems

@@ -129,7 +129,10 @@ def _sample_pixels(images: Sequence[np.ndarray], channels: int, seed: int) -> np
     chunks = []
     for i in chosen:
         flat = np.asarray(images[int(i)]).reshape(-1, channels)
-        rows = rng.integers(0, flat.shape[0], size=min(per_image, flat.shape[0]))
+        if per_image >= flat.shape[0]:  # small images: every pixel, so small sets get exact statistics
+            chunks.append(np.asarray(flat, dtype=np.float64))
+            continue
+        rows = rng.integers(0, flat.shape[0], size=per_image)
         chunks.append(flat[np.sort(rows)].astype(np.float64))
     return np.concatenate(chunks)
 
