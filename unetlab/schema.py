@@ -250,11 +250,6 @@ def validate_section(name: str, values: Any, registry: Registry) -> dict:
     return _validate_section(values, SCHEMA[name], f"{name}.", registry)
 
 
-def validate_section(name: str, values: Any, registry: Registry) -> dict:
-    """Check one top-level section (``"model"``...) on its own, as ``validate_config`` would; return it resolved."""
-    return _validate_section(values, SCHEMA[name], f"{name}.", registry)
-
-
 def _validate_section(values: Any, section: Section, prefix: str, registry: Registry) -> dict:
     if not isinstance(values, dict):
         raise ConfigError(f"expected a mapping with keys {known_list(section)}, got {values!r}",
