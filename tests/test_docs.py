@@ -44,3 +44,42 @@ def test_readme_and_ci_agree_on_the_test_command():
     ci = (REPO / ".ci" / "run").read_text()
     command = re.search(r"<!-- test-command -->\n```bash\n(.+?)\n```", readme, re.S).group(1).strip()
     assert command in ci, "the README's test command must be what .ci/run executes"
+
+
+def _doc_section(docs: str, heading: str) -> str:
+    start = docs.index(heading)
+    following = docs.find("\n### ", start + len(heading))
+    return docs[start:following if following != -1 else None]
+
+
+def test_one_kind_one_definition_hookspecs_checks_schema_and_docs_agree():
+    from unetlab.registry import KINDS
+    from unetlab.testing import CHECKS
+
+    docs = (REPO / "docs" / "plugins.md").read_text()
+    component_hooks = {name for name in HOOKS if name.startswith("register_")}
+    assert component_hooks == {kind.hook for kind in KINDS.values()}
+    assert list(CHECKS) == list(KINDS)
+    schema_kinds = {field.kind for _, field in iter_fields() if field.kind}
+    assert schema_kinds == set(KINDS), "every kind is configurable in an experiment file, and only kinds"
+    for kind in KINDS.values():
+        args = kind.contract_args
+        spec_doc = inspect.getdoc(getattr(hookspecs, kind.hook))
+        assert f"factory({', '.join(args + ('**params',))})" in spec_doc, (kind.hook, spec_doc)
+        section = _doc_section(docs, f"### `{kind.hook}(register)`")
+        expected = ("Contract arguments: " + ", ".join(f"`{a}`" for a in args)) if args else "No contract arguments"
+        assert expected in section, f"docs/plugins.md, {kind.hook}: expected '{expected}'"
+
+
+def test_the_register_callback_is_documented_with_its_exact_signature():
+    from unetlab.plugins import PluginHost, module_from_functions
+
+    seen = []
+    host = PluginHost(autoload=False)
+    host.register(module_from_functions("probe", register_fusions=lambda register: seen.append(register)))
+    _ = host.registry
+    params = [p for name, p in inspect.signature(seen[0]).parameters.items() if not name.startswith("_")]
+    plain = f"register({', '.join(p.name if p.default is p.empty else f'{p.name}={p.default!r}' for p in params)})"
+    assert plain == "register(name, factory, description=None, direction=None, binary_only=False)"
+    assert plain in (REPO / "docs" / "plugins.md").read_text(), plain
+    assert plain in inspect.getdoc(hookspecs), plain

@@ -10,12 +10,17 @@ the hooks below. Component hooks receive a ``register`` callback, in the style o
     def register_fusions(register):
         register("max", MaxFusion)            # description: first line of MaxFusion's docstring
 
-``register(name, factory, description=None)``: ``factory`` is a class or function; the parameters a
-user may set in an experiment file are read from its signature (names, defaults, type hints), minus
-the *contract arguments* that unetlab itself passes for that kind (see ``unetlab.registry.KINDS``).
+``register(name, factory, description=None, direction=None, binary_only=False)``: ``factory`` is a
+class or function; the parameters a user may set in an experiment file are read from its signature
+(names, defaults, type hints), minus the *contract arguments* that unetlab itself passes for that kind
+(see ``unetlab.registry.KINDS``, the one definition of each kind: one ``register_*`` hook per kind).
+``direction`` (``"max"``/``"min"``) is required for metrics; ``binary_only=True`` marks a loss or
+metric that only handles one-channel logits.
 
 Lifecycle hooks are called during training with keyword arguments; an implementation may accept
-any subset of them (pluggy passes only the ones it names).
+any subset of them (only the ones it names are passed). An exception in one fails the run, naming
+the plugin and the hook. A function named like a hook (``register_*``, ``on_*``) that is not one
+below makes its plugin broken, with a did-you-mean.
 
 Every hook here must be documented in ``docs/plugins.md`` with its exact signature: a test checks it.
 """

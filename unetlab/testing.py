@@ -12,6 +12,15 @@ In a plugin's own tests::
 ``check_component`` builds the component through the registry (as unetlab will), exercises it on
 small tensors and raises ``ContractError`` (an ``AssertionError``) naming the component and the
 contract it broke, e.g. ``fusion 'max' breaks the fusion contract [out_channels]: ...``.
+
+Besides shapes and gradients it checks meaning where it can: a loss costs less for a perfect
+prediction than for its inverse and for swapped foreground classes, and gives float32 for bf16
+logits; a metric scores a perfect prediction better than its inverse in its declared direction,
+names its keys ``<name>`` and ``<name>_c<k>``, and changes when a boolean parameter is flipped. Losses
+and metrics are checked binary (one channel) and with 3 classes, unless registered ``binary_only``.
+
+``components_of`` accepts a plugin's module, entry point or distribution name, or a local ``.py``
+file (loaded into the default host, so ``check_component`` then finds its components).
 """
 
 from __future__ import annotations
