@@ -244,3 +244,24 @@ def test_split_too_large_for_the_device_keeps_the_loader(monkeypatch):
     dataset = torch.utils.data.TensorDataset(torch.zeros(100, 1, 2, 2))  # 1600 bytes > 250
     assert not data.fits_on_device(dataset, torch.device("cuda"))
     assert not data.fits_on_device([torch.zeros(1)], torch.device("cpu"))  # not in-memory tensors
+
+
+# --- the GPU benchmark keeps working on the CPU (CI) -----------------------------------------------------
+
+def test_gpu_benchmark_runs_on_cpu(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--device", "cpu", "--quick",
+                           "--upsamplers", "bilinear", "--settings", "bf16+channels_last", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["setting"], r["deterministic"]) for r in rows] == [("bf16+channels_last", True),
+                                                                   ("bf16+channels_last", False)]
+    assert all(r["images_per_s"] > 0 and r["tflops"] > 0 for r in rows)
+    assert "deterministic on / off" in proc.stdout
