@@ -147,3 +147,29 @@ def test_precision_recall_zero_over_zero_with_the_class_on_one_side_is_zero():
     assert got["precision"] == pytest.approx(precision_score([1, 2], [1, 1], labels=[1, 2], average="macro",
                                                              zero_division=0))
     assert np.isnan(got["precision_c0"])  # background: absent on both sides, left out
+
+
+def test_per_image_rows_are_each_metric_on_one_image():
+    # issue 14 item 3: what compare pairs on; logits are the "images" and predict_fn is the identity,
+    # so every row can be checked against scikit-learn and NumPy on that image alone
+    from sklearn.metrics import f1_score
+
+    from unetlab.per_image import evaluate_per_image
+
+    rng = np.random.default_rng(5)
+    logits = rng.normal(0, 2, (5, 1, 6, 6))
+    masks = (rng.random((5, 6, 6)) > 0.6).astype(np.int64)
+    masks[3] = 0
+    logits[3] = -1.0  # nothing to find, nothing found
+    dataset = [(torch.tensor(l), torch.tensor(m)) for l, m in zip(logits, masks)]
+    train = {"metrics": [{"name": "iou"}, {"name": "dice"}], "loss": [{"name": "bce", "weight": 1.0}]}
+    rows = evaluate_per_image(None, dataset, train, 2, unetlab.default_host().registry,
+                              predict_fn=lambda images: images, batch_size=2)
+    assert [r["image"] for r in rows] == [0, 1, 2, 3, 4]
+    for row, l, m in zip(rows, logits, masks):
+        pred = (l[0] > 0).astype(np.int64).ravel()
+        assert row["val_iou"] == pytest.approx(jaccard_score(m.ravel(), pred, zero_division=1.0))
+        assert row["val_dice"] == pytest.approx(f1_score(m.ravel(), pred, zero_division=1.0))
+        p = 1 / (1 + np.exp(-l[0]))
+        assert row["val_loss"] == pytest.approx(-(m * np.log(p) + (1 - m) * np.log(1 - p)).mean(), rel=1e-6)  # float32 logits
+    assert rows[3]["val_iou"] == 1.0

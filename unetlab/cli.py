@@ -77,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["table", "md", "csv", "json"], default="table")
     p.add_argument("--out", default=None, help="where to write the comparison figure (default: compare-NAME.png)")
     p.add_argument("--parent", default=None, help="compare the runs of this parent run id (default: the latest)")
+    p.add_argument("--margin", type=float, default=None,
+                   help="smallest difference that matters: pairs are then 'equivalent within +-margin' or 'not "
+                        "resolved' (default: compare.margin of the experiment file)")
+    p.add_argument("--direction", choices=["max", "min"], default=None,
+                   help="which way is better for --metric (default: the runs' unetlab.metric_directions tag)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: as for unetlab run)")
 
     p = sub.add_parser("predict", help="predict masks for images with a trained model (tiled for large images)")
@@ -289,7 +294,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """``unetlab compare``: one row per variant, mean +- std over seeds, and which differences are real."""
     from .compare import compare_command
 
-    return compare_command(args.experiment, args.metric, args.format, args.out, args.parent, args.tracking_uri)
+    return compare_command(args.experiment, args.metric, args.format, args.out, args.parent, args.tracking_uri,
+                           args.margin, args.direction)
 
 
 def cmd_ui(args: argparse.Namespace) -> int:

@@ -63,20 +63,75 @@ def prediction_figure(images: np.ndarray, truths: np.ndarray, predictions: np.nd
     return fig
 
 
-def comparison_figure(rows: list[dict[str, Any]], metric: str, curves: dict[str, list[list[tuple[int, float]]]]):
-    """Bars (mean +- std over seeds) of the best ``metric`` per variant, and validation curves."""
+def _t_interval(values: list[float]) -> tuple[float, float] | None:
+    """95% t-interval of the mean of ``values`` (None with fewer than 2)."""
+    if len(values) < 2:
+        return None
+    from scipy import stats
+
+    mean, sem = float(np.mean(values)), float(np.std(values, ddof=1) / np.sqrt(len(values)))
+    half = float(stats.t.ppf(0.975, len(values) - 1)) * sem
+    return mean - half, mean + half
+
+
+def comparison_figure(result: dict[str, Any]):
+    """Three panels from ``unetlab.compare.compare_runs``'s result.
+
+    Left: the best value of each seed (points) with the mean and its 95% t-interval over seeds, per
+    variant, on an axis zoomed to the data (no bars from 0 that hide small differences). Middle: a
+    forest plot of the paired differences A - B with their 95% bootstrap intervals and the margin band
+    (pairs without per-image tables: the seed-level difference, hollow, no interval). Right: the
+    validation curves, one line per seed.
+    """
     plt = _plt()
-    fig, (ax_bar, ax_curve) = plt.subplots(1, 2, figsize=(10, 4))
-    names = [r["variant"] for r in rows]
-    means = [r[f"best_{metric}_mean"] for r in rows]
-    stds = [r[f"best_{metric}_std"] or 0.0 for r in rows]
-    ax_bar.bar(names, means, yerr=stds, capsize=6, color=[f"C{i}" for i in range(len(rows))])
-    ax_bar.set(ylabel=f"best {metric}", title=f"best {metric} (mean +- std over seeds)")
-    for i, (name, runs) in enumerate(curves.items()):
+    metric, pairs = result["metric"], result["pairs"]
+    fig, (ax_seeds, ax_forest, ax_curve) = plt.subplots(
+        1, 3, figsize=(15, max(4.0, 0.45 * len(pairs) + 2)), gridspec_kw={"width_ratios": [1, 1.2, 1]})
+    rng = np.random.default_rng(0)  # jitter only
+    for i, (variant, by_seed) in enumerate(result["seed_bests"].items()):
+        values = list(by_seed.values())
+        if not values:
+            continue
+        ax_seeds.scatter(i + rng.uniform(-0.12, 0.12, len(values)), values, color=f"C{i}", alpha=0.7, zorder=3,
+                         label="one seed" if i == 0 else None)
+        interval = _t_interval(values)
+        mean = float(np.mean(values))
+        if interval is not None:
+            ax_seeds.errorbar([i + 0.3], [mean], yerr=[[mean - interval[0]], [interval[1] - mean]], fmt="o",
+                              color="black", capsize=5, zorder=4, label="mean, 95% CI" if i == 0 else None)
+        else:
+            ax_seeds.plot([i + 0.3], [mean], "o", color="black", zorder=4)
+    names = list(result["seed_bests"])
+    ax_seeds.set_xticks(range(len(names)), names, rotation=20 if len(names) > 3 else 0)
+    ax_seeds.margins(y=0.15)
+    ax_seeds.set(ylabel=f"best {metric}", title=f"best {metric} per seed ({'higher' if result['higher_is_better'] else 'lower'} is better)")
+    ax_seeds.legend(fontsize=8)
+
+    margin = result.get("margin")
+    if margin:
+        ax_forest.axvspan(-margin, margin, color="0.85", label=f"±margin {margin:g}")
+    ax_forest.axvline(0, color="0.4", lw=1)
+    for row, pair in enumerate(pairs):
+        y = len(pairs) - 1 - row
+        stats = pair.get("paired")
+        if stats is not None:
+            ax_forest.errorbar([stats["difference"]], [y], xerr=[[stats["difference"] - stats["ci_low"]],
+                                                                 [stats["ci_high"] - stats["difference"]]],
+                               fmt="o", color="C0", capsize=5, label="paired, 95% bootstrap CI" if row == 0 else None)
+        elif pair["seed_level"]["difference"] is not None:
+            ax_forest.plot([pair["seed_level"]["difference"]], [y], "o", mfc="none", color="C1",
+                           label="seed-level only" if row == 0 else None)
+    ax_forest.set_yticks(range(len(pairs)), [f"{p['a']} - {p['b']}" for p in reversed(pairs)])
+    ax_forest.set_ylim(-0.8, len(pairs) - 0.2)
+    ax_forest.margins(x=0.15)
+    ax_forest.set(xlabel=f"difference in per-image {metric} (A - B)", title="paired differences")
+    ax_forest.legend(fontsize=8, loc="best")
+
+    for i, (name, runs) in enumerate(result["curves"].items()):
         for j, points in enumerate(runs):
             if points:
                 ax_curve.plot(*zip(*points), color=f"C{i}", alpha=0.8, label=name if j == 0 else None)
     ax_curve.set(xlabel="epoch", ylabel=metric, title=f"{metric} per epoch (one line per seed)")
-    ax_curve.legend()
+    ax_curve.legend(fontsize=8)
     fig.tight_layout()
     return fig
