@@ -139,7 +139,9 @@ SCHEMA: Section = {
         "amp": Field(Literal["auto", "off", "bf16", "fp16"], "auto",
                      "mixed precision; auto: bf16 on CUDA when supported, else fp16 with a grad scaler; off on CPU"),
         "channels_last": Field(Union[bool, Auto], "auto", "channels_last memory format; auto: on for CUDA"),
-        "compile": Field(bool, False, "wrap the model with torch.compile"),
+        "compile": Field(Union[bool, Literal["default", "reduce-overhead", "max-autotune"]], False,
+                         "wrap the model with torch.compile (true: mode default; reduce-overhead: CUDA graphs, "
+                         "for small models whose steps are dominated by launch overhead)"),
         "sync_batchnorm": Field(bool, False, "with several processes (--nproc-per-node), synchronise BatchNorm "
                                 "statistics across them (CUDA only)"),
         "gradient_checkpointing": Field(bool, False,
@@ -153,6 +155,9 @@ SCHEMA: Section = {
         "checkpoint_dir": Field(str, ".unetlab/checkpoints",
                                 "where last/best checkpoints are written (relative to the working directory)"),
         "figures": Field(bool, True, "log learning curves and a prediction figure"),
+        "system_metrics": Field(Union[bool, Auto], "auto",
+                                "MLflow system metrics (CPU, memory; GPU with nvidia-ml-py: pip install "
+                                "'unetlab[gpu]'); auto: on for CUDA runs"),
     },
 }
 
