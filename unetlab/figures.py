@@ -98,7 +98,7 @@ def comparison_figure(result: dict[str, Any]):
         mean = float(np.mean(values))
         if interval is not None:
             ax_seeds.errorbar([i + 0.3], [mean], yerr=[[mean - interval[0]], [interval[1] - mean]], fmt="o",
-                              color="black", capsize=5, zorder=4, label="mean, 95% CI" if i == 0 else None)
+                              color="black", capsize=5, zorder=4, label="mean, 95% t-interval over seeds" if i == 0 else None)
         else:
             ax_seeds.plot([i + 0.3], [mean], "o", color="black", zorder=4)
     names = list(result["seed_bests"])

@@ -110,21 +110,22 @@ def holm(p_values: Sequence[float | None]) -> list[float | None]:
 def needed_sizes(diffs: Any, half_width: float, target: float) -> dict[str, Any]:
     """How many seeds (images fixed) or images (seeds fixed) would shrink the CI half-width to ``target``.
 
-    Seeds: the half-width falls as 1/sqrt(number of seeds), so ``ceil(S * (half_width / target)^2)``.
-    Images: from the variance split ``var(mean) = sb2/S + sw2/(S*I)`` (sw2: spread of image differences
-    within a seed; sb2: what is left of the spread of seed means), solved for I; ``None`` when the
-    seed-to-seed part alone is already too wide (more images cannot help) or needs >= 2 seeds to know.
+    The bootstrap's variance behaves as ``B/S + 2W/(S*I)`` (W: variance of the image differences within
+    a seed; B: what the spread of the seed means leaves after W/I; resampling seeds and then images
+    counts W twice). Seeds: the half-width falls as 1/sqrt(S), so ``ceil(S * (half_width / target)^2)``.
+    Images: that variance model, scaled to the observed half-width, solved for I; ``None`` when the
+    seed-to-seed part alone is already too wide at these seeds (more images cannot help).
     """
     d = _matrix(diffs)
     n_seeds, n_images = d.shape
     seeds = n_seeds if half_width <= target else math.ceil(n_seeds * (half_width / target) ** 2)
     within = float(np.mean(d.var(axis=1, ddof=1))) if n_images > 1 else 0.0
-    images: int | None = None
-    if n_seeds >= 2:
-        between = max(0.0, float(d.mean(axis=1).var(ddof=1)) - within / n_images)
-        room = n_seeds * (target / _Z) ** 2 - between
-        if room > 0:
-            images = max(n_images, math.ceil(within / room)) if within > 0 else n_images
+    between = max(0.0, float(d.mean(axis=1).var(ddof=1)) - within / n_images) if n_seeds > 1 else 0.0
+    images: int | None = n_images
+    if half_width > target:
+        current = between / n_seeds + 2 * within / (n_seeds * n_images)
+        room = current * (target / half_width) ** 2 - between / n_seeds
+        images = math.ceil(2 * within / (n_seeds * room)) if room > 0 and within > 0 else None
     return {"target_half_width": target, "seeds": seeds, "images": images, "rule":
             "sizes at which the 95% CI half-width would fall to margin/2, from the observed spread"}
 
@@ -185,6 +186,6 @@ def verdict(result: PairedResult, p_adjusted: float, higher_is_better: bool, mar
         return f"no difference shown ({shown}; give --margin to test equivalence)"
     need = result.needed or {}
     images = (f"or about {need['images']} images with these seeds" if need.get("images") else
-              "more images alone would not do (seed-to-seed spread dominates, or a single seed)")
+              "more images alone would not do at the observed seed-to-seed spread")
     return (f"not resolved: run more seeds or images ({shown}; about {need.get('seeds')} seeds with these "
             f"images, {images}, for a CI half-width of margin/2)")
