@@ -15,9 +15,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from conftest import one_line_error, run_cli
 from scipy import stats
 
-from conftest import one_line_error, run_cli
 from unetlab import paired_stats
 from unetlab.per_image import log_per_image_metrics
 

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import torch
 from scipy.spatial.distance import cdist
-from sklearn.metrics import accuracy_score, f1_score, jaccard_score, precision_score, recall_score
+from sklearn.metrics import (
+    accuracy_score,
+    f1_score,
+    jaccard_score,
+    precision_score,
+    recall_score,
+)
 
 import unetlab
 

@@ -33,7 +33,7 @@ from typing import Any
 
 from .errors import ConfigError, UnetlabError, did_you_mean
 
-__all__ = ["compare_runs", "compare_command", "render", "welch", "margin_from_file"]
+__all__ = ["compare_command", "compare_runs", "margin_from_file", "render", "welch"]
 
 DIRECTIONS_TAG = "unetlab.metric_directions"
 
@@ -182,7 +182,7 @@ def compare_runs(client, experiment_id: str, metric: str | None, parent_id: str 
             "difference": (statistics.mean(bests[a]) - statistics.mean(bests[b])
                            if bests.get(a) and bests.get(b) else None),
             "p_value": p}
-        diffs, seeds, n_images = _difference_matrix(tables[a], tables[b], metric)
+        diffs, seeds, _ = _difference_matrix(tables[a], tables[b], metric)
         if diffs is None:
             missing = [v for v in (a, b) if not any(t is not None for t in tables[v].values())]
             pair["paired"] = None

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["learning_curves", "prediction_figure", "comparison_figure"]
+__all__ = ["comparison_figure", "learning_curves", "prediction_figure"]
 
 
 def _plt():

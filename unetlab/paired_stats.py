@@ -20,13 +20,25 @@ is ``floor(u[j] * S)`` and its drawn image k is ``floor(u[S + j*I + k] * I)``.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-__all__ = ["PairedResult", "bootstrap_replicates", "hierarchical_ci", "wilcoxon_signed_rank", "rank_biserial",
-           "holm", "needed_sizes", "paired_comparison", "verdict", "BOOTSTRAP_SEED", "RESAMPLES"]
+__all__ = [
+    "BOOTSTRAP_SEED",
+    "RESAMPLES",
+    "PairedResult",
+    "bootstrap_replicates",
+    "hierarchical_ci",
+    "holm",
+    "needed_sizes",
+    "paired_comparison",
+    "rank_biserial",
+    "verdict",
+    "wilcoxon_signed_rank",
+]
 
 BOOTSTRAP_SEED = 20240607
 RESAMPLES = 10_000

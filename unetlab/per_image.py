@@ -15,11 +15,18 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
-__all__ = ["PER_IMAGE_ARTIFACT", "per_image_rows", "evaluate_per_image", "log_per_image_metrics",
-           "record_per_image_metrics", "load_per_image_metrics"]
+__all__ = [
+    "PER_IMAGE_ARTIFACT",
+    "evaluate_per_image",
+    "load_per_image_metrics",
+    "log_per_image_metrics",
+    "per_image_rows",
+    "record_per_image_metrics",
+]
 
 PER_IMAGE_ARTIFACT = "per_image_metrics.json"
 
@@ -36,7 +43,7 @@ def _image_ids(dataset: Any) -> list:
 def _model_predict(model) -> Callable:
     import torch
 
-    def predict(images: "torch.Tensor") -> "torch.Tensor":
+    def predict(images: torch.Tensor) -> torch.Tensor:
         device = next(model.parameters()).device
         model.eval()
         with torch.no_grad():

@@ -20,8 +20,6 @@ Conventions that differ from a peer on purpose:
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -33,11 +31,11 @@ def _f32(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def _valid(target: torch.Tensor, ignore_index: Optional[int]) -> torch.Tensor:
+def _valid(target: torch.Tensor, ignore_index: int | None) -> torch.Tensor:
     return torch.ones_like(target, dtype=torch.bool) if ignore_index is None else target != ignore_index
 
 
-def _probs_onehot(logits: torch.Tensor, target: torch.Tensor, ignore_index: Optional[int]):
+def _probs_onehot(logits: torch.Tensor, target: torch.Tensor, ignore_index: int | None):
     """Probabilities and one-hot truth (N x K x H x W, float32) and the valid-pixel mask (N x 1 x H x W)."""
     logits = _f32(logits)
     valid = _valid(target, ignore_index).unsqueeze(1)
@@ -48,7 +46,7 @@ def _probs_onehot(logits: torch.Tensor, target: torch.Tensor, ignore_index: Opti
     return torch.softmax(logits, dim=1), onehot, valid
 
 
-def _class_mean(values: torch.Tensor, class_weights: Optional[list[float]]) -> torch.Tensor:
+def _class_mean(values: torch.Tensor, class_weights: list[float] | None) -> torch.Tensor:
     if class_weights is None:
         return values.mean()
     w = torch.tensor(class_weights, dtype=values.dtype, device=values.device)
@@ -70,7 +68,7 @@ def _region_counts(logits, target, ignore_index):
 class BCELoss(torch.nn.Module):
     """Binary cross-entropy with logits (one-vs-rest per channel when there are several)."""
 
-    def __init__(self, num_classes: int, pos_weight: Optional[float] = None, ignore_index: Optional[int] = None):
+    def __init__(self, num_classes: int, pos_weight: float | None = None, ignore_index: int | None = None):
         super().__init__()
         self.pos_weight, self.ignore_index = pos_weight, ignore_index
 
@@ -85,8 +83,8 @@ class BCELoss(torch.nn.Module):
 class CrossEntropyLoss(torch.nn.Module):
     """Softmax cross-entropy (binary cross-entropy when the model has one output channel)."""
 
-    def __init__(self, num_classes: int, class_weights: Optional[list[float]] = None,
-                 ignore_index: Optional[int] = None, label_smoothing: float = 0.0):
+    def __init__(self, num_classes: int, class_weights: list[float] | None = None,
+                 ignore_index: int | None = None, label_smoothing: float = 0.0):
         super().__init__()
         self.class_weights, self.ignore_index, self.label_smoothing = class_weights, ignore_index, label_smoothing
 
@@ -112,7 +110,7 @@ class TverskyLoss(torch.nn.Module):
     """1 - Tversky index TP / (TP + alpha FP + beta FN), soft, per class, averaged (Salehi et al. 2017)."""
 
     def __init__(self, num_classes: int, alpha: float = 0.5, beta: float = 0.5, smooth: float = 1.0,
-                 class_weights: Optional[list[float]] = None, ignore_index: Optional[int] = None):
+                 class_weights: list[float] | None = None, ignore_index: int | None = None):
         super().__init__()
         self.alpha, self.beta, self.smooth = alpha, beta, smooth
         self.class_weights, self.ignore_index = class_weights, ignore_index
@@ -123,14 +121,14 @@ class TverskyLoss(torch.nn.Module):
         return 1 - _class_mean(index, self.class_weights)
 
 
-def dice(num_classes: int, smooth: float = 1.0, class_weights: Optional[list[float]] = None,
-         ignore_index: Optional[int] = None) -> TverskyLoss:
+def dice(num_classes: int, smooth: float = 1.0, class_weights: list[float] | None = None,
+         ignore_index: int | None = None) -> TverskyLoss:
     """1 - soft Dice 2TP / (2TP + FP + FN) per class, averaged."""
     return TverskyLoss(num_classes, 0.5, 0.5, smooth, class_weights, ignore_index)
 
 
-def iou(num_classes: int, smooth: float = 1.0, class_weights: Optional[list[float]] = None,
-        ignore_index: Optional[int] = None) -> TverskyLoss:
+def iou(num_classes: int, smooth: float = 1.0, class_weights: list[float] | None = None,
+        ignore_index: int | None = None) -> TverskyLoss:
     """1 - soft Jaccard TP / (TP + FP + FN) per class, averaged."""
     return TverskyLoss(num_classes, 1.0, 1.0, smooth, class_weights, ignore_index)
 
@@ -138,7 +136,7 @@ def iou(num_classes: int, smooth: float = 1.0, class_weights: Optional[list[floa
 class BCEIoULoss(torch.nn.Module):
     """The seed blog's loss: BCE - soft IoU + 1 (cross-entropy - mean soft IoU + 1 for several classes)."""
 
-    def __init__(self, num_classes: int, smooth: float = 1e-7, ignore_index: Optional[int] = None):
+    def __init__(self, num_classes: int, smooth: float = 1e-7, ignore_index: int | None = None):
         super().__init__()
         self.ce = CrossEntropyLoss(num_classes, ignore_index=ignore_index)
         self.iou = iou(num_classes, smooth=smooth, ignore_index=ignore_index)
@@ -150,8 +148,8 @@ class BCEIoULoss(torch.nn.Module):
 class FocalLoss(torch.nn.Module):
     """Focal loss -alpha_t (1 - p_t)^gamma log p_t (Lin et al. 2017), mean over valid pixels."""
 
-    def __init__(self, num_classes: int, gamma: float = 2.0, alpha: Optional[float] = 0.25,
-                 ignore_index: Optional[int] = None):
+    def __init__(self, num_classes: int, gamma: float = 2.0, alpha: float | None = 0.25,
+                 ignore_index: int | None = None):
         super().__init__()
         self.gamma, self.alpha, self.ignore_index = gamma, alpha, ignore_index
 
@@ -188,7 +186,7 @@ def _lovasz_grad(sorted_truth: torch.Tensor) -> torch.Tensor:
 class LovaszLoss(torch.nn.Module):
     """Lovasz loss (Berman et al. 2018): hinge for binary logits, softmax for several classes."""
 
-    def __init__(self, num_classes: int, per_image: bool = False, ignore_index: Optional[int] = None):
+    def __init__(self, num_classes: int, per_image: bool = False, ignore_index: int | None = None):
         super().__init__()
         self.per_image, self.ignore_index = per_image, ignore_index
 

@@ -17,7 +17,6 @@ precision 0, not 1. ``hd95``: see ``HD95`` (empty masks differ from MONAI on pur
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import numpy as np
 import torch
@@ -31,7 +30,7 @@ class ConfusionMetric:
 
     key = "confusion"
 
-    def __init__(self, num_classes: int, include_background: bool = False, ignore_index: Optional[int] = None):
+    def __init__(self, num_classes: int, include_background: bool = False, ignore_index: int | None = None):
         self.num_classes = max(int(num_classes), 2)
         self.include_background = include_background
         self.ignore_index = ignore_index
@@ -125,7 +124,7 @@ class Accuracy(ConfusionMetric):
 
     key = "accuracy"
 
-    def __init__(self, num_classes: int, ignore_index: Optional[int] = None):  # every class counts: no include_background
+    def __init__(self, num_classes: int, ignore_index: int | None = None):  # every class counts: no include_background
         super().__init__(num_classes, include_background=True, ignore_index=ignore_index)
 
     def compute(self) -> dict[str, float]:
