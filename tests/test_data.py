@@ -11,7 +11,7 @@ from skimage import io
 
 import unetlab
 
-from conftest import one_line_error, run_cli
+from unetlab.cli import main
 
 
 def source(name, **params):
@@ -116,48 +116,50 @@ tracking: {{uri: sqlite:///{store}}}
 """
 
 
-def run_folder(tmp_path, root):
+def run_folder(tmp_path, root, capsys):
+    """``unetlab run`` in this process (no interpreter start per case): exit 2, one error line, no store."""
     path = tmp_path / "exp.yaml"
     path.write_text(textwrap.dedent(FOLDER_EXPERIMENT.format(root=root, store=tmp_path / "mlflow.db")))
-    proc = run_cli("run", str(path), cwd=tmp_path)
-    line = one_line_error(proc)
+    code = main(["run", str(path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("unetlab: error: "), (code, err)
     assert not (tmp_path / "mlflow.db").exists()  # nothing half-written
-    return line
+    return err[0]
 
 
-def test_folder_errors_via_cli(tmp_path):
+def test_folder_errors_via_cli(tmp_path, capsys):
     root = tmp_path / "data"
     write_folder(root, ["a", "b", "c"])
     (root / "masks" / "b.png").unlink()
     io.imsave(root / "masks" / "zz.png", np.zeros((16, 16), np.uint8), check_contrast=False)
-    line = run_folder(tmp_path, root)
+    line = run_folder(tmp_path, root, capsys)
     assert "images without a mask" in line and "b" in line and "masks without an image" in line and "zz" in line
 
     root = tmp_path / "data2"
     write_folder(root, ["a", "b"])
     io.imsave(root / "masks" / "b.png", np.zeros((12, 16), np.uint8), check_contrast=False)
-    assert "size mismatch" in run_folder(tmp_path, root)
+    assert "size mismatch" in run_folder(tmp_path, root, capsys)
 
     root = tmp_path / "data3"
     write_folder(root, ["a", "b"])
     bad = np.zeros((16, 16), np.uint8)
     bad[0, 0] = 7
     io.imsave(root / "masks" / "a.png", bad, check_contrast=False)
-    line = run_folder(tmp_path, root)
+    line = run_folder(tmp_path, root, capsys)
     assert "unexpected mask value(s) [7]" in line and "a.png" in line and "class_values" in line
 
     root = tmp_path / "data4"
     write_folder(root, ["a", "b"])
     (root / "images" / "b.png").write_bytes(b"not a png")
-    line = run_folder(tmp_path, root)
+    line = run_folder(tmp_path, root, capsys)
     assert "cannot read" in line and "b.png" in line
 
     root = tmp_path / "data5"
     (root / "images").mkdir(parents=True)
     (root / "masks").mkdir()
-    assert "holds no images" in run_folder(tmp_path, root)
+    assert "holds no images" in run_folder(tmp_path, root, capsys)
 
-    assert "is not a directory" in run_folder(tmp_path, tmp_path / "missing")
+    assert "is not a directory" in run_folder(tmp_path, tmp_path / "missing", capsys)
 
 
 # --- augmentation ---------------------------------------------------------------------------------------

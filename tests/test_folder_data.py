@@ -20,8 +20,6 @@ from unetlab.data_options import configure_source
 from unetlab.experiment import load_experiment
 from unetlab.patches import IGNORE_INDEX
 
-from conftest import run_cli
-
 
 def folder(root: Path, data: dict | None = None, **params):
     """A configured folder source, as ``unetlab run`` builds it."""
@@ -107,7 +105,7 @@ def test_padding_is_ignored_by_losses_and_metrics(tmp_path):
     mask = np.zeros((10, 12), np.uint8)
     mask[2:6, 3:9] = 255
     write_pair(tmp_path, "a", image, mask)
-    x, target = folder(tmp_path, {"patch_size": [16, 16]}, val_fraction=0.0).split("train")[(0, 1)]
+    _, target = folder(tmp_path, {"patch_size": [16, 16]}, val_fraction=0.0).split("train")[(0, 1)]
     logits = torch.randn(1, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     valid = target != IGNORE_INDEX
     assert valid.sum() == 120
@@ -163,13 +161,13 @@ variants:
 """
 
 
-def test_mixed_sizes_train_with_patches_and_with_resize(tmp_path):
+def test_mixed_sizes_train_with_patches_and_with_resize(tmp_path, monkeypatch, capsys):
     mixed_sizes(tmp_path / "data")
     path = tmp_path / "exp.yaml"
     path.write_text(textwrap.dedent(FILE.format(root="data", store=tmp_path / "mlflow.db")))
-    proc = run_cli("run", str(path), "--quiet", cwd=tmp_path / "data")  # root: relative to the file, not cwd
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("FINISHED") == 2
+    monkeypatch.chdir(tmp_path / "data")  # root is relative to the file, not to the working directory
+    assert cli_main(["run", str(path), "--quiet"]) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out.count("FINISHED") == 2
 
 
 # --- normalisation -------------------------------------------------------------------------------------

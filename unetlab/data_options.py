@@ -14,7 +14,7 @@ from typing import Any
 from .errors import UnetlabError
 from .normalization import check_normalize
 
-__all__ = ["DataOptions", "data_options", "configure_source"]
+__all__ = ["DataOptions", "configure_source", "data_options"]
 
 
 @dataclass(frozen=True)

@@ -70,8 +70,8 @@ def _folder_report(source: Any, name: str) -> tuple[list[str], list[str]]:
 
 
 def _generic_report(source: Any, name: str) -> tuple[list[str], list[str]]:
-    lines = [f"dataset {name}: {source.in_channels} channel(s), {source.num_classes} classes, image size "
-             f"{getattr(source, 'image_size', None)}"]
+    lines = [(f"dataset {name}: {source.in_channels} channel(s), {source.num_classes} classes, image size "
+              f"{getattr(source, 'image_size', None)}")]
     for split in SPLITS:
         data = source.split(split)
         tensors = getattr(data, "tensors", None)

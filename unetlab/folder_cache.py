@@ -89,7 +89,7 @@ def read_image_file(path: Path) -> np.ndarray:
     """An image as H x W x C in its own dtype (alpha dropped); raises ``UnetlabError`` naming the file."""
     try:
         array = _tiff_array(path) if path.suffix.lower() in (".tif", ".tiff") else _pil_array(path, mask=False)[0]
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a broken file makes decoders raise anything
         raise UnetlabError(f"cannot read '{path}': {exception_text(exc)}") from None
     if array.ndim == 2:
         array = array[..., None]
@@ -109,7 +109,7 @@ def read_mask_file(path: Path) -> tuple[np.ndarray, bool]:
             array, palette = _tiff_array(path), False
         else:
             array, palette = _pil_array(path, mask=True)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a broken file makes decoders raise anything
         raise UnetlabError(f"cannot read '{path}': {exception_text(exc)}") from None
     if array.ndim == 3:
         if array.shape[2] in (2, 4):

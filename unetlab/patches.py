@@ -25,8 +25,16 @@ from .data import EpochSampler
 from .folder_cache import Entry
 from .normalization import apply_normalization
 
-__all__ = ["IGNORE_INDEX", "SampleStore", "PatchDataset", "TileDataset", "WholeImageDataset", "PatchSampler",
-           "patch_origin", "draw_seed"]
+__all__ = [
+    "IGNORE_INDEX",
+    "PatchDataset",
+    "PatchSampler",
+    "SampleStore",
+    "TileDataset",
+    "WholeImageDataset",
+    "draw_seed",
+    "patch_origin",
+]
 
 IGNORE_INDEX = 255
 """Mask value of pixels that count nowhere: padding, and 255 in class-index or palette masks (as in VOC)."""

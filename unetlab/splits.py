@@ -14,7 +14,7 @@ import numpy as np
 
 from .errors import UnetlabError
 
-__all__ = ["SPLITS", "read_split_file", "split_from_file", "kfold", "random_split"]
+__all__ = ["SPLITS", "kfold", "random_split", "read_split_file", "split_from_file"]
 
 SPLITS = ("train", "val", "test")
 
@@ -93,7 +93,7 @@ def random_split(stems: list[str], val_fraction: float, seed: int) -> tuple[list
     if not 0 <= val_fraction < 1:
         raise UnetlabError(f"val_fraction: {val_fraction} must be in [0, 1)")
     order = np.random.default_rng(seed).permutation(len(stems))
-    n_val = int(round(val_fraction * len(stems)))
+    n_val = round(val_fraction * len(stems))
     if val_fraction > 0 and n_val == 0 and len(stems) > 1:
         n_val = 1
     val = {stems[i] for i in order[:n_val]}
