@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Sequence
@@ -18,6 +19,11 @@ EPILOG = """examples:
   unetlab compare experiments/concat_vs_add.yaml    variants side by side (mean +- std over seeds)
   unetlab run FILE --set train.epochs=3 --set model.fusion=add
 """
+
+
+FILES_ARE_CODE = ("An experiment file is code: the plugins it names under 'plugins:' (any module or .py path) "
+                  "run as soon as it is loaded, by validate and summary too, like a conftest.py. Load only files "
+                  "you would run as a script. Tracking stores and checkpoints are data: no code runs from them.")
 
 
 def _add_set(p: argparse.ArgumentParser) -> None:
@@ -38,12 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", help="only components of this kind")
     p.add_argument("--file", metavar="EXP.yaml", help="also load the local plugins this experiment file names")
 
-    p = sub.add_parser("validate", help="validate an experiment file and print its resolved runs")
+    p = sub.add_parser("validate", help="validate an experiment file and print its resolved runs",
+                       description=f"Validate an experiment file and print its resolved runs. {FILES_ARE_CODE}")
     p.add_argument("file")
     _add_set(p)
     p.add_argument("--json", action="store_true", help="print every run's resolved config as JSON")
 
-    p = sub.add_parser("summary", help="parameters, forward GFLOPs and output shape of every run's model")
+    p = sub.add_parser("summary", help="parameters, forward GFLOPs and output shape of every run's model",
+                       description=f"Parameters, forward GFLOPs and output shape of every run's model. {FILES_ARE_CODE}")
     p.add_argument("file")
     _add_set(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -53,7 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     _add_set(p)
 
-    p = sub.add_parser("run", help="train every run of an experiment file and log each to MLflow")
+    p = sub.add_parser("run", help="train every run of an experiment file and log each to MLflow",
+                       description=f"Train every run of an experiment file and log each to MLflow. {FILES_ARE_CODE} "
+                                   "A tracking server that stops answering is retried for UNETLAB_TRACKING_TIMEOUT "
+                                   "seconds (default 300), then the run stops in one line; --resume continues "
+                                   "from the last checkpoint.")
     p.add_argument("file")
     _add_set(p)
     p.add_argument("--resume", action="store_true",
@@ -299,8 +311,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    """``unetlab ui``: the MLflow UI on the same store ``unetlab run`` uses (127.0.0.1 by default)."""
+    """``unetlab ui``: the MLflow UI on the same store ``unetlab run`` uses (127.0.0.1 by default).
+
+    ``mlflow ui`` starts a server process of its own, so it runs as a child in its own process group
+    and every SIGTERM, SIGINT or SIGHUP is forwarded to that whole group: nothing outlives the command.
+    MLflow's background job runner (about ten processes, for GenAI jobs) is off unless
+    ``MLFLOW_SERVER_ENABLE_JOB_EXECUTION`` says otherwise: viewing training runs does not need it.
+    """
     import os
+    import signal
+    import subprocess
 
     from .tracking import resolve_tracking_uri
 
@@ -315,11 +335,50 @@ def cmd_ui(args: argparse.Namespace) -> int:
     if uri:
         command += ["--backend-store-uri", uri]
     print(f"unetlab: {' '.join(command[1:])}", file=sys.stderr)
+    received: list[int] = []
+    child: subprocess.Popen | None = None
+
+    def forward(signum: int, frame: Any) -> None:
+        received.append(signum)
+        if child is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signum)
+
+    forwarded = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    previous = {s: signal.signal(s, forward) for s in forwarded}  # before the child exists: no signal is lost
     try:
-        os.execv(command[0], command)
-    except OSError as exc:
-        raise UnetlabError(f"cannot start the MLflow UI: {exc}") from None
-    return 0
+        try:
+            env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+            child = subprocess.Popen(command, env=env, start_new_session=True)
+        except OSError as exc:
+            raise UnetlabError(f"cannot start the MLflow UI: {exc}") from None
+        if received:  # a signal came before the child existed
+            os.killpg(child.pid, received[0])
+        code = child.wait()  # the handler forwards and returns; wait() then goes on (PEP 475)
+        _stop_process_group(child.pid)  # server processes that outlived mlflow ui itself
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if received:
+        return 128 + received[0]
+    return code if code >= 0 else 128 - code
+
+
+def _stop_process_group(pgid: int, grace_s: float = 10.0) -> None:
+    """SIGTERM what is left of process group ``pgid``, then SIGKILL it after ``grace_s`` seconds."""
+    import os
+    import signal
+    import time
+
+    deadline = time.monotonic() + grace_s
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            os.killpg(pgid, 0)  # raises ProcessLookupError once the group is empty
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def cmd_new_plugin(args: argparse.Namespace) -> int:

@@ -15,10 +15,19 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UnetlabError, exception_text
+from .store_client import (
+    BoundedClient,
+    TrackingUnavailable,
+    configure_mlflow_http,
+    store_creation_lock,
+    tracking_timeout,
+)
 
-__all__ = ["Tracker", "RunTracker", "resolve_tracking_uri", "git_commit"]
+__all__ = ["RunTracker", "Tracker", "TrackingUnavailable", "git_commit", "resolve_tracking_uri"]
 
 PARENT_TAG = "mlflow.parentRunId"
+# MLflow 3 opens an experiment without a kind on its GenAI overview page; this kind opens the runs table.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
 def resolve_tracking_uri(config_uri: str | None) -> str | None:
@@ -39,20 +48,39 @@ def git_commit(path: Path) -> str | None:
 class Tracker:
     """The MLflow side of one ``unetlab run`` invocation: experiment, parent run, child runs."""
 
-    def __init__(self, experiment_name: str, tracking_uri: str | None) -> None:
+    def __init__(self, experiment_name: str, tracking_uri: str | None,
+                 experiment_file: str | Path | None = None) -> None:
+        """Open (creating if needed) the store and the experiment.
+
+        Raises ``TrackingUnavailable`` when a tracking server does not answer within
+        ``UNETLAB_TRACKING_TIMEOUT`` seconds, ``UnetlabError`` for any other store problem.
+        ``experiment_file`` only makes the resume hint of that message exact.
+        """
         import mlflow
         from mlflow.tracking import MlflowClient
 
         if tracking_uri:
             mlflow.set_tracking_uri(tracking_uri)
         self.uri = mlflow.get_tracking_uri()
-        self.client = MlflowClient(self.uri)
+        timeout = tracking_timeout()
+        configure_mlflow_http(timeout)
+        hint = f"unetlab run {experiment_file or 'FILE'} --resume"
         try:
-            # Created here, in the main process, before any worker: parallel first use of a new sqlite
-            # store races on schema creation.
-            existing = self.client.get_experiment_by_name(experiment_name)
-            self.experiment_id = (existing.experiment_id if existing is not None
-                                  else self.client.create_experiment(experiment_name))
+            # Several processes (--jobs workers, or two `unetlab run` started at once) may open a new
+            # sqlite store together: its schema must be created by one of them only.
+            with store_creation_lock(self.uri):
+                self.client = BoundedClient(MlflowClient(self.uri), self.uri, timeout, hint)
+                existing = self.client.get_experiment_by_name(experiment_name)
+                if existing is None:
+                    self.experiment_id = self.client.create_experiment(
+                        experiment_name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+                else:
+                    self.experiment_id = existing.experiment_id
+                    kind = existing.tags.get(EXPERIMENT_KIND_TAG, "")
+                    if not kind or kind.endswith("_inferred") or kind == "no_inferred_type":
+                        self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        except UnetlabError:
+            raise
         except Exception as exc:
             raise UnetlabError(f"MLflow tracking store '{self.uri}': {exception_text(exc)}") from None
         self.experiment_name = experiment_name
@@ -74,6 +102,11 @@ class Tracker:
     def end(self, run_id: str, status: str) -> None:
         """Set a run's final status: FINISHED, FAILED or KILLED."""
         self.client.set_terminated(run_id, status=status)
+
+    def fail_fast(self) -> None:
+        """From now on, try each call once: after an interrupt, marking runs KILLED must not wait out a
+        dead server (a call to an unreachable server then raises ``TrackingUnavailable`` at once)."""
+        self.client.retrying = False
 
     # --- lookup for --resume -----------------------------------------------------------------------
 
@@ -138,8 +171,29 @@ class RunTracker:
         """Save a matplotlib figure as a PNG artifact."""
         self.client.log_figure(self.run_id, figure, artifact_file)
 
+    def log_dataset(self, name: str, digest: str, splits: dict[str, int], source: str) -> None:
+        """Record the run's dataset as an MLflow dataset input (the runs table's Dataset column).
+
+        ``digest`` identifies the data (runs on different data get different digests; MLflow keeps at
+        most 36 characters), ``splits`` maps split names to sizes (stored in the dataset's profile),
+        ``source`` says where the data comes from (a folder, or a generator and its parameters).
+        """
+        import json
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        dataset = Dataset(name=name, digest=str(digest)[:36], source_type="unetlab",
+                          source=json.dumps({"uri": source}),
+                          profile=json.dumps({"num_rows": sum(splits.values()), "splits": dict(splits)}))
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT,
+                                                                                       "training")])])
+
     def log_model(self, model, pip_requirements: list[str]) -> str:
         """Log ``model`` with ``mlflow.pytorch.log_model`` (pickle format); return its model URI."""
+        return self.client.call(self._log_model_once, model, pip_requirements)
+
+    def _log_model_once(self, model, pip_requirements: list[str]) -> str:
         import mlflow
         import mlflow.pytorch
 
