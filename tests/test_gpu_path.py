@@ -265,3 +265,53 @@ def test_gpu_benchmark_runs_on_cpu(tmp_path):
                                                                    ("bf16+channels_last", False)]
     assert all(r["images_per_s"] > 0 and r["tflops"] > 0 for r in rows)
     assert "deterministic on / off" in proc.stdout
+
+
+# --- MLflow system metrics ---------------------------------------------------------------------------------
+
+def test_system_metrics_setting():
+    from unetlab.system_metrics import system_metrics_enabled
+
+    pytest.importorskip("psutil")
+    assert system_metrics_enabled("auto", "cuda") and not system_metrics_enabled("auto", "cpu")
+    assert system_metrics_enabled(True, "cpu") and not system_metrics_enabled(False, "cuda")
+
+
+def test_system_metrics_without_psutil_is_a_config_error(monkeypatch):
+    import importlib.util
+
+    import unetlab
+    from unetlab.system_metrics import system_metrics_enabled
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "psutil" else real(name, *a))
+    with pytest.raises(unetlab.UnetlabError, match=r"tracking.system_metrics: true needs psutil"):
+        system_metrics_enabled(True, "cpu")
+    assert not system_metrics_enabled("auto", "cuda")  # auto quietly does without
+
+
+def test_system_metrics_are_logged_to_the_run(tmp_path, monkeypatch):
+    pytest.importorskip("psutil")
+    import mlflow
+
+    from unetlab.system_metrics import start_system_metrics
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # a file store: no sqlite schema to create (seconds)
+    uri = (tmp_path / "mlruns").as_uri()
+    client = mlflow.MlflowClient(uri)
+    run = client.create_run(client.create_experiment("sys", artifact_location=str(tmp_path / "art")))
+    monitor = start_system_metrics(run.info.run_id, tracking_uri=uri, sampling_interval=0.2)
+    import time
+
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        try:
+            if client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage"):
+                break
+        except ValueError:  # the file store read a line the monitor was writing
+            pass
+        time.sleep(0.2)
+    monitor.finish()
+    metrics = client.get_run(run.info.run_id).data.metrics
+    assert 0 <= metrics["system/cpu_utilization_percentage"] <= 100
+    assert metrics["system/system_memory_usage_megabytes"] > 0
