@@ -21,7 +21,7 @@ def setup_for(tmp_path, extra: str = "", **kw) -> TrainSetup:
     path.write_text(textwrap.dedent("""
         data: {dataset: {name: blobs, image_size: 32, n_train: 16, n_val: 8}, batch_size: 4}
         model: {encoder: {name: classic, depth: 2, base_channels: 4}}
-        train: {epochs: 3, lr: 0.01}
+        train: {epochs: 3, lr: 0.01, device: cpu}
     """) + textwrap.dedent(extra))
     run = unetlab.load_experiment(path, kw.pop("overrides", [])).runs[0]
     source = build_source(run.config, REGISTRY)
