@@ -24,6 +24,7 @@ model:
 train:
   epochs: EPOCHS
   lr: 0.01
+  device: cpu  # these tests mean the CPU (exact resume, params["device"]); on a GPU machine too
   loss: bce_iou
   metrics: [iou, dice]
 tracking:
