@@ -319,7 +319,7 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = (), host: Plugi
                 try:
                     cell.set(key, value, _Origin("--set", key))
                 except ConfigError as exc:
-                    raise ConfigError(f"--set {key}=...: {exc.detail}") from None
+                    raise ConfigError(f"--set {_clip(key)}=...: {exc.detail}") from None
             for seed in seeds if seeds is not None else [cell.config["train"]["seed"]]:
                 run_layers = cell.copy()
                 if seeds is not None:

@@ -16,28 +16,55 @@ __all__ = ["KeyPath", "SafeLoader", "DocumentTooComplex", "MAX_BYTES", "MAX_DEPT
 
 MAX_BYTES = 1 << 20      # 1 MiB: experiment files are a few KB; anything near this is a mistake or an attack
 MAX_DEPTH = 32           # mappings and lists inside each other; real files use fewer than 8
-MAX_VALUES = 100_000     # values after expanding aliases: a "billion laughs" document stops here
+MAX_VALUES = 20_000      # values, aliases expanded: a "billion laughs" document stops here (real files: < 500)
+
+try:  # libyaml scans in C: PyYAML's pure-Python scanner takes seconds on a 100 KB flow collection
+    from yaml._yaml import CParser as _Parser
+except ImportError:  # PyYAML built without libyaml
+    from yaml.parser import Parser as _Parser
+    from yaml.reader import Reader as _Reader
+    from yaml.scanner import Scanner as _Scanner
+else:
+    _Reader = _Scanner = None
 
 
 class DocumentTooComplex(yaml.MarkedYAMLError):
-    """A document nested deeper than ``MAX_DEPTH``: refused while composing, before Python recursion runs out."""
+    """A document nested deeper than ``MAX_DEPTH`` or holding more than ``MAX_VALUES`` values.
+
+    Raised while composing, so neither Python's recursion limit nor the time to build a huge
+    document is ever reached.
+    """
 
 
-class SafeLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, plus floats written without a dot (``1e-3``), which YAML 1.1 reads as strings,
-    and a bound on nesting depth (PyYAML composes recursively: 5,000 levels are a RecursionError)."""
+class SafeLoader(yaml.composer.Composer, _Parser, yaml.constructor.SafeConstructor, yaml.resolver.Resolver):
+    """A safe loader (PyYAML's safe constructor and resolver, libyaml's parser when available) that
+    reads floats written without a dot (``1e-3``, a string in YAML 1.1) and bounds nesting depth and
+    size while composing (PyYAML composes recursively: 5,000 levels were a RecursionError)."""
 
     def __init__(self, stream: Any) -> None:
-        super().__init__(stream)
+        if _Reader is not None:
+            _Reader.__init__(self, stream)
+            _Scanner.__init__(self)
+            _Parser.__init__(self)
+        else:
+            _Parser.__init__(self, stream)
+        yaml.composer.Composer.__init__(self)
+        yaml.constructor.SafeConstructor.__init__(self)
+        yaml.resolver.Resolver.__init__(self)
         self._depth = 0
+        self._nodes = 0
 
     def compose_node(self, parent: Any, index: Any) -> Any:
-        """Compose one node, refusing documents nested deeper than ``MAX_DEPTH``."""
+        """Compose one node, refusing documents nested deeper than ``MAX_DEPTH`` or over ``MAX_VALUES`` nodes."""
         self._depth += 1
+        self._nodes += 1
         try:
             if self._depth > MAX_DEPTH:
                 raise DocumentTooComplex(problem=f"nested deeper than {MAX_DEPTH} levels "
                                                  "(mappings and lists inside each other)",
+                                         problem_mark=self.peek_event().start_mark)
+            if self._nodes > MAX_VALUES:
+                raise DocumentTooComplex(problem=f"more than {MAX_VALUES:,} values; experiment files are small",
                                          problem_mark=self.peek_event().start_mark)
             return super().compose_node(parent, index)
         finally:
@@ -110,18 +137,24 @@ def load_yaml_file(path: str | Path) -> tuple[Any, dict[KeyPath, int]]:
 def _parse(text: str, source: str, with_lines: bool) -> tuple[Any, dict[KeyPath, int]]:
     if len(text) > MAX_BYTES:
         raise ConfigError(f"{source}: the text is {len(text):,} characters; at most {MAX_BYTES:,} (1 MiB)")
-    loader = SafeLoader(text)
+    loader = None
     try:
+        loader = SafeLoader(text)  # the reader checks for control characters here already
         node = loader.get_single_node()
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = f":{mark.line + 1}" if mark and with_lines else ""
-        what = "" if isinstance(exc, DocumentTooComplex) else "invalid YAML: "
-        raise ConfigError(f"{source}{line}: {what}{exc.problem or exc.context}") from None
+        problem = f"invalid YAML: {exc.problem or exc.context}"
+        if isinstance(exc, DocumentTooComplex):
+            problem = str(exc.problem)
+        elif "maximum nesting depth" in problem:  # libyaml's own limit (1,000 levels) met before ours
+            problem = f"nested deeper than {MAX_DEPTH} levels (mappings and lists inside each other)"
+        raise ConfigError(f"{source}{line}: {problem}") from None
     except yaml.YAMLError as exc:  # reader errors (control characters) carry no problem_mark
         raise ConfigError(f"{source}: invalid YAML: {str(exc).splitlines()[0]}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if node is None:
         return None, {}
     builder = _Builder(source, with_lines, loader)
@@ -173,7 +206,7 @@ class _Builder:
         try:
             return self.loader.construct_object(node, deep=True)
         except (yaml.YAMLError, ValueError) as exc:  # ValueError: an int over Python's 4300-digit limit, a bad date
-            text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            text = str(exc).splitlines()[0].split(";")[0] if str(exc) else type(exc).__name__
             raise ConfigError(f"{self.where(node, path)}: {text}") from None
 
     def _mapping(self, node: yaml.MappingNode, path: KeyPath, depth: int) -> dict[str, Any]:
@@ -187,8 +220,8 @@ class _Builder:
                                   "use variants to share settings")
             key = self.build(key_node, path, depth + 1) if isinstance(key_node, yaml.ScalarNode) else key_node
             if not isinstance(key, str):
-                shown = key if isinstance(key_node, yaml.ScalarNode) else "(a mapping or list)"
-                raise ConfigError(f"{self.at(key_line)}: {top}: key {shown!r} must be a string (quote it)")
+                shown = repr(key) if isinstance(key_node, yaml.ScalarNode) else "(a mapping or list)"
+                raise ConfigError(f"{self.at(key_line)}: {top}: key {shown} must be a string (quote it)")
             if key in result:
                 raise ConfigError(f"{self.at(key_line)}: {format_path(path + (key,))}: duplicate key "
                                   f"(first at line {first_line[key]})")
