@@ -47,7 +47,7 @@ def test_plugins_json_lists_first_party_through_entry_points():
     assert report["unetlab_std.fusions"]["hooks"] == ["register_fusions"]
     encoder = {c["name"]: c for c in report["unetlab_std.encoders"]["components"]}["classic"]
     depth = {p["name"]: p for p in encoder["params"]}["depth"]
-    assert depth == {"name": "depth", "type": "int", "required": False, "default": 5}
+    assert depth == {"name": "depth", "type": "int in [1, 8]", "required": False, "default": 5}
     # contract arguments are supplied by unetlab, never shown as user parameters
     assert "in_channels" not in {p["name"] for p in encoder["params"]}
 
@@ -55,7 +55,7 @@ def test_plugins_json_lists_first_party_through_entry_points():
 def test_plugins_text_lists_components_with_defaults():
     proc = run_cli("plugins", "--kind", "fusion", check=True)
     assert "fusion      attention" in proc.stdout
-    assert "inter_channels: int|null = null" in proc.stdout
+    assert "inter_channels: int in [1, 65536]|null = null" in proc.stdout  # with its declared range
 
 
 def test_third_party_plugin_found_and_broken_one_marked(tmp_path):
