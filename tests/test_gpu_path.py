@@ -315,3 +315,25 @@ def test_system_metrics_are_logged_to_the_run(tmp_path, monkeypatch):
     metrics = client.get_run(run.info.run_id).data.metrics
     assert 0 <= metrics["system/cpu_utilization_percentage"] <= 100
     assert metrics["system/system_memory_usage_megabytes"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_batches_resident_and_prefetched_equal_the_cpu_batches():
+    from unetlab.data import CudaPrefetcher, DeviceBatches, make_batches, make_loader
+
+    dataset = torch.utils.data.TensorDataset(torch.randn(37, 3, 8, 8), torch.randint(0, 2, (37, 8, 8)))
+    cuda = torch.device("cuda")
+    expected_loader = make_loader(dataset, 8, True, 0, False)
+    resident = make_batches(dataset, 8, True, 0, True, cuda)
+    prefetched = CudaPrefetcher(make_loader(dataset, 8, True, 0, True), cuda)
+    assert isinstance(resident, DeviceBatches)
+    for seed in (0, 7):
+        for batches in (expected_loader, resident, prefetched):
+            batches.epoch_sampler.set_epoch(seed)
+        expected = list(expected_loader)
+        for batches in (resident, prefetched):
+            got = list(batches)
+            assert len(got) == len(expected)
+            for (xe, ye), (xg, yg) in zip(expected, got):
+                assert xg.is_cuda and torch.equal(xg.cpu(), xe) and torch.equal(yg.cpu(), ye)
