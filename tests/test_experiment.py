@@ -176,3 +176,66 @@ def test_shipped_experiments_validate():
     for path in sorted((REPO / "experiments").glob("*.yaml")):
         proc = run_cli("validate", str(path))
         assert proc.returncode == 0, (path, proc.stderr)
+
+
+def test_a_plugin_declares_parameter_ranges_in_its_signature(tmp_path):
+    from unetlab.plugins import PluginHost
+
+    (tmp_path / "my_plugin.py").write_text(textwrap.dedent('''
+        from __future__ import annotations  # string annotations: Range must survive get_type_hints
+
+        from typing import Annotated, Optional
+
+        import unetlab
+        from unetlab.params import Range
+
+
+        def gated(skip_channels: int, up_channels: int, heads: Annotated[int, Range(1, 8)] = 2,
+                  scale: Optional[Annotated[float, Range(0, 1, min_exclusive=True)]] = None):
+            """A fusion that is never built in this test."""
+
+
+        @unetlab.hookimpl
+        def register_fusions(register):
+            register("gated", gated)
+    '''))
+    text = "plugins: [my_plugin.py]\nmodel:\n  fusion: {{name: gated, heads: {heads}, scale: {scale}}}\n"
+    host = PluginHost()
+    write(tmp_path, text.format(heads=8, scale=1))
+    fusion = unetlab.load_experiment(tmp_path / "exp.yaml", host=host).runs[0].config["model"]["fusion"]
+    assert fusion == {"name": "gated", "heads": 8, "scale": 1.0}
+    assert [p.type_name() for p in host.registry.get("fusion", "gated").params] == [
+        "int in [1, 8]", "float in (0, 1]|null"]
+    for heads, scale, expected in [(0, "null", "model.fusion.heads: must be >= 1, got 0 (allowed: [1, 8])"),
+                                   (9, "null", "model.fusion.heads: must be <= 8, got 9 (allowed: [1, 8])"),
+                                   (2, 0, "model.fusion.scale: must be > 0, got 0 (allowed: (0, 1])")]:
+        write(tmp_path, text.format(heads=heads, scale=scale))
+        with pytest.raises(unetlab.ConfigError) as info:
+            unetlab.load_experiment(tmp_path / "exp.yaml", host=PluginHost())
+        assert f"exp.yaml:3: {expected} for fusion 'gated'" in str(info.value)
+
+
+@pytest.mark.parametrize("value, annotation, expected", [
+    (0, "Optional[Annotated[int, Range(1)]]", "must be >= 1, got 0"),
+    (None, "Optional[Annotated[int, Range(1)]]", None),
+    ("auto", "Union[Annotated[int, Range(1)], Literal['auto']]", "auto"),
+    (0, "Union[Annotated[int, Range(1)], Literal['auto']]", "must be >= 1, got 0"),
+    ([4, 0], "list[Annotated[int, Range(1, 8)]]", "must be >= 1, got 0 (allowed: [1, 8])"),
+    (float("inf"), "Annotated[float, Range(0)]", "must be a finite number, got inf"),
+    (10 ** 400, "float", "must be a finite number"),
+    (1, "Annotated[float, Range(0, 1, max_exclusive=True)]", "must be < 1, got 1 (allowed: [0, 1))"),
+    ("3", "Annotated[int, Range(1, 8)]", "expected int in [1, 8], got '3'"),
+])
+def test_check_value_enforces_declared_ranges(value, annotation, expected):
+    from typing import Annotated, Literal, Optional, Union  # noqa: F401 (used by eval)
+
+    from unetlab.params import OutOfRange, Range, check_value  # noqa: F401 (Range used by eval)
+
+    hint = eval(annotation)
+    if expected is None or expected == value:
+        assert check_value(value, hint) == value
+        return
+    with pytest.raises(TypeError) as info:
+        check_value(value, hint)
+    assert str(info.value).startswith(expected), str(info.value)
+    assert isinstance(info.value, OutOfRange) == expected.startswith("must")
