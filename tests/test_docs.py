@@ -5,10 +5,10 @@ from __future__ import annotations
 import inspect
 import re
 
+from conftest import REPO
+
 from unetlab import hookspecs
 from unetlab.schema import TOP_LEVEL_KEYS, iter_fields, reference_markdown
-
-from conftest import REPO
 
 HOOKS = [name for name, fn in vars(hookspecs).items()
          if callable(fn) and hasattr(fn, "unetlab_spec")]
@@ -42,7 +42,7 @@ def test_readme_reference_table_is_current():
 def test_readme_and_ci_agree_on_the_test_command():
     readme = (REPO / "README.md").read_text()
     ci = (REPO / ".ci" / "run").read_text()
-    command = re.search(r"<!-- test-command -->\n```bash\n(.+?)\n```", readme, re.S).group(1).strip()
+    command = re.search(r"<!-- test-command -->\n```bash\n(.+?)\n```", readme, re.DOTALL).group(1).strip()
     assert command in ci, "the README's test command must be what .ci/run executes"
 
 

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, run_cli
 
 EXAMPLE = REPO / "plugins" / "unetlab-example"
@@ -18,7 +17,7 @@ def installed(tmp_path_factory):
     """``pip install`` the example project into a folder of its own (no network, test env untouched)."""
     target = tmp_path_factory.mktemp("site")
     proc = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                           "--no-index", "--target", str(target), str(EXAMPLE)], capture_output=True, text=True)
+                           "--no-index", "--target", str(target), str(EXAMPLE)], check=False, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     return {"PYTHONPATH": str(target)}
 
@@ -51,7 +50,7 @@ def test_an_experiment_uses_its_components(installed, tmp_path):
 
 def test_its_own_tests_pass(installed):
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(EXAMPLE / "tests")],
-                          capture_output=True, text=True, env={**__import__("os").environ, **installed})
+                          check=False, capture_output=True, text=True, env={**__import__("os").environ, **installed})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "9 passed" in proc.stdout
 
@@ -63,11 +62,11 @@ def test_new_plugin_scaffold_passes_its_own_tests(tmp_path):
     assert {p.name for p in project.iterdir()} == {"pyproject.toml", "README.md", "unetlab_demo", "tests"}
     site = tmp_path / "site"
     pip = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                          "--no-index", "--target", str(site), str(project)], capture_output=True, text=True)
+                          "--no-index", "--target", str(site), str(project)], check=False, capture_output=True, text=True)
     assert pip.returncode == 0, pip.stderr
     env = {**__import__("os").environ, "PYTHONPATH": str(site)}
     tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(project / "tests")],
-                           capture_output=True, text=True, env=env, cwd=project)
+                           check=False, capture_output=True, text=True, env=env, cwd=project)
     assert tests.returncode == 0, tests.stdout + tests.stderr
     assert "9 passed" in tests.stdout
     listed = {p["name"]: p for p in json.loads(run_cli("plugins", "--json", env={"PYTHONPATH": str(site)},

@@ -27,9 +27,22 @@ from .registry import KINDS, Component, Registry
 __version__ = "0.1.0"
 
 __all__ = [
-    "__version__", "hookimpl", "create", "list_components", "get_component", "load_experiment",
-    "build_model", "Experiment", "Run", "Component", "KINDS", "PluginHost", "default_host",
-    "UnetlabError", "ConfigError", "PluginError",
+    "KINDS",
+    "Component",
+    "ConfigError",
+    "Experiment",
+    "PluginError",
+    "PluginHost",
+    "Run",
+    "UnetlabError",
+    "__version__",
+    "build_model",
+    "create",
+    "default_host",
+    "get_component",
+    "hookimpl",
+    "list_components",
+    "load_experiment",
 ]
 
 
@@ -65,7 +78,10 @@ def build_model(model_config: Mapping[str, Any] | str | None, in_channels: int, 
     ``out_channels`` is 1 for binary (one sigmoid logit; class 1 where the logit > 0) or the number
     of classes. An unknown name or parameter raises ``ConfigError`` with the key path and a did-you-mean.
     """
-    from .model import build_unet, resolve_model_config  # torch is imported only when a model is built
+    from .model import (  # torch is imported only when a model is built
+        build_unet,
+        resolve_model_config,
+    )
 
     registry = registry or default_host().registry
     return build_unet(resolve_model_config(model_config, registry), in_channels, out_channels, registry)

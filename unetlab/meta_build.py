@@ -29,7 +29,7 @@ def _create(registry: Registry, kind: str, spec: Mapping[str, Any], where: str, 
         return registry.create(kind, spec["name"], **contract, **component_params(spec, *drop))
     except UnetlabError:
         raise
-    except Exception as exc:  # a plugin factory's own error, reported as one line
+    except Exception as exc:  # noqa: BLE001 - any error of a plugin's factory is reported as one line
         raise ConfigError(f"cannot build {kind} '{spec['name']}': {exception_text(exc)}", where) from None
 
 

@@ -24,8 +24,15 @@ from torch import nn
 from .errors import ConfigError, UnetlabError, exception_text
 from .registry import Registry, component_params
 
-__all__ = ["UNet", "build_unet", "resolve_model_config", "output_shape", "count_parameters", "forward_flops",
-           "logits_to_classes"]
+__all__ = [
+    "UNet",
+    "build_unet",
+    "count_parameters",
+    "forward_flops",
+    "logits_to_classes",
+    "output_shape",
+    "resolve_model_config",
+]
 
 
 class UNet(nn.Module):
@@ -117,7 +124,7 @@ def _create(registry: Registry, kind: str, key: str, spec: Mapping[str, Any], **
         return registry.create(kind, spec["name"], **contract, **component_params(spec))
     except UnetlabError:
         raise
-    except Exception as exc:  # a plugin factory rejecting a value (ValueError) or failing (anything)
+    except Exception as exc:  # noqa: BLE001 - a plugin factory rejecting a value or failing, as one line
         raise ConfigError(f"cannot build {kind} '{spec['name']}': {exception_text(exc)}", f"model.{key}") from None
 
 

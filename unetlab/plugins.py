@@ -38,7 +38,7 @@ from . import hookspecs
 from .errors import PluginError, did_you_mean, exception_text, known_list
 from .registry import KINDS, Registry, check_registration
 
-__all__ = ["ENTRY_POINT_GROUP", "FIRST_PARTY_DISTRIBUTION", "PluginInfo", "PluginHost", "default_host"]
+__all__ = ["ENTRY_POINT_GROUP", "FIRST_PARTY_DISTRIBUTION", "PluginHost", "PluginInfo", "default_host"]
 
 ENTRY_POINT_GROUP = "unetlab"
 FIRST_PARTY_DISTRIBUTION = "unetlab"
@@ -132,7 +132,7 @@ class PluginHost:
             self.plugins[name] = info
             try:
                 plugin = ep.load()
-            except Exception as exc:  # any import-time failure of a third-party module
+            except Exception as exc:  # noqa: BLE001 - any import-time failure of a third-party module
                 info.error = (f"entry point '{ep.name} = {ep.value}' of distribution "
                               f"'{dist_name} {info.version}' failed to import: {exception_text(exc)}")
                 continue
@@ -161,7 +161,7 @@ class PluginHost:
                 module = importlib.util.module_from_spec(module_spec)
                 sys.modules[module_name] = module
                 module_spec.loader.exec_module(module)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - a plugin file may fail in any way: it is marked broken
                 sys.modules.pop(module_name, None)
                 info.error = f"plugin file '{spec}' failed to load: {exception_text(exc)}"
                 return info
@@ -172,7 +172,7 @@ class PluginHost:
             info = self.plugins[name] = PluginInfo(name=name, source=f"module {spec}")
             try:
                 module = importlib.import_module(spec)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - as for a plugin file
                 info.error = f"plugin module '{spec}' failed to import: {exception_text(exc)}"
                 return info
         self._register(module, info)
@@ -197,7 +197,7 @@ class PluginHost:
     def _register(self, plugin: Any, info: PluginInfo) -> None:
         try:
             self.pm.register(plugin, name=info.name)
-        except Exception as exc:  # pluggy rejects a hook implementation whose arguments the spec lacks
+        except Exception as exc:  # noqa: BLE001 - pluggy rejects an implementation with arguments its spec lacks
             info.error = f"plugin '{info.name}' has an invalid hook: {exception_text(exc)}"
             return
         callers = self.pm.get_hookcallers(plugin) or []
@@ -242,7 +242,7 @@ class PluginHost:
 
                 try:
                     impl.function(**{arg: register for arg in impl.argnames})
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - a plugin's hook may raise anything: it is marked broken
                     info.error = f"plugin '{info.name}'{_origin(info)} raised in {kind.hook}: {exception_text(exc)}"
                     self.pm.unregister(name=info.name)  # a broken plugin gets no lifecycle calls either
         registry = Registry()

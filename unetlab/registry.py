@@ -9,15 +9,24 @@ schema's component fields name kinds from here; ``tests/test_docs.py`` checks th
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from .errors import ConfigError, PluginError, did_you_mean, exception_text, known_list
 from .params import OutOfRange, Param, check_value, read_params
 
-__all__ = ["Kind", "KINDS", "DIRECTIONS", "Component", "Registry", "component_params", "metric_directions",
-           "resolve_monitor_mode", "check_registration"]
+__all__ = [
+    "DIRECTIONS",
+    "KINDS",
+    "Component",
+    "Kind",
+    "Registry",
+    "check_registration",
+    "component_params",
+    "metric_directions",
+    "resolve_monitor_mode",
+]
 
 DIRECTIONS = ("max", "min")
 
@@ -232,7 +241,7 @@ def metric_directions(train_config: Mapping[str, Any], num_classes: int, registr
             if not (component.binary_only and num_classes > 2):
                 metric.update(logits, target)
             keys = list(metric.compute())
-        except Exception as exc:  # a plugin's bug: one line naming the metric, not a traceback
+        except Exception as exc:  # noqa: BLE001 - a plugin's bug: one line naming the metric, not a traceback
             raise PluginError(f"metric '{spec['name']}' (plugin {component.plugin}) failed on a tiny "
                               f"{num_classes}-class batch: {exception_text(exc)}") from None
         for key in keys:

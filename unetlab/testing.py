@@ -25,9 +25,11 @@ file (loaded into the default host, so ``check_component`` then finds its compon
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -35,7 +37,7 @@ from .params import Param
 from .plugins import PluginHost, PluginInfo, default_host
 from .registry import KINDS, Component, Registry
 
-__all__ = ["ContractError", "check_component", "components_of", "load_plugin", "CHECKS"]
+__all__ = ["CHECKS", "ContractError", "check_component", "components_of", "load_plugin"]
 
 
 class ContractError(AssertionError):
@@ -85,7 +87,7 @@ def check_encoder(check: _Checker, build: Callable[..., Any]) -> None:
                      f"out_channels must be a non-empty list of positive ints, got {channels!r}")
         strides = list(getattr(enc, "strides", [2 ** i for i in range(len(channels))]))
         check.expect(len(strides) == len(channels) and strides[0] >= 1 and
-                     all(b % a == 0 and b // a >= 2 for a, b in zip(strides, strides[1:])), "strides",
+                     all(b % a == 0 and b // a >= 2 for a, b in itertools.pairwise(strides)), "strides",
                      f"strides {strides} must match out_channels {list(channels)} and grow by integer factors >= 2")
         padding = getattr(enc, "padding", "same")
         check.expect(padding in ("same", "valid"), "padding", f"padding must be 'same' or 'valid', got {padding!r}")
@@ -104,7 +106,7 @@ def check_encoder(check: _Checker, build: Callable[..., Any]) -> None:
                     check.expect(abs(f.shape[-2] - h / s) <= 1 and abs(f.shape[-1] - w / s) <= 1, "strides",
                                  f"feature {i} is {f.shape[-2]}x{f.shape[-1]} for a {h}x{w} input; stride {s} "
                                  f"means about {h // s}x{w // s}")
-            check.expect(all(a.shape[-1] >= b.shape[-1] for a, b in zip(features, features[1:])), "features",
+            check.expect(all(a.shape[-1] >= b.shape[-1] for a, b in itertools.pairwise(features)), "features",
                          "feature maps must go from finest to coarsest")
         _grads_flow(check, enc, features)
 

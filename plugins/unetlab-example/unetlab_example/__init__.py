@@ -117,7 +117,7 @@ class OHEMBCE(nn.Module):
         truth = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).to(logits.dtype) if logits.shape[1] > 1 \
             else (target == 1).to(logits.dtype)[:, None]
         per_pixel = F.binary_cross_entropy_with_logits(logits, truth, reduction="none").flatten()
-        k = max(1, int(math.ceil(self.fraction * per_pixel.numel())))
+        k = max(1, math.ceil(self.fraction * per_pixel.numel()))
         return per_pixel.topk(k).values.mean()
 
 
