@@ -357,3 +357,19 @@ def test_unknown_model_spec_is_one_line(store, tmp_path, capsys):
     line = one_line_error(cli(capsys, "predict", "no-such-run", str(tmp_path / "a.png"), "--out", str(tmp_path / "o"),
                               "--tracking-uri", store.uri))
     assert "neither a checkpoint file, an MLflow run id" in line
+
+
+def test_images_are_normalised_as_the_model_was_trained(tmp_path):
+    """The checkpoint's normalisation spec is applied; without one, integers scale by their type, not per image."""
+    from unetlab.model_store import load_trained
+    from unetlab.predict import read_image
+
+    config, model = tiny_model(0)
+    spec = {"mode": "fixed", "offset": [100.0], "scale": [50.0], "clip": None}
+    save_atomic({"model": model.state_dict(), "model_config": config, "in_channels": 1, "out_channels": 1,
+                 "normalization": spec}, tmp_path / "norm.pt")
+    assert load_trained(str(tmp_path / "norm.pt")).normalization == spec
+    dark = np.array([[0, 50], [100, 200]], np.uint16)  # a dark 16-bit image: max below 255
+    io.imsave(tmp_path / "dark.png", dark, check_contrast=False)
+    np.testing.assert_allclose(read_image(tmp_path / "dark.png", 1, spec)[0].numpy(), (dark - 100.0) / 50.0)
+    np.testing.assert_allclose(read_image(tmp_path / "dark.png", 1)[0].numpy(), dark / 65535.0, rtol=1e-6)
