@@ -5,7 +5,8 @@ on and off, bilinear and transpose upsamplers, at 128 and 256 px (issue 10's tab
 Each row trains the assembled 64-to-1024 U-Net (classic encoder, depth 5, concat, BCE, Adam) on a fixed
 random batch: ``--warmup`` untimed steps (the first compiles with ``+compile``), then ``--steps`` timed
 steps between two device synchronisations. Training FLOPs = 3 x the forward FLOPs counted by
-``unetlab.model.forward_flops``. ``bilinear (PyTorch kernel)`` is the bilinear upsampler forced onto
+``unetlab.model.forward_flops``. ``+host_batch`` copies each step's input batch from pinned host memory
+(a DataLoader-fed run) instead of using one already on the device. ``bilinear (PyTorch kernel)`` is the bilinear upsampler forced onto
 F.interpolate (what unetlab used before its matrix-product path): the price of PyTorch's deterministic
 fallback. Deterministic rows use ``unetlab.determinism.configure`` exactly as a run does.
 
@@ -33,13 +34,14 @@ import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
-# name -> (autocast dtype, TF32, channels_last, torch.compile)
+# name -> (autocast dtype, TF32, channels_last, torch.compile, batch copied from host memory each step)
 SETTINGS = {
-    "fp32": (None, False, False, False),
-    "tf32": (None, True, False, False),
-    "bf16": (torch.bfloat16, False, False, False),
-    "bf16+channels_last": (torch.bfloat16, False, True, False),
-    "bf16+channels_last+compile": (torch.bfloat16, False, True, True),
+    "fp32": (None, False, False, False, False),
+    "tf32": (None, True, False, False, False),
+    "bf16": (torch.bfloat16, False, False, False, False),
+    "bf16+channels_last": (torch.bfloat16, False, True, False, False),
+    "bf16+channels_last+compile": (torch.bfloat16, False, True, True, False),
+    "bf16+channels_last+host_batch": (torch.bfloat16, False, True, False, True),
 }
 UPSAMPLERS = ["bilinear", "transpose", "bilinear (PyTorch kernel)"]
 # the issue's headline batches per image size; --quick shrinks everything
@@ -89,7 +91,7 @@ def measure(device, size, batch, upsampler, setting, deterministic, args) -> dic
     from unetlab.determinism import configure, report_nondeterministic_ops
     from unetlab.model import forward_flops
 
-    amp, tf32, channels_last, compiled = SETTINGS[setting]
+    amp, tf32, channels_last, compiled, host_batch = SETTINGS[setting]
     configure(deterministic, device)
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
@@ -102,12 +104,15 @@ def measure(device, size, batch, upsampler, setting, deterministic, args) -> dic
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
+    # host_batch: every step copies its batch from (pinned) host memory, as a DataLoader-fed run does
+    x_host = x.cpu().pin_memory() if host_batch and device.type == "cuda" else x.cpu() if host_batch else None
     optimizer = torch.optim.Adam(model.parameters(), 1e-4)
     forward = torch.compile(model) if compiled else model
 
     def step() -> None:
+        inputs = x if x_host is None else x_host.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            logits = forward(x)
+            logits = forward(inputs)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -134,6 +139,15 @@ def measure(device, size, batch, upsampler, setting, deterministic, args) -> dic
             "tflops": 3 * flops * batch / per_step / 1e12, "warmup_s": warmup}
 
 
+def wanted(upsampler: str, setting: str) -> bool:
+    """The forced PyTorch kernel and the host copy are measured at the default GPU setting only."""
+    if setting.endswith("host_batch"):
+        return upsampler == "bilinear"
+    if upsampler == "bilinear (PyTorch kernel)":
+        return setting == "bf16+channels_last"
+    return True
+
+
 def table(args) -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -145,20 +159,19 @@ def table(args) -> None:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), {where}; U-Net base {args.base}, depth "
           f"{args.depth}; bf16 matmul rate in this run: {peak / 1e12:.3f} TFLOP/s", flush=True)
-    print(f"{'px':>4} {'batch':>5}  {'upsampler':<26} {'setting':<27} {'determ.':<7} {'images/s':>9} "
+    print(f"{'px':>4} {'batch':>5}  {'upsampler':<26} {'setting':<30} {'determ.':<7} {'images/s':>9} "
           f"{'TFLOP/s':>8} {'of bf16':>7} {'warm-up':>8}", flush=True)
     rows = []
     for size in args.sizes:
         batch = args.batch or BATCH.get(size, 16)
         for upsampler in args.upsamplers:
             for setting in settings:
-                # the forced PyTorch kernel is only of interest where the fast path differs: bf16 + channels_last
-                if upsampler == "bilinear (PyTorch kernel)" and setting != "bf16+channels_last":
+                if not wanted(upsampler, setting):
                     continue
                 for deterministic in args.deterministic:
                     row = measure(device, size, batch, upsampler, setting, deterministic, args)
                     rows.append(row)
-                    print(f"{size:>4} {batch:>5}  {upsampler:<26} {setting:<27} {'on' if deterministic else 'off':<7} "
+                    print(f"{size:>4} {batch:>5}  {upsampler:<26} {setting:<30} {'on' if deterministic else 'off':<7} "
                           f"{row['images_per_s']:>9.1f} {row['tflops']:>8.2f} {row['tflops'] * 1e12 / peak:>7.1%} "
                           f"{row['warmup_s']:>7.1f}s", flush=True)
     print("\ndeterministic on / off (images/s; goal: on costs at most 15%):")
