@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
-from unetlab.data import build_augment, build_source, make_loader, model_io
+from unetlab.data import build_augment, build_source, make_loader
 from unetlab.experiment import load_experiment
 from unetlab.plugins import default_host
+from unetlab.preflight import prepare
 from unetlab.trainer import TrainSetup, train_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,7 +35,6 @@ def main() -> None:
                           ["train.epochs=1", "seeds=[1]", *args.overrides]).runs[0]
     registry = default_host().registry
     source = build_source(run.config, registry)
-    in_ch, out_ch, num_classes = model_io(run.config, source)
     data = run.config["data"]
     loader = make_loader(source.split("train"), data["batch_size"], True, data["num_workers"], False)
     augment = build_augment(run.config, registry)
@@ -52,7 +52,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds + 1):
             f = fetch_epoch()
-            record = train_run(TrainSetup(run.name, run.config, source, in_ch, out_ch, num_classes, registry,
+            record = train_run(TrainSetup(prepare(run, registry, source=source), registry,
                                           Path(tmp) / str(r))).history[0]
             if r:
                 fetch.append(f)

@@ -60,13 +60,6 @@ class DistContext:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
-    def barrier(self) -> None:
-        """Wait for every rank."""
-        if self.enabled:
-            import torch.distributed as dist
-
-            dist.barrier()
-
 
 def current() -> DistContext:
     """The context from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK)."""
@@ -74,14 +67,14 @@ def current() -> DistContext:
                        int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def init(context: DistContext) -> None:
-    """Join the process group (nccl when CUDA is available, else gloo)."""
+def init(context: DistContext, device: torch.device) -> None:
+    """Join the process group: nccl when the runs train on CUDA, gloo otherwise (CPU processes)."""
     if not context.enabled:
         return
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if device.type == "cuda" else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(context.local_rank)
         dist.init_process_group(backend=backend)

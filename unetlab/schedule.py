@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["Schedule"]
+__all__ = ["Schedule", "is_better"]
+
+
+def is_better(value: float, best: float | None, mode: str) -> bool:
+    """Whether ``value`` improves on ``best`` (None: nothing yet) in ``mode`` ('max' or 'min'); NaN never does."""
+    if math.isnan(value):
+        return False
+    return best is None or (value > best if mode == "max" else value < best)
 
 
 class Schedule:
@@ -40,9 +47,7 @@ class Schedule:
         """Feed a validation value of the monitored metric (plateau only)."""
         if self.kind != "plateau" or math.isnan(value):
             return
-        better = (self.plateau_best is None or
-                  (value > self.plateau_best if self.mode == "max" else value < self.plateau_best))
-        if better:
+        if is_better(value, self.plateau_best, self.mode):
             self.plateau_best, self.plateau_bad = value, 0
         else:
             self.plateau_bad += 1

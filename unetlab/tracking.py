@@ -128,6 +128,31 @@ class Tracker:
         """Wrap an existing run (resume)."""
         return RunTracker(self, run_id)
 
+    def start_prepared_run(self, prepared, base_tags: dict[str, str], extra_params: dict[str, Any]) -> "RunTracker":
+        """Create the nested run of a prepared run (``preflight.Prepared``): its identity as tags, its resolved
+        config flattened into params (plus ``extra_params``: versions, world size), and ``config.yaml``."""
+        import json
+
+        import torch
+        import yaml
+
+        from . import __version__
+        from .preflight import config_hash
+
+        run = prepared.run
+        child = self.start_child(run.name, {
+            **base_tags, "unetlab.run_key": prepared.key, "unetlab.run_name": run.name,
+            "unetlab.variant": run.variant, "unetlab.seed": str(run.seed), "unetlab.config_hash": config_hash(run.config),
+            **{f"unetlab.matrix.{k}": v if isinstance(v, str) else json.dumps(v) for k, v in run.matrix.items()}})
+        child.log_params({**run.flat(), "model.num_params": prepared.params,
+                          "model.gflops_per_image": f"{prepared.gflops:.4f}", "unetlab.version": __version__,
+                          "torch.version": torch.__version__, "device": str(prepared.runtime.device),
+                          "data.num_classes": prepared.num_classes,
+                          "model.in_channels_resolved": prepared.in_channels,
+                          "model.out_channels_resolved": prepared.out_channels, **extra_params})
+        child.log_text(yaml.safe_dump(run.config, sort_keys=False), "config.yaml")
+        return child
+
 
 class RunTracker:
     """Logging into one MLflow run; handed to lifecycle hooks as ``tracker``."""
@@ -166,6 +191,13 @@ class RunTracker:
     def log_text(self, text: str, artifact_file: str) -> None:
         """Write ``text`` as an artifact."""
         self.client.log_text(self.run_id, text, artifact_file)
+
+    def record_failure(self, message: str, traceback_text: str | None = None) -> None:
+        """Say why the run failed: the ``unetlab.error`` tag, and ``error.txt`` with the traceback of an
+        unexpected error (the status itself is set by ``Tracker.end``)."""
+        self.set_tags({"unetlab.error": message})
+        if traceback_text:
+            self.log_text(traceback_text, "error.txt")
 
     def log_figure(self, figure, artifact_file: str) -> None:
         """Save a matplotlib figure as a PNG artifact."""

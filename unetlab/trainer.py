@@ -1,9 +1,11 @@
-"""Train one resolved run. Reads top to bottom: set up, then one loop over epochs.
+"""Train one prepared run. Reads top to bottom: set up, restore, then one loop over epochs, each a
+``_train_epoch`` and, when due, a ``_validate``.
 
 Reproducibility and resume rest on one rule: everything random in an epoch (shuffling, augmentation,
 dropout) is seeded from (run seed, epoch). An epoch is then a pure function of the state at its
 start, so resuming from the checkpoint written at an epoch's end reproduces an uninterrupted run
-exactly on CPU.
+exactly on CPU. The state that changes from epoch to epoch is one ``TrainState``; a 'last'
+checkpoint is that state plus the model's, optimiser's, schedule's and scaler's state dicts.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ import contextlib
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -25,10 +28,13 @@ from .distributed import DistContext
 from .errors import UnetlabError
 from .model import build_unet
 from .registry import Registry, component_params
-from .schedule import Schedule
+from .schedule import Schedule, is_better
 
-__all__ = ["RunFailed", "RunResult", "TrainSetup", "pick_device", "amp_dtype", "train_run", "evaluate",
-           "crop_target", "epoch_seed"]
+if TYPE_CHECKING:  # preflight uses build_metrics from here
+    from .preflight import Prepared
+
+__all__ = ["RunFailed", "RunResult", "TrainSetup", "TrainState", "build_loss", "build_metrics", "crop_target",
+           "epoch_seed", "evaluate", "make_optimizer", "mark_finished", "predict_logits", "train_run"]
 
 
 class RunFailed(Exception):
@@ -53,14 +59,9 @@ class RunResult:
 
 @dataclass
 class TrainSetup:
-    """Everything ``train_run`` needs besides the config: data, sizes, where to write, whom to tell."""
+    """Everything ``train_run`` needs besides the prepared run: where to write, whom to tell, where to resume."""
 
-    run_name: str
-    config: dict
-    source: Any
-    in_channels: int
-    out_channels: int
-    num_classes: int
+    prepared: Prepared
     registry: Registry
     checkpoint_dir: Path
     tracker: Any = None                      # RunTracker or None
@@ -70,34 +71,38 @@ class TrainSetup:
     dist: DistContext = field(default_factory=DistContext)
 
 
-def pick_device(spec: str) -> torch.device:
-    """``auto``: cuda, then mps, then cpu; otherwise the named device, which must exist."""
-    if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise UnetlabError(f"train.device: '{spec}' is not a device (auto, cpu, cuda, cuda:N, mps)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UnetlabError(f"train.device: '{spec}' asked for, but no CUDA device is available (use auto or cpu)")
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UnetlabError(f"train.device: '{spec}' asked for, but MPS is not available (use auto or cpu)")
-    return device
+@dataclass
+class TrainState:
+    """What changes from epoch to epoch; saved as is (next to the state dicts) in every 'last' checkpoint."""
+
+    epoch: int = 0                 # epochs completed
+    step: int = 0                  # optimiser steps taken
+    best: float | None = None      # best value of the monitored metric so far
+    best_epoch: int | None = None
+    stale: int = 0                 # validations since the best one
+    history: list[dict[str, float]] = field(default_factory=list)  # one record per epoch
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict) -> TrainState:
+        """The state saved in a 'last' checkpoint."""
+        return cls(**{f.name: checkpoint[f.name] for f in fields(cls)})
 
 
-def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``train.amp`` on ``device`` (None: full precision)."""
-    if mode == "off" or (mode == "auto" and device.type != "cuda"):
-        return None
-    if mode == "fp16" and device.type != "cuda":
-        raise UnetlabError("train.amp: fp16 needs a CUDA device (use bf16 or off on the CPU)")
-    if mode == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if mode == "bf16" else torch.float16
+@dataclass
+class _Parts:
+    """The objects a run trains with, built once by ``_build``."""
+
+    model: torch.nn.Module
+    forward: Callable                # the model, possibly wrapped in DDP and/or compiled
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    scaler: Any                      # GradScaler for fp16, else None
+    loss_fn: Callable
+    metrics: list
+    augment: Callable | None
+    train_loader: Any
+    val_loader: Any
+    device: torch.device
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -145,6 +150,12 @@ def make_optimizer(model: torch.nn.Module, train: dict) -> torch.optim.Optimizer
     return cls(params, lr=train["lr"], weight_decay=train["weight_decay"])
 
 
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
 @torch.no_grad()
 def evaluate(model, loader, loss_fn, metrics, device, dtype, channels_last: bool) -> dict[str, float]:
     """Validation loss (mean over pixels-weighted batches) and every metric over the whole set."""
@@ -154,7 +165,7 @@ def evaluate(model, loader, loss_fn, metrics, device, dtype, channels_last: bool
     total, count = torch.zeros((), device=device), 0
     for images, masks in loader:
         images = images.to(device, non_blocking=True)
-        masks = masks.to(device, non_blocking=True)
+        masks = masks.to(device, non_blocking=True).long()
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with _autocast(device, dtype):
@@ -170,67 +181,74 @@ def evaluate(model, loader, loss_fn, metrics, device, dtype, channels_last: bool
     return out
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def _better(value: float, best: float | None, mode: str) -> bool:
-    if math.isnan(value):
-        return False
-    return best is None or (value > best if mode == "max" else value < best)
-
-
 def train_run(setup: TrainSetup) -> RunResult:
     """Train one run to its end (epochs, steps, early stopping); raise ``RunFailed`` on a non-finite loss."""
-    cfg, t = setup.config, setup.config["train"]
-    seed, dist = t["seed"], setup.dist
-    device = dist.device(pick_device(t["device"]))
-    dtype = amp_dtype(t["amp"], device)
-    channels_last = t["channels_last"] is True or (t["channels_last"] == "auto" and device.type == "cuda")
-    pin = cfg["data"]["pin_memory"] is True or (cfg["data"]["pin_memory"] == "auto" and device.type == "cuda")
+    prep, dist = setup.prepared, setup.dist
+    t = prep.run.config["train"]
     if t["deterministic"]:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
-    elif device.type == "cuda":
+    elif prep.runtime.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    _seed_all(t["seed"])
+    parts = _build(setup)
+    state = TrainState()
+    if setup.resume is not None:
+        state = _restore(parts, setup.resume)
+    setup.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        setup.lifecycle("on_run_start", run_name=prep.run.name, config=prep.run.config, model=parts.model,
+                        tracker=setup.tracker)
 
-    # --- model, optimiser, loss, metrics, data ------------------------------------------------------
-    _seed_all(seed)
-    model = build_unet(cfg["model"], setup.in_channels, setup.out_channels, setup.registry).to(device)
-    if channels_last:
+    started, stop_reason = time.perf_counter(), ""
+    for epoch in range(state.epoch, t["epochs"]):
+        if t["max_steps"] is not None and state.step >= t["max_steps"]:
+            break
+        epoch_start = time.perf_counter()
+        record, stop_reason = _train_epoch(setup, parts, state, epoch)
+        if (epoch + 1) % t["val_every"] == 0 or epoch == t["epochs"] - 1 or stop_reason:
+            record.update(_validate(setup, parts))
+            stop_reason = _keep_best(setup, parts, state, record, epoch) or stop_reason
+        record["epoch_time_s"] = time.perf_counter() - epoch_start  # training and validation
+        state.epoch = epoch + 1
+        state.history.append({"epoch": epoch + 1, **record})
+        # Log, then checkpoint: if killed in between, the resumed run repeats this epoch and logs the
+        # same values again at the same step (harmless), rather than losing them.
+        if setup.tracker is not None:
+            setup.tracker.log_metrics(record, step=epoch + 1)
+        if dist.is_main:
+            setup.lifecycle("on_epoch_end", run_name=prep.run.name, epoch=epoch + 1, metrics=record,
+                            model=parts.model, tracker=setup.tracker)
+            _save_last(setup, parts, state)
+            setup.on_progress(epoch=epoch + 1, record=record)
+        if stop_reason:
+            break
+
+    best_path = setup.checkpoint_dir / "best.pt"
+    if dist.is_main and best_path.exists():  # the model that is logged and compared is the best one
+        parts.model.load_state_dict(load_checkpoint(best_path)["model"])
+    return RunResult(status="FINISHED", epochs=len(state.history), steps=state.step,
+                     final=state.history[-1] if state.history else {}, best=state.best, best_epoch=state.best_epoch,
+                     seconds=time.perf_counter() - started, message=stop_reason, history=state.history,
+                     model=parts.model)
+
+
+def _build(setup: TrainSetup) -> _Parts:
+    """Model (on its device, in its memory format), optimiser, schedule, scaler, loss, metrics, data."""
+    prep, dist, runtime = setup.prepared, setup.dist, setup.prepared.runtime
+    cfg, t = prep.run.config, prep.run.config["train"]
+    device = dist.device(runtime.device)
+    model = build_unet(cfg["model"], prep.in_channels, prep.out_channels, setup.registry).to(device)
+    if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.gradient_checkpointing = t["gradient_checkpointing"]
-    if dist.enabled and t["sync_batchnorm"]:
-        if device.type != "cuda":
-            raise UnetlabError("train.sync_batchnorm needs CUDA devices (PyTorch's SyncBatchNorm has no CPU kernel)")
+    if t["sync_batchnorm"]:  # preflight allows it only with CUDA and several processes
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = make_optimizer(model, t)
-    schedule = Schedule(t)
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    loss_fn = build_loss(t, setup.num_classes, setup.registry)
-    metrics = build_metrics(t, setup.num_classes, setup.registry)
-    augment = build_augment(cfg, setup.registry)
-    train_set, val_set = setup.source.split("train"), setup.source.split("val")
+    train_set, val_set = prep.source.split("train"), prep.source.split("val")
     if len(train_set) == 0:
-        raise UnetlabError(f"run '{setup.run_name}': the training split is empty")
+        raise UnetlabError(f"run '{prep.run.name}': the training split is empty")
     batch, workers = cfg["data"]["batch_size"], cfg["data"]["num_workers"]
-    train_loader = make_loader(train_set, batch, True, workers, pin, dist.rank, dist.world_size)
-    val_loader = make_loader(val_set, cfg["data"]["val_batch_size"] or batch, False, workers, pin)
-    steps_per_epoch = len(train_loader)
-
-    # --- state, possibly restored -------------------------------------------------------------------
-    start_epoch, step, best, best_epoch, stale, history = 0, 0, None, None, 0, []
-    if setup.resume is not None:
-        state = setup.resume
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start_epoch, step, best, best_epoch = state["epoch"], state["step"], state["best"], state["best_epoch"]
-        stale, history = state["stale"], state["history"]
     forward = model
     if dist.enabled:  # gradients are averaged over ranks: N processes x batch b train like one with batch N*b
         from torch.nn.parallel import DistributedDataParallel
@@ -238,123 +256,134 @@ def train_run(setup: TrainSetup) -> RunResult:
         forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if t["compile"]:
         forward = torch.compile(forward)
-    setup.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    last_path, best_path = setup.checkpoint_dir / "last.pt", setup.checkpoint_dir / "best.pt"
-    # what `unetlab predict CHECKPOINT` needs to rebuild the model (plain data: weights_only-safe)
-    model_identity = {"model_config": cfg["model"], "in_channels": setup.in_channels,
-                      "out_channels": setup.out_channels}
-    if dist.is_main:
-        setup.lifecycle("on_run_start", run_name=setup.run_name, config=cfg, model=model, tracker=setup.tracker)
+    return _Parts(
+        model=model, forward=forward, optimizer=optimizer, schedule=Schedule(t),
+        scaler=torch.amp.GradScaler("cuda") if runtime.amp_dtype == torch.float16 else None,
+        loss_fn=build_loss(t, prep.num_classes, setup.registry),
+        metrics=build_metrics(t, prep.num_classes, setup.registry),
+        augment=build_augment(cfg, setup.registry),
+        train_loader=make_loader(train_set, batch, True, workers, runtime.pin_memory, dist.rank, dist.world_size),
+        val_loader=make_loader(val_set, cfg["data"]["val_batch_size"] or batch, False, workers, runtime.pin_memory),
+        device=device)
 
+
+def _restore(parts: _Parts, checkpoint: dict) -> TrainState:
+    """Load a 'last' checkpoint into the parts; return its training state."""
+    parts.model.load_state_dict(checkpoint["model"])
+    parts.optimizer.load_state_dict(checkpoint["optimizer"])
+    parts.schedule.load_state_dict(checkpoint["schedule"])
+    if parts.scaler is not None and checkpoint.get("scaler"):
+        parts.scaler.load_state_dict(checkpoint["scaler"])
+    return TrainState.from_checkpoint(checkpoint)
+
+
+def _train_epoch(setup: TrainSetup, parts: _Parts, state: TrainState, epoch: int) -> tuple[dict[str, float], str]:
+    """One pass over this rank's shard of the training set; return the epoch's record and why to stop ("" = go on)."""
+    prep, dist, device = setup.prepared, setup.dist, parts.device
+    t = prep.run.config["train"]
+    es = epoch_seed(t["seed"], epoch)
+    rank_seed = es if dist.rank == 0 else (es * 31 + dist.rank) % 2 ** 63  # ranks augment differently
+    torch.manual_seed(rank_seed)  # dropout and anything else drawing from the global generator
+    generator = torch.Generator(device=device)
+    generator.manual_seed(rank_seed)
+    lr = parts.schedule.lr(epoch)
+    for group in parts.optimizer.param_groups:
+        group["lr"] = lr
+    parts.train_loader.epoch_sampler.set_epoch(es)
+    parts.model.train()
+    steps_per_epoch = len(parts.train_loader)
+    loss_sum, batches, images_seen, stop_reason = torch.zeros((), device=device), 0, 0, ""
     started = time.perf_counter()
-    epochs, max_steps, mode = t["epochs"], t["max_steps"], t["monitor_mode"]
-    stop_reason = ""
-    epoch = start_epoch
-    for epoch in range(start_epoch, epochs):
-        if max_steps is not None and step >= max_steps:
+    for images, masks in parts.train_loader:
+        images = images.to(device, non_blocking=True)
+        masks = masks.to(device, non_blocking=True).long()
+        if parts.augment is not None:
+            images, masks = parts.augment(images, masks, generator)
+        if prep.runtime.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        loss_sum += _step(parts, images, masks, prep.runtime.amp_dtype, t["grad_clip"])
+        batches += 1
+        images_seen += images.shape[0]
+        state.step += 1
+        if state.step % 10 == 0 or batches == steps_per_epoch:  # reading the loss syncs a GPU: not every step
+            # every rank sees the same (reduced) value, so all stop together on a non-finite loss
+            total = dist.sum(torch.stack([loss_sum.float(), torch.tensor(float(batches), device=device)]))
+            running = _finite((total[0] / total[1]).item(), epoch, state.step)
+            setup.on_progress(epoch=epoch + 1, batch=batches, batches=steps_per_epoch, loss=running)
+        if t["max_steps"] is not None and state.step >= t["max_steps"]:
+            stop_reason = f"step budget of {t['max_steps']} reached"
             break
-        # --- train one epoch ---------------------------------------------------------------------
-        es = epoch_seed(seed, epoch)
-        rank_seed = es if dist.rank == 0 else (es * 31 + dist.rank) % 2 ** 63  # ranks augment differently
-        torch.manual_seed(rank_seed)  # dropout and anything else drawing from the global generator
-        generator = torch.Generator(device=device)
-        generator.manual_seed(rank_seed)
-        lr = schedule.lr(epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        train_loader.epoch_sampler.set_epoch(es)
-        model.train()
-        loss_sum, batches, images_seen = torch.zeros((), device=device), 0, 0
-        epoch_start = time.perf_counter()
-        for images, masks in train_loader:
-            images = images.to(device, non_blocking=True)
-            masks = masks.to(device, non_blocking=True)
-            if augment is not None:
-                images, masks = augment(images, masks, generator)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with _autocast(device, dtype):
-                logits = forward(images)
-            loss = loss_fn(logits, crop_target(masks, logits))
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            if t["grad_clip"] is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            loss_sum += loss.detach()
-            batches += 1
-            images_seen += images.shape[0]
-            step += 1
-            if step % 10 == 0 or batches == steps_per_epoch:  # reading the loss syncs a GPU: not every step
-                # every rank sees the same (reduced) value, so all stop together on a non-finite loss
-                total = dist.sum(torch.stack([loss_sum.detach().float(), torch.tensor(float(batches), device=device)]))
-                running = (total[0] / total[1]).item()
-                if not math.isfinite(running):
-                    raise RunFailed(f"loss became {running} at epoch {epoch + 1}, step {step}")
-                setup.on_progress(epoch=epoch + 1, batch=batches, batches=steps_per_epoch, loss=running)
-            if max_steps is not None and step >= max_steps:
-                stop_reason = f"step budget of {max_steps} reached"
-                break
-        train_seconds = time.perf_counter() - epoch_start
-        totals = dist.sum(torch.stack([loss_sum.detach().float(), torch.tensor(float(batches), device=device),
-                                       torch.tensor(float(images_seen), device=device)]))
-        train_loss, images_seen = (totals[0] / totals[1].clamp_min(1)).item(), int(totals[2].item())
-        if not math.isfinite(train_loss):
-            raise RunFailed(f"loss became {train_loss} at epoch {epoch + 1}, step {step}")
-        record = {"train_loss": train_loss, "lr": lr, "images_per_s": images_seen / max(train_seconds, 1e-9)}
+    seconds = time.perf_counter() - started
+    totals = dist.sum(torch.stack([loss_sum.float(), torch.tensor(float(batches), device=device),
+                                   torch.tensor(float(images_seen), device=device)]))
+    train_loss = _finite((totals[0] / totals[1].clamp_min(1)).item(), epoch, state.step)
+    return {"train_loss": train_loss, "lr": lr, "images_per_s": totals[2].item() / max(seconds, 1e-9)}, stop_reason
 
-        # --- validate, keep the best, decide whether to stop --------------------------------------
-        last_epoch = epoch == epochs - 1 or bool(stop_reason)
-        if (epoch + 1) % t["val_every"] == 0 or last_epoch:
-            # rank 0 validates on the whole set; every rank gets its numbers, so decisions agree
-            val = evaluate(model, val_loader, loss_fn, metrics, device, dtype, channels_last) if dist.is_main else None
-            record.update(dist.broadcast(val))
-            monitored = record.get(t["monitor"], float("nan"))
-            schedule.observe(monitored)
-            if _better(monitored, best, mode):
-                best, best_epoch, stale = monitored, epoch + 1, 0
-                if dist.is_main:
-                    save_atomic({"model": model.state_dict(), "epoch": epoch + 1, "monitor": t["monitor"],
-                                "value": monitored, **model_identity}, best_path)
-            else:
-                stale += 1
-            if t["early_stopping"] is not None and stale >= t["early_stopping"]:
-                stop_reason = f"early stopping: {t['monitor']} did not improve for {stale} validation(s)"
-        record["epoch_time_s"] = time.perf_counter() - epoch_start  # training and validation
-        history.append({"epoch": epoch + 1, **record})
 
-        # Log, then checkpoint: if killed in between, the resumed run repeats this epoch and logs the
-        # same values again at the same step (harmless), rather than losing them.
-        if setup.tracker is not None:
-            setup.tracker.log_metrics(record, step=epoch + 1)
-        if not dist.is_main:
-            if stop_reason:
-                break
-            continue
-        setup.lifecycle("on_epoch_end", run_name=setup.run_name, epoch=epoch + 1, metrics=record, model=model,
-                        tracker=setup.tracker)
-        save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "schedule": schedule.state_dict(), "scaler": scaler.state_dict() if scaler else {},
-                     "epoch": epoch + 1, "step": step, "best": best, "best_epoch": best_epoch, "stale": stale,
-                     "history": history, "finished": False, **model_identity}, last_path)
-        setup.on_progress(epoch=epoch + 1, record=record)
-        if stop_reason:
-            break
+def _step(parts: _Parts, images: torch.Tensor, masks: torch.Tensor, dtype: torch.dtype | None,
+          grad_clip: float | None) -> torch.Tensor:
+    """One optimiser step on one batch; return the batch's loss (detached)."""
+    with _autocast(parts.device, dtype):
+        logits = parts.forward(images)
+    loss = parts.loss_fn(logits, crop_target(masks, logits))
+    parts.optimizer.zero_grad(set_to_none=True)
+    if parts.scaler is not None:
+        parts.scaler.scale(loss).backward()
+        parts.scaler.unscale_(parts.optimizer)
+    else:
+        loss.backward()
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(parts.model.parameters(), grad_clip)
+    if parts.scaler is not None:
+        parts.scaler.step(parts.optimizer)
+        parts.scaler.update()
+    else:
+        parts.optimizer.step()
+    return loss.detach()
 
-    if dist.is_main and best_path.exists():  # the model that is logged and compared is the best one
-        model.load_state_dict(load_checkpoint(best_path)["model"])
-    final = history[-1] if history else {}
-    return RunResult(status="FINISHED", epochs=len(history), steps=step, final=final, best=best,
-                     best_epoch=best_epoch, seconds=time.perf_counter() - started, message=stop_reason,
-                     history=history, model=model)
+
+def _finite(loss: float, epoch: int, step: int) -> float:
+    if not math.isfinite(loss):
+        raise RunFailed(f"loss became {loss} at epoch {epoch + 1}, step {step}")
+    return loss
+
+
+def _validate(setup: TrainSetup, parts: _Parts) -> dict[str, float]:
+    """Rank 0 validates on the whole set; every rank gets its numbers, so decisions agree."""
+    runtime = setup.prepared.runtime
+    val = (evaluate(parts.model, parts.val_loader, parts.loss_fn, parts.metrics, parts.device, runtime.amp_dtype,
+                    runtime.channels_last) if setup.dist.is_main else None)
+    return setup.dist.broadcast(val)
+
+
+def _keep_best(setup: TrainSetup, parts: _Parts, state: TrainState, record: dict[str, float], epoch: int) -> str:
+    """Track the monitored metric: save 'best' on improvement, feed the schedule; return an early-stop reason or ""."""
+    t = setup.prepared.run.config["train"]
+    monitored = record.get(t["monitor"], float("nan"))
+    parts.schedule.observe(monitored)
+    if is_better(monitored, state.best, t["monitor_mode"]):
+        state.best, state.best_epoch, state.stale = monitored, epoch + 1, 0
+        if setup.dist.is_main:
+            save_atomic({"model": parts.model.state_dict(), "epoch": epoch + 1, "monitor": t["monitor"],
+                         "value": monitored, **_model_identity(setup.prepared)}, setup.checkpoint_dir / "best.pt")
+    else:
+        state.stale += 1
+    if t["early_stopping"] is not None and state.stale >= t["early_stopping"]:
+        return f"early stopping: {t['monitor']} did not improve for {state.stale} validation(s)"
+    return ""
+
+
+def _model_identity(prep: Prepared) -> dict:
+    """What `unetlab predict CHECKPOINT` needs to rebuild the model (plain data: weights_only-safe)."""
+    return {"model_config": prep.run.config["model"], "in_channels": prep.in_channels,
+            "out_channels": prep.out_channels}
+
+
+def _save_last(setup: TrainSetup, parts: _Parts, state: TrainState) -> None:
+    save_atomic({"model": parts.model.state_dict(), "optimizer": parts.optimizer.state_dict(),
+                 "schedule": parts.schedule.state_dict(), "scaler": parts.scaler.state_dict() if parts.scaler else {},
+                 **asdict(state), "finished": False, **_model_identity(setup.prepared)},
+                setup.checkpoint_dir / "last.pt")
 
 
 def mark_finished(checkpoint_dir: Path) -> None:
@@ -372,4 +401,3 @@ def predict_logits(model, images: torch.Tensor) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
         return model(images.to(device)).float().cpu()
-

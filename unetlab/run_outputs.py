@@ -1,0 +1,65 @@
+"""What a finished run leaves in MLflow besides its per-epoch metrics: final metrics, figures, the model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .preflight import Prepared
+from .trainer import RunResult
+
+__all__ = ["log_run_outputs", "run_summary"]
+
+
+def log_run_outputs(tracker, result: RunResult, prep: Prepared) -> None:
+    """Final metrics (training time, best monitored value and epoch), then figures and the model as configured."""
+    config = prep.run.config
+    final_metrics = {"train_time_s": result.seconds}
+    if result.best is not None:
+        final_metrics[f"best_{config['train']['monitor']}"] = result.best
+        final_metrics["best_epoch"] = result.best_epoch
+    tracker.log_metrics(final_metrics, step=result.epochs)
+    if config["tracking"]["figures"]:
+        log_figures(tracker, result, prep)
+    if config["tracking"]["log_model"]:
+        log_model(tracker, result.model)
+
+
+def log_model(tracker, model) -> None:
+    """The (best) model as an MLflow model, its URI as the ``unetlab.model_uri`` tag."""
+    import torch
+
+    from . import __version__
+
+    uri = tracker.log_model(model.cpu(), [f"torch=={torch.__version__.split('+')[0]}", f"unetlab=={__version__}"])
+    tracker.set_tags({"unetlab.model_uri": uri})
+
+
+def log_figures(tracker, result: RunResult, prep: Prepared) -> None:
+    """Learning curves and image | truth | prediction for the first (fixed) validation images."""
+    import matplotlib.pyplot as plt
+    import torch
+
+    from .figures import learning_curves, prediction_figure
+    from .model import logits_to_classes
+    from .trainer import crop_target, predict_logits
+
+    figure = learning_curves(result.history, prep.run.config["train"]["monitor"])
+    tracker.log_figure(figure, "learning_curves.png")
+    plt.close(figure)
+    val = prep.source.split("val")
+    n = min(4, len(val))
+    if not n:
+        return
+    images = torch.stack([val[i][0] for i in range(n)])
+    masks = torch.stack([val[i][1] for i in range(n)])
+    logits = predict_logits(result.model, images)
+    figure = prediction_figure(images.numpy(), crop_target(masks, logits).numpy(),
+                               logits_to_classes(logits).numpy(), prep.num_classes)
+    tracker.log_figure(figure, "predictions.png")
+    plt.close(figure)
+
+
+def run_summary(result: RunResult, monitor: str) -> dict[str, Any]:
+    """The numbers the console report shows for a finished run."""
+    return {"best": result.best, "best_epoch": result.best_epoch, "final_monitor": result.final.get(monitor),
+            "epochs": result.epochs, "seconds": result.seconds}
