@@ -175,8 +175,10 @@ class FocalLoss(torch.nn.Module):
 def _lovasz_grad(sorted_truth: torch.Tensor) -> torch.Tensor:
     """Gradient of the Lovasz extension of the Jaccard loss w.r.t. sorted errors (Berman et al. 2018)."""
     gts = sorted_truth.sum()
-    intersection = gts - sorted_truth.cumsum(0)
-    union = gts + (1 - sorted_truth).cumsum(0)
+    # integer running counts: exact, and deterministic on CUDA (a floating-point cumsum is not)
+    truth = sorted_truth.long()
+    intersection = gts - truth.cumsum(0).to(sorted_truth.dtype)
+    union = gts + (1 - truth).cumsum(0).to(sorted_truth.dtype)
     jaccard = 1.0 - intersection / union
     if sorted_truth.numel() > 1:
         jaccard[1:] = jaccard[1:] - jaccard[:-1]
