@@ -373,3 +373,34 @@ def test_images_are_normalised_as_the_model_was_trained(tmp_path):
     io.imsave(tmp_path / "dark.png", dark, check_contrast=False)
     np.testing.assert_allclose(read_image(tmp_path / "dark.png", 1, spec)[0].numpy(), (dark - 100.0) / 50.0)
     np.testing.assert_allclose(read_image(tmp_path / "dark.png", 1)[0].numpy(), dark / 65535.0, rtol=1e-6)
+
+
+def test_unetlab_run_logs_the_weights_that_predict_reads(tmp_path, capsys):
+    """End to end: ``unetlab run`` logs unetlab_model/weights.pt; predict by run id equals predict by best.pt."""
+    import textwrap
+
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(textwrap.dedent(f"""
+        name: predict_run
+        data: {{dataset: {{name: blobs, image_size: 32, n_train: 8, n_val: 4}}, batch_size: 4}}
+        model: {{encoder: {{name: classic, depth: 2, base_channels: 4}}}}
+        train: {{epochs: 1, lr: 0.01}}
+        tracking: {{uri: '{uri}', checkpoint_dir: '{tmp_path / 'ckpt'}', log_model: true, figures: false}}
+    """))
+    proc = run_cli("run", str(exp), "--quiet", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("predict_run")
+    run_id = next(r.info.run_id for r in client.search_runs([experiment.experiment_id])
+                  if "mlflow.parentRunId" in r.data.tags)
+    assert "unetlab_model/weights.pt" in {f.path for f in client.list_artifacts(run_id, "unetlab_model")}
+    write_image(tmp_path / "a.png", (40, 52))
+    best = str(next((tmp_path / "ckpt").rglob("best.pt")))
+    for spec, out in ((run_id, "by_run"), (best, "by_checkpoint")):
+        proc = cli(capsys, "predict", spec, str(tmp_path / "a.png"), "--out", str(tmp_path / out), "--tracking-uri", uri)
+        assert proc.returncode == 0, proc.stderr
+    np.testing.assert_array_equal(io.imread(tmp_path / "by_run" / "a_mask.png"),
+                                  io.imread(tmp_path / "by_checkpoint" / "a_mask.png"))

@@ -10,26 +10,39 @@ from .trainer import RunResult
 __all__ = ["log_run_outputs", "run_summary"]
 
 
-def log_run_outputs(tracker, result: RunResult, prep: Prepared) -> None:
-    """Final metrics (training time, best monitored value and epoch), then figures and the model as configured."""
+def log_run_outputs(tracker, result: RunResult, prep: Prepared, registry=None) -> None:
+    """Final metrics (training time, best monitored value and epoch), the best model's per-image validation
+    metrics (``per_image_metrics.json``, what ``compare`` pairs on), then figures and the model as configured."""
+    from .per_image import record_per_image_metrics
+
     config = prep.run.config
     final_metrics = {"train_time_s": result.seconds}
     if result.best is not None:
         final_metrics[f"best_{config['train']['monitor']}"] = result.best
         final_metrics["best_epoch"] = result.best_epoch
     tracker.log_metrics(final_metrics, step=result.epochs)
+    if registry is None:
+        from .plugins import default_host
+
+        registry = default_host().registry
+    record_per_image_metrics(tracker, result.model, prep.source.split("val"), config["train"], prep.num_classes,
+                             registry)
     if config["tracking"]["figures"]:
         log_figures(tracker, result, prep)
     if config["tracking"]["log_model"]:
-        log_model(tracker, result.model)
+        log_model(tracker, result.model, prep)
 
 
-def log_model(tracker, model) -> None:
-    """The (best) model as an MLflow model, its URI as the ``unetlab.model_uri`` tag."""
+def log_model(tracker, model, prep: Prepared) -> None:
+    """The (best) model as ``unetlab_model/weights.pt`` (weights + identity: what predict and export read,
+    never a pickle) and as an MLflow model for MLflow-native users, its URI as the ``unetlab.model_uri`` tag."""
     import torch
 
     from . import __version__
+    from .model_store import log_model_weights
+    from .trainer import _model_identity
 
+    log_model_weights(tracker, model, _model_identity(prep))  # the same identity as the checkpoints
     uri = tracker.log_model(model.cpu(), [f"torch=={torch.__version__.split('+')[0]}", f"unetlab=={__version__}"])
     tracker.set_tags({"unetlab.model_uri": uri})
 
