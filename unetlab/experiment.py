@@ -144,7 +144,8 @@ class _Layers:
             target[last] = value
         else:
             raise ConfigError(f"cannot set '{last}' inside {target!r}", origin.key)
-        self.origins[dotted] = origin
+        # keyed as validation errors name it (train.loss[1].weight), so the error points at this --set
+        self.origins[field_path + "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in rest)] = origin
 
     def _merge_component(self, path: str, spec: Field, value: Any, origin: _Origin) -> Any:
         # A mapping without 'name' adjusts the current component's parameters; anything else replaces it.
@@ -362,6 +363,23 @@ def _apply(layers: _Layers, key: str, value: Any, origin: _Origin, lines: dict, 
         layers.set(key, value, origin)
     except ConfigError as exc:
         raise ConfigError(f"{origin.where}: {exc}") from None
+    if isinstance(spec, Field) and spec.kind and used == len(key.split(".")):
+        _note_parameter_lines(layers, key, value, origin, lines, key_path, fname)
+
+
+def _note_parameter_lines(layers: _Layers, key: str, value: Any, origin: _Origin, lines: dict, key_path: KeyPath,
+                          fname: str) -> None:
+    """Record the line of each parameter of a component written as a block mapping, so that an error in
+    ``n_val: 0`` points at that line rather than at ``dataset:`` above it."""
+    items = [(f"{key}[{i}]", f"{origin.key}[{i}]", key_path + (i,), v) for i, v in enumerate(value)] \
+        if isinstance(value, list) else [(key, origin.key, key_path, value)]
+    for path, shown, item_path, item in items:
+        if not isinstance(item, dict):
+            continue
+        for param in item:
+            line = lines.get(item_path + (param,))
+            if line:
+                layers.origins[f"{path}.{param}"] = _Origin(f"{fname}:{line}", f"{shown}.{param}")
 
 
 def _resolve_file_paths(config: dict, registry, base_dir: Path, layers: _Layers) -> None:
@@ -381,7 +399,8 @@ def _resolve_file_paths(config: dict, registry, base_dir: Path, layers: _Layers)
                     continue
                 target = Path(raw).expanduser()
                 if not target.is_absolute():
-                    origin, _ = layers.origin_of(f"{dotted}.{i}.{param.name}" if spec.many else f"{dotted}.{param.name}")
+                    where = f"{dotted}[{i}]" if spec.many else dotted
+                    origin, _ = layers.origin_of(f"{where}.{param.name}")
                     base = Path.cwd() if origin is not None and origin.where == "--set" else base_dir
                     target = Path(os.path.abspath(base / target))
                 item[param.name] = str(target)
