@@ -64,16 +64,20 @@ def test_every_combination_trains(encoder, upsampler, fusion, params, size):
             assert p.grad.abs().sum() > 0, f"no gradient reaches {name}"
 
 
-def test_no_skip_fusion_ignores_skips():
+@pytest.mark.parametrize("fusion", ["none", "concat"])
+def test_no_skip_fusion_ignores_skips(fusion):
     torch.manual_seed(0)
-    model = build_unet(model_config(fusion="none", depth=3, base_channels=4), 3, 1, REGISTRY)
+    model = build_unet(model_config(fusion=fusion, depth=3, base_channels=4), 3, 1, REGISTRY)
     model.eval()
     x = torch.randn(1, 3, 32, 32)
     baseline = model(x)
-    model.encoder.levels[0].register_forward_hook(lambda m, i, o: o * 0 + 5)  # change only the finest skip
+    # replace every skip (all encoder features but the deepest) with noise; the bottleneck path is untouched
+    model.encoder.register_forward_hook(lambda m, i, out: [torch.randn_like(f) for f in out[:-1]] + [out[-1]])
     changed = model(x)
-    # level 0's output still feeds the deeper levels, so only check that nothing breaks and output changes
-    assert changed.shape == baseline.shape
+    if fusion == "none":
+        assert torch.equal(changed, baseline)
+    else:  # the same check fails for a fusion that uses its skips: the test can tell them apart
+        assert not torch.allclose(changed, baseline)
 
 
 @pytest.mark.parametrize("size", [31, 33, 45, 64])

@@ -39,6 +39,8 @@ def learning_curves(history: list[dict[str, float]], monitor: str):
 
 def prediction_figure(images: np.ndarray, truths: np.ndarray, predictions: np.ndarray, num_classes: int):
     """One row per image: image | truth | prediction overlaid on the image (classes coloured)."""
+    from .model import center_crop
+
     plt = _plt()
     n = len(images)
     fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.5 * n), squeeze=False)
@@ -47,8 +49,7 @@ def prediction_figure(images: np.ndarray, truths: np.ndarray, predictions: np.nd
         shown = image.transpose(1, 2, 0) if image.shape[0] == 3 else image[0]
         shown = (shown - shown.min()) / (np.ptp(shown) + 1e-8)
         h, w = truth.shape
-        top, left = (shown.shape[0] - h) // 2, (shown.shape[1] - w) // 2
-        crop = shown[top:top + h, left:left + w]
+        crop = center_crop(shown.T, w, h).T  # .T puts H and W last (H x W or H x W x 3) and back
         overlay = np.dstack([crop] * 3) if crop.ndim == 2 else crop.copy()
         for k in range(1, max(num_classes, 2)):
             overlay[pred == k] = 0.5 * overlay[pred == k] + 0.5 * np.array(cmap(k - 1)[:3])

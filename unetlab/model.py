@@ -27,6 +27,7 @@ from .registry import Registry, component_params
 __all__ = [
     "UNet",
     "build_unet",
+    "center_crop",
     "count_parameters",
     "forward_flops",
     "logits_to_classes",
@@ -53,7 +54,7 @@ class UNet(nn.Module):
     def _level(self, i: int, y: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         y = self.upsamplers[i](y)
         if self.padding == "valid":
-            skip = _center_crop(skip, y.shape[-2], y.shape[-1])
+            skip = center_crop(skip, y.shape[-2], y.shape[-1])
         elif y.shape[-2:] != skip.shape[-2:]:
             y = _pad_to(y, skip.shape[-2], skip.shape[-1])
         return self.blocks[i](self.fusions[i](skip, y))
@@ -79,10 +80,11 @@ class UNet(nn.Module):
         return y
 
 
-def _center_crop(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+def center_crop(x, height: int, width: int):
+    """The centre ``height`` x ``width`` of the last two dimensions of a tensor or array (valid padding's
+    "copy and crop"; also how targets and figures meet a smaller output)."""
     if x.shape[-2] < height or x.shape[-1] < width:
-        raise RuntimeError(f"skip of size {tuple(x.shape[-2:])} is smaller than the upsampled map "
-                           f"{(height, width)}")
+        raise RuntimeError(f"cannot centre-crop size {tuple(x.shape[-2:])} to the larger {(height, width)}")
     top = (x.shape[-2] - height) // 2
     left = (x.shape[-1] - width) // 2
     return x[..., top:top + height, left:left + width]
@@ -91,7 +93,7 @@ def _center_crop(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
 def _pad_to(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     dy, dx = height - x.shape[-2], width - x.shape[-1]
     if dy < 0 or dx < 0:  # upsampled beyond the skip (odd sizes upstream): crop the excess
-        return _center_crop(x, min(height, x.shape[-2]), min(width, x.shape[-1]))
+        return center_crop(x, min(height, x.shape[-2]), min(width, x.shape[-1]))
     return F.pad(x, [dx // 2, dx - dx // 2, dy // 2, dy - dy // 2])
 
 

@@ -18,6 +18,7 @@ import torch
 from .data import build_augment, build_source, model_io
 from .errors import ConfigError, UnetlabError, did_you_mean
 from .experiment import Run
+from .system_metrics import system_metrics_enabled
 
 __all__ = ["ModelCheck", "Prepared", "Runtime", "check_model", "config_hash", "dataset_key", "monitor_keys",
            "prepare", "prepare_all", "resolve_device", "resolve_runtime", "training_size"]
@@ -38,6 +39,7 @@ class Runtime:
     amp_dtype: torch.dtype | None  # autocast dtype; None: full precision
     channels_last: bool
     pin_memory: bool
+    system_metrics: bool = False  # MLflow system metrics for this run (tracking.system_metrics)
 
 
 @dataclass
@@ -106,7 +108,8 @@ def resolve_runtime(config: dict, world_size: int = 1) -> Runtime:
     pin = config["data"]["pin_memory"]
     return Runtime(device=device, amp_dtype=_amp_dtype(train["amp"], device),
                    channels_last=train["channels_last"] is True or (train["channels_last"] == "auto" and cuda),
-                   pin_memory=pin is True or (pin == "auto" and cuda))
+                   pin_memory=pin is True or (pin == "auto" and cuda),
+                   system_metrics=system_metrics_enabled(config["tracking"]["system_metrics"], device.type))
 
 
 def monitor_keys(config: dict, num_classes: int, registry) -> list[str]:

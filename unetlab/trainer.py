@@ -26,7 +26,7 @@ from .checkpoint import load_checkpoint, save_atomic
 from .data import build_augment, make_loader
 from .distributed import DistContext
 from .errors import UnetlabError
-from .model import build_unet
+from .model import build_unet, center_crop
 from .registry import Registry, component_params
 from .schedule import Schedule, is_better
 
@@ -118,11 +118,7 @@ def _seed_all(seed: int) -> None:
 
 def crop_target(masks: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """Centre-crop masks to the logits' size (valid padding gives a smaller output)."""
-    h, w = logits.shape[-2:]
-    if masks.shape[-2:] == (h, w):
-        return masks
-    top, left = (masks.shape[-2] - h) // 2, (masks.shape[-1] - w) // 2
-    return masks[..., top:top + h, left:left + w]
+    return center_crop(masks, *logits.shape[-2:])
 
 
 def build_loss(train: dict, num_classes: int, registry: Registry) -> Callable:
