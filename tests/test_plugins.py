@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from conftest import make_distribution, one_line_error, run_cli
 
 import unetlab
@@ -248,18 +249,20 @@ import unetlab
 
 @unetlab.hookimpl
 def on_epoch_end(run_name, epoch):
-    raise RuntimeError(f"hook bug at epoch {epoch}")
+    if run_name.startswith("hook_fails/"):
+        raise RuntimeError(f"hook bug at epoch {epoch}")
 '''
 
 
-def test_exception_in_lifecycle_hook_fails_the_run_naming_plugin_and_hook(tmp_path):
+def test_lifecycle_hook_error_fails_its_run_and_monitor_mode_follows_the_metric_direction(tmp_path):
     (tmp_path / "raiser.py").write_text(RAISING_HOOK)
     exp = tmp_path / "tiny.yaml"
     exp.write_text(f"""
 plugins: [raiser.py]
 data: {{dataset: {{name: shapes, image_size: 32, n_train: 8, n_val: 4}}, batch_size: 8}}
 model: {{encoder: {{name: classic, depth: 2, base_channels: 4}}}}
-train: {{epochs: 1, metrics: [iou]}}
+train: {{epochs: 1, metrics: [iou, hd95], monitor: val_hd95}}
+variants: {{hook_fails: {{}}, fine: {{}}}}
 tracking: {{uri: "sqlite:///{tmp_path / 'm.db'}", checkpoint_dir: "{tmp_path / 'ckpt'}", log_model: false,
            figures: false}}
 """)
@@ -271,10 +274,36 @@ tracking: {{uri: "sqlite:///{tmp_path / 'm.db'}", checkpoint_dir: "{tmp_path / '
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
-    child = next(r for r in runs if r.info.run_name == "base/seed=0")
-    assert child.info.status == "FAILED"
-    assert expected in child.data.tags["unetlab.error"]
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("tiny").experiment_id])}
+    assert runs["hook_fails/seed=0"].info.status == "FAILED"
+    assert expected in runs["hook_fails/seed=0"].data.tags["unetlab.error"]
+    fine = runs["fine/seed=0"]
+    assert fine.info.status == "FINISHED"
+    # monitor_mode 'auto' resolved from hd95's declared direction, and every logged key's direction recorded
+    assert fine.data.params["train.monitor_mode"] == "min"
+    assert json.loads(fine.data.tags["unetlab.metric_directions"]) == {
+        "train_loss": "min", "val_loss": "min", "val_iou": "max", "val_hd95": "min"}
+    assert {k for k in fine.data.metrics if k.startswith(("val_", "train_loss"))} >= {"val_iou", "val_hd95"}
+
+
+def test_metric_directions_cover_every_logged_key():
+    from unetlab.registry import metric_directions, resolve_monitor_mode
+
+    registry = unetlab.default_host().registry
+    train = {"metrics": [{"name": "dice", "include_background": False, "ignore_index": None},
+                         {"name": "hd95", "include_background": False}], "monitor": "val_hd95_c2",
+             "monitor_mode": "auto"}
+    directions = metric_directions(train, 3, registry)
+    # the keys are exactly what the metrics compute on three classes, prefixed val_
+    dice = registry.create("metric", "dice", num_classes=3)
+    dice.update(torch.zeros(1, 3, 2, 2), torch.tensor([[[0, 1], [2, 1]]]))
+    assert {f"val_{k}" for k in dice.compute()} == {"val_dice", "val_dice_c0", "val_dice_c1", "val_dice_c2"}
+    assert directions == {"train_loss": "min", "val_loss": "min", "val_dice": "max", "val_dice_c0": "max",
+                          "val_dice_c1": "max", "val_dice_c2": "max", "val_hd95": "min", "val_hd95_c1": "min",
+                          "val_hd95_c2": "min"}
+    assert resolve_monitor_mode(train, directions) == "min"
+    assert resolve_monitor_mode({**train, "monitor": "val_dice"}, directions) == "max"
+    assert resolve_monitor_mode({**train, "monitor_mode": "max"}, directions) == "max"  # explicit wins
 
 
 BOOM_UPSAMPLER = '''

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,6 +18,7 @@ import torch
 from .data import build_augment, build_source, model_io
 from .errors import ConfigError, UnetlabError, did_you_mean
 from .experiment import Run
+from .registry import metric_directions, resolve_monitor_mode
 from .system_metrics import system_metrics_enabled
 
 __all__ = ["ModelCheck", "Prepared", "Runtime", "check_model", "config_hash", "dataset_key", "monitor_keys",
@@ -55,6 +56,7 @@ class Prepared:
     params: int
     gflops: float
     key: str  # "<run name>@<config hash>": how --resume finds the run again
+    metric_directions: dict[str, str] = field(default_factory=dict)  # logged key -> "max"/"min"
 
 
 def _mps_available() -> bool:
@@ -114,12 +116,7 @@ def resolve_runtime(config: dict, world_size: int = 1) -> Runtime:
 
 def monitor_keys(config: dict, num_classes: int, registry) -> list[str]:
     """Every metric key a run logs per validation (what ``train.monitor`` may name)."""
-    from .trainer import build_metrics
-
-    keys = ["train_loss", "val_loss"]
-    for metric in build_metrics(config["train"], num_classes, registry):
-        keys += [f"val_{k}" for k in metric.compute()]
-    return keys
+    return list(metric_directions(config["train"], num_classes, registry))
 
 
 def training_size(config: dict, registry, in_channels: int, size: tuple[int, int]) -> tuple[int, int]:
@@ -180,15 +177,18 @@ def prepare(run: Run, registry, world_size: int = 1, source: Any = None) -> Prep
         size = training_size(run.config, registry, in_ch, checked.image_size)
         output_shape(model, in_ch, *size)
         gflops = forward_flops(model, in_ch, *size) / 1e9
-        keys = monitor_keys(run.config, num_classes, registry)
+        directions = metric_directions(run.config["train"], num_classes, registry)
+        keys = list(directions)
     except UnetlabError as exc:
         raise UnetlabError(f"run '{run.name}': {exc}") from None
     monitor = run.config["train"]["monitor"]
     if monitor not in keys:
         raise ConfigError(f"run '{run.name}': train.monitor: '{monitor}' is not logged by this run"
                           f"{did_you_mean(monitor, keys)} (logged: {', '.join(keys)})")
+    # monitor_mode 'auto' becomes the monitored key's declared direction, recorded in the config that runs
+    run.config["train"]["monitor_mode"] = resolve_monitor_mode(run.config["train"], directions)
     return Prepared(run, source, in_ch, out_ch, num_classes, runtime, count_parameters(model), gflops,
-                    f"{run.name}@{config_hash(run.config)}")
+                    f"{run.name}@{config_hash(run.config)}", directions)
 
 
 def prepare_all(runs: Sequence[Run], registry, world_size: int = 1) -> list[Prepared]:
