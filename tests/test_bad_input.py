@@ -204,3 +204,11 @@ def test_deep_set_value_through_the_real_cli(tmp_path):
     line = one_line_error(proc)
     assert f"--set train.lr: nested deeper than {MAX_DEPTH} levels" in line
     assert sorted(os.listdir(tmp_path)) == ["exp.yaml"]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/zero")
+def test_an_endless_file_is_read_only_up_to_the_limit(capsys):
+    assert main(["validate", "/dev/zero"]) == 2  # a stat() size of 0 must not lead to an endless read
+    err = capsys.readouterr().err.strip()
+    assert err == ("unetlab: error: /dev/zero: the file is larger than that; an experiment file may be at most "
+                   "1,048,576 bytes (1 MiB)")

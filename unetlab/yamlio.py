@@ -19,13 +19,10 @@ MAX_DEPTH = 32           # mappings and lists inside each other; real files use 
 MAX_VALUES = 20_000      # values, aliases expanded: a "billion laughs" document stops here (real files: < 500)
 
 try:  # libyaml scans in C: PyYAML's pure-Python scanner takes seconds on a 100 KB flow collection
-    from yaml._yaml import CParser as _Parser
+    from yaml._yaml import CParser
+    _PARSER: tuple[type, ...] = (CParser,)
 except ImportError:  # PyYAML built without libyaml
-    from yaml.parser import Parser as _Parser
-    from yaml.reader import Reader as _Reader
-    from yaml.scanner import Scanner as _Scanner
-else:
-    _Reader = _Scanner = None
+    _PARSER = (yaml.reader.Reader, yaml.scanner.Scanner, yaml.parser.Parser)
 
 
 class DocumentTooComplex(yaml.MarkedYAMLError):
@@ -36,18 +33,19 @@ class DocumentTooComplex(yaml.MarkedYAMLError):
     """
 
 
-class SafeLoader(yaml.composer.Composer, _Parser, yaml.constructor.SafeConstructor, yaml.resolver.Resolver):
+class SafeLoader(yaml.composer.Composer, *_PARSER, yaml.constructor.SafeConstructor, yaml.resolver.Resolver):
     """A safe loader (PyYAML's safe constructor and resolver, libyaml's parser when available) that
     reads floats written without a dot (``1e-3``, a string in YAML 1.1) and bounds nesting depth and
     size while composing (PyYAML composes recursively: 5,000 levels were a RecursionError)."""
 
     def __init__(self, stream: Any) -> None:
-        if _Reader is not None:
-            _Reader.__init__(self, stream)
-            _Scanner.__init__(self)
-            _Parser.__init__(self)
+        if len(_PARSER) == 1:
+            _PARSER[0].__init__(self, stream)
         else:
-            _Parser.__init__(self, stream)
+            reader, scanner, parser = _PARSER
+            reader.__init__(self, stream)
+            scanner.__init__(self)
+            parser.__init__(self)
         yaml.composer.Composer.__init__(self)
         yaml.constructor.SafeConstructor.__init__(self)
         yaml.resolver.Resolver.__init__(self)
@@ -122,11 +120,13 @@ def load_yaml_file(path: str | Path) -> tuple[Any, dict[KeyPath, int]]:
     """Read and parse a YAML file (see ``load_yaml_text``); a missing or oversized file is a ``ConfigError``."""
     p = Path(path)
     try:
-        size = p.stat().st_size
-        if size > MAX_BYTES:
-            raise ConfigError(f"{path}: the file is {size:,} bytes; an experiment file may be at most "
-                              f"{MAX_BYTES:,} bytes (1 MiB)")
-        text = p.read_text(encoding="utf-8")
+        with p.open("rb") as stream:  # a bounded read: /dev/zero or a FIFO must not hang us
+            raw = stream.read(MAX_BYTES + 1)
+        if len(raw) > MAX_BYTES:
+            size = p.stat().st_size
+            shown = f"the file is {size:,} bytes" if size > MAX_BYTES else "the file is larger than that"
+            raise ConfigError(f"{path}: {shown}; an experiment file may be at most {MAX_BYTES:,} bytes (1 MiB)")
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:
