@@ -289,14 +289,14 @@ def test_a_large_image_is_tiled_automatically_in_bounded_batches(monkeypatch):
 # --- the CLI: checkpoint files, overlap-tile, bad inputs --------------------------------------------------------
 
 
-def test_predict_checkpoint_folder_and_overlay(tmp_path):
+def test_predict_checkpoint_folder_and_overlay(tmp_path, capsys):
     config, model = tiny_model(0)
     ckpt = save_checkpoint(tmp_path / "best.pt", config, model)
     write_image(tmp_path / "a.png", (40, 52))
     (tmp_path / "folder").mkdir()
     write_image(tmp_path / "folder" / "b.png", (33, 33), seed=1)
-    proc = run_cli("predict", str(ckpt), str(tmp_path / "a.png"), str(tmp_path / "folder"), "--out",
-                   str(tmp_path / "out"), "--overlay")
+    proc = cli(capsys, "predict", str(ckpt), str(tmp_path / "a.png"), str(tmp_path / "folder"), "--out",
+               str(tmp_path / "out"), "--overlay")
     assert proc.returncode == 0, proc.stderr
     mask = io.imread(tmp_path / "out" / "a_mask.png")
     assert mask.shape == (40, 52) and set(np.unique(mask)) == {0, 255}
