@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("--out", required=True, help="folder for the masks (NAME_mask.png: 0/255, or class indices)")
     p.add_argument("--tile", type=int, default=None,
-                   help="tile size (default: whole image for same padding, 572 for valid padding)")
+                   help="tile size (default, same padding: whole image up to 1024x1024 pixels, else 512; valid: 572)")
     p.add_argument("--overlap", type=int, default=32, help="overlap between tiles, same padding (default: 32)")
     p.add_argument("--tta", action="store_true", help="average over flips (test-time augmentation)")
     p.add_argument("--overlay", action="store_true", help="also write NAME_overlay.png")
