@@ -159,16 +159,52 @@ def test_paired_verdicts_and_numbers_match_independent_computations(store, tmp_p
     assert (tmp_path / "compare-known.png").stat().st_size > 5000
 
 
-def test_table_names_each_test(store, tmp_path):
-    table = run_cli("compare", "known", "--tracking-uri", store, "--margin", "0.01", cwd=tmp_path, check=True).stdout
+def test_table_names_each_test(store, tmp_path, capsys):
+    from unetlab.compare import compare_command
+
+    assert compare_command("known", None, "table", str(tmp_path / "k.png"), None, store, margin=0.01) == 0
+    table = capsys.readouterr().out
     assert "x vs y: equivalent within ±0.01" in table and "x vs z: x better" in table
     assert "paired test: per-image val_iou" in table and "Holm-corrected" in table
     assert "seed-level (Welch t-test on per-seed best values)" in table
     assert "higher is better (the runs' unetlab.metric_directions tag)" in table
 
 
+TINY = """
+name: tiny_pair
+data:
+  dataset: {name: shapes, image_size: 32, n_train: 16, n_val: 6, seed: 3}
+  batch_size: 8
+model:
+  encoder: {name: classic, depth: 2, base_channels: 4}
+train: {epochs: 1, lr: 0.01, device: cpu, loss: bce_iou, metrics: [iou, hd95]}
+tracking: {uri: "sqlite:///STORE", checkpoint_dir: CKPT, log_model: false, figures: false}
+variants:
+  concat: {model.fusion: concat}
+  add: {model.fusion: add}
+seeds: [1]
+"""
+
+
+def test_run_logs_per_image_tables_that_compare_pairs(tmp_path):
+    # end to end: `unetlab run` logs each run's per-image table, `unetlab compare FILE` pairs on it
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY.replace("STORE", str(tmp_path / "t.db")).replace("CKPT", str(tmp_path / "ckpt")))
+    run_cli("run", str(path), "--quiet", cwd=tmp_path, check=True)
+    table = run_cli("compare", str(path), "--margin", "0.05", cwd=tmp_path, check=True).stdout
+    assert "paired (per image, 6 images x 1 seeds)" in table and "concat vs add: " in table
+    assert "higher is better (the runs' unetlab.metric_directions tag)" in table
+    from mlflow.tracking import MlflowClient
+
+    from unetlab.compare import compare_runs
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 't.db'}")
+    hd95 = compare_runs(client, client.get_experiment_by_name("tiny_pair").experiment_id, "val_hd95", None)
+    assert hd95["direction"] == "min" and hd95["pairs"][0]["paired"]["n_images"] == 6
+
+
 def test_old_runs_fall_back_to_seed_level_and_an_unknown_direction_is_said(store, tmp_path, capsys):
-    # runs from before per-image tables and direction tags (in-process: the CLI path is tested above)
+    # runs from before per-image tables and direction tags (in-process: the CLI is tested above)
     from unetlab.compare import compare_command
 
     assert compare_command("old", None, "json", str(tmp_path / "old.png"), None, store) == 0

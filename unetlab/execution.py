@@ -170,7 +170,7 @@ def _train_and_log(inv: Invocation, prep: Prepared, child, ckpt_dir: Path, state
             child.record_failure(failure)
         host.call_lifecycle("on_run_end", run_name=run.name, status="FAILED", metrics={}, model=None, tracker=child)
         return "FAILED", failure, {}
-    log_run_outputs(child, result, prep)
+    log_run_outputs(child, result, prep, host.registry)
     host.call_lifecycle("on_run_end", run_name=run.name, status="FINISHED", metrics=result.final,
                         model=result.model, tracker=child)
     return "FINISHED", result.message, run_summary(result, run.config["train"]["monitor"])

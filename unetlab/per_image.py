@@ -73,7 +73,7 @@ def per_image_rows(predict_fn: Callable, dataset: Any, metrics: Sequence[Any], l
                and dataset[index + len(batch)][0].shape == first[0].shape):
             batch.append(dataset[index + len(batch)])
         images = torch.stack([item[0] for item in batch])
-        masks = torch.stack([torch.as_tensor(item[1]) for item in batch])
+        masks = torch.stack([torch.as_tensor(item[1]) for item in batch]).long()
         logits = predict_fn(images).float().cpu()
         targets = crop_target(masks, logits)
         for j in range(len(batch)):
