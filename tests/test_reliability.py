@@ -35,6 +35,24 @@ tracking:
 """
 
 
+@pytest.fixture(scope="module")
+def migrated_store(tmp_path_factory) -> Path:
+    """An empty sqlite store with MLflow's schema: tests copy it instead of each migrating a new one."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+def store_copy(template: Path, path: Path) -> str:
+    """Copy the migrated template to ``path``; return its URI."""
+    import shutil
+
+    shutil.copyfile(template, path)
+    return f"sqlite:///{path}"
+
+
 def tiny_experiment(tmp_path: Path, epochs: int = 1) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(TINY.format(epochs=epochs, store=tmp_path / "mlflow.db", ckpt=tmp_path / "ckpt"))
@@ -81,10 +99,10 @@ def _answers(port: int) -> bool:
         return False
 
 
-def _start_mlflow_server(tmp_path: Path) -> tuple[subprocess.Popen, str]:
+def _start_mlflow_server(tmp_path: Path, template: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                               "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                               "--backend-store-uri", store_copy(template, tmp_path / "server.db"),
                                "--default-artifact-root", str(tmp_path / "artifacts"), "--workers", "1"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                               env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no GenAI job runner
@@ -107,35 +125,51 @@ def _stop_group(proc: subprocess.Popen) -> None:
 
 
 @pytest.mark.slow
-def test_a_dead_tracking_server_fails_the_run_in_one_line_within_the_timeout(tmp_path):
-    server, uri = _start_mlflow_server(tmp_path)
-    run = None
+def test_a_dead_tracking_server_fails_the_run_in_one_line_and_signals_stay_live(tmp_path, migrated_store):
+    # Two runs against one server: one waits out a 3 s budget, the other (a 300 s budget) gets SIGTERM
+    # while it waits. Before, a run hung silently for over 600 s and ignored SIGTERM for over 150 s.
+    server, uri = _start_mlflow_server(tmp_path, migrated_store)
+    runs: dict[str, subprocess.Popen] = {}
     try:
-        path = tiny_experiment(tmp_path, epochs=500)
-        env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "UNETLAB_TRACKING_TIMEOUT": "3"}
-        run = subprocess.Popen([sys.executable, "-m", "unetlab", "run", str(path), "--jsonl"], cwd=tmp_path, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-        for line in run.stdout:  # training is under way and logging to the server
-            if json.loads(line)["event"] == "epoch":
-                break
-        else:
-            pytest.fail(f"the run ended before its first epoch: {run.wait()} {run.stderr.read()}")
+        for name, budget in (("budget", "3"), ("sigterm", "300")):
+            folder = tmp_path / name
+            folder.mkdir()
+            path = tiny_experiment(folder, epochs=500)
+            env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "UNETLAB_TRACKING_TIMEOUT": budget}
+            runs[name] = subprocess.Popen([sys.executable, "-m", "unetlab", "run", str(path), "--jsonl"], cwd=folder,
+                                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                          start_new_session=True)
+        for name, run in runs.items():  # both are training and logging to the server
+            for line in run.stdout:
+                if json.loads(line)["event"] == "epoch":
+                    break
+            else:
+                pytest.fail(f"{name}: the run ended before its first epoch: {run.wait()} {run.stderr.read()}")
         _stop_group(server)
         stopped = time.monotonic()
-        _, stderr = run.communicate(timeout=60)
-        waited = time.monotonic() - stopped
+        time.sleep(1)
+        runs["sigterm"].send_signal(signal.SIGTERM)
+        outcome = {}
+        for name, run in runs.items():
+            _, stderr = run.communicate(timeout=120)
+            outcome[name] = (run.returncode, stderr, time.monotonic() - stopped)
     finally:
         _stop_group(server)
-        if run is not None and run.poll() is None:
-            _stop_group(run)
-    assert run.returncode not in (0, None)
-    assert "Traceback" not in stderr, stderr
+        for run in runs.values():
+            if run.poll() is None:
+                _stop_group(run)
+    for name, (code, stderr, waited) in outcome.items():
+        assert code not in (0, None), (name, stderr)
+        assert "Traceback" not in stderr, stderr
+        assert waited < 30, (name, waited)  # far below MLflow's own multi-minute retry loop
+    code, stderr, _ = outcome["budget"]
     errors = [line for line in stderr.splitlines() if line.startswith("unetlab: error:")]
     assert len(errors) == 1, stderr
     assert f"tracking server {uri} is unreachable" in errors[0]
-    assert f"'unetlab run {path} --resume'" in errors[0] or "'unetlab run FILE --resume'" in errors[0]
-    # 3 s of retries, plus a run's teardown; far below MLflow's own multi-minute retry loop
-    assert waited < 30, waited
+    assert "--resume' continues from it" in errors[0]
+    code, stderr, _ = outcome["sigterm"]
+    assert code in (2, 128 + signal.SIGTERM), stderr  # interrupted, or reported as unreachable: not a hang
+    assert len([line for line in stderr.splitlines() if line.startswith("unetlab:")]) == 1, stderr
 
 
 def test_the_tracking_timeout_setting_is_checked(monkeypatch):
@@ -177,6 +211,15 @@ def test_an_unreachable_server_is_retried_for_the_budget_then_reported(monkeypat
     start = time.monotonic()
     with pytest.raises(TrackingUnavailable):
         client.search_experiments()
+    assert time.monotonic() - start < 1.0
+    # while an interrupt is being handled (marking runs KILLED), even a fresh client tries only once
+    patient = BoundedClient(MlflowClient(uri), uri, 300, "unetlab run x.yaml --resume")
+    start = time.monotonic()
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        with pytest.raises(TrackingUnavailable):
+            patient.set_terminated("0" * 32, status="KILLED")
     assert time.monotonic() - start < 1.0
 
 
@@ -336,10 +379,10 @@ def test_predict_and_export_refuse_unreadable_checkpoints_in_one_line(tmp_path, 
 
 
 @pytest.mark.slow
-def test_ui_stopped_with_sigterm_leaves_no_server_behind(tmp_path):
+def test_ui_stopped_with_sigterm_leaves_no_server_behind(tmp_path, migrated_store):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "unetlab", "ui", "--port", str(port),
-                             "--tracking-uri", f"sqlite:///{tmp_path / 'ui.db'}"], cwd=tmp_path,
+                             "--tracking-uri", store_copy(migrated_store, tmp_path / "ui.db")], cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     family: list[int] = []
     try:
@@ -366,12 +409,12 @@ def test_ui_stopped_with_sigterm_leaves_no_server_behind(tmp_path):
 # --- how MLflow shows unetlab's experiments (issue 14.9, 14.10) ------------------------------------------
 
 
-def test_experiments_open_on_the_runs_table_and_runs_show_their_dataset(tmp_path):
+def test_experiments_open_on_the_runs_table_and_runs_show_their_dataset(tmp_path, migrated_store):
     from mlflow.tracking import MlflowClient
 
     from unetlab.tracking import Tracker
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = store_copy(migrated_store, tmp_path / "mlflow.db")
     client = MlflowClient(uri)
     # an experiment created by unetlab, and one created before by someone else (no kind): both get the kind
     client.create_experiment("older")

@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", nargs="?", help="an experiment file whose tracking.uri to use")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--workers", type=int, default=1,
+                   help="server worker processes (default: 1, enough for one person; mlflow's own default is 4)")
     p.add_argument("--tracking-uri", default=None)
     return parser
 
@@ -331,7 +333,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
         uri = load_experiment(args.file).runs[0].config["tracking"]["uri"]
     uri = resolve_tracking_uri(uri) if args.tracking_uri is None else uri
     # The MLflow of unetlab's own interpreter: the venv need not be activated for this to work.
-    command = [sys.executable, "-m", "mlflow", "ui", "--host", args.host, "--port", str(args.port)]
+    command = [sys.executable, "-m", "mlflow", "ui", "--host", args.host, "--port", str(args.port),
+               "--workers", str(args.workers)]
     if uri:
         command += ["--backend-store-uri", uri]
     print(f"unetlab: {' '.join(command[1:])}", file=sys.stderr)

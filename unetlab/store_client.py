@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -105,9 +106,15 @@ class BoundedClient:
         return bounded
 
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """``fn(*args, **kwargs)``, retried while the server is unreachable, within the time budget."""
+        """``fn(*args, **kwargs)``, retried while the server is unreachable, within the time budget.
+
+        No retries (one attempt) after ``fail_fast``-style ``retrying = False``, once the budget has been
+        spent, or while an interrupt is being handled: marking runs KILLED after Ctrl-C or SIGTERM must
+        not wait out a dead server.
+        """
         if not is_remote(self.uri):
             return fn(*args, **kwargs)
+        retry = self.retrying and not self._down and not isinstance(sys.exc_info()[1], KeyboardInterrupt)
         deadline = time.monotonic() + self.timeout
         wait = _FIRST_WAIT_S
         while True:
@@ -117,7 +124,7 @@ class BoundedClient:
                 if not _unreachable(exc):
                     raise
                 remaining = deadline - time.monotonic()
-                if self._down or not self.retrying or remaining <= 0:
+                if not retry or remaining <= 0:
                     self._down = True
                     raise TrackingUnavailable(self.unavailable_message()) from None
                 time.sleep(min(wait, remaining))  # a signal interrupts this: the handler's exception propagates
