@@ -337,3 +337,61 @@ def test_cuda_batches_resident_and_prefetched_equal_the_cpu_batches():
             assert len(got) == len(expected)
             for (xe, ye), (xg, yg) in zip(expected, got):
                 assert xg.is_cuda and torch.equal(xg.cpu(), xe) and torch.equal(yg.cpu(), ye)
+
+
+def test_a_run_gives_the_same_numbers_with_data_on_the_device_or_from_a_dataloader(tmp_path, monkeypatch):
+    import textwrap
+
+    import unetlab
+    import unetlab.data as data
+    from unetlab.preflight import prepare
+    from unetlab.trainer import TrainSetup, train_run
+
+    registry = unetlab.default_host().registry
+    path = tmp_path / "e.yaml"
+    path.write_text(textwrap.dedent("""
+        data: {dataset: {name: blobs, image_size: 32, n_train: 12, n_val: 6}, batch_size: 4, augment: [hflip]}
+        model: {encoder: {name: classic, depth: 2, base_channels: 4}}
+        train: {epochs: 2, lr: 0.01, device: cpu}
+    """))
+    run = unetlab.load_experiment(path).runs[0]
+    built = []
+    real_make_batches = data.make_batches
+
+    def spy(*args, **kwargs):
+        built.append(real_make_batches(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr("unetlab.trainer.make_batches", spy)
+    histories = {}
+    for resident in (True, False):
+        monkeypatch.setattr(data, "fits_on_device", lambda *a, r=resident, **k: r)
+        result = train_run(TrainSetup(prepared=prepare(run, registry), registry=registry,
+                                      checkpoint_dir=tmp_path / str(resident)))
+        histories[resident] = [{k: v for k, v in h.items() if k not in ("images_per_s", "epoch_time_s")}
+                               for h in result.history]
+    assert [type(b).__name__ for b in built] == ["DeviceBatches", "DeviceBatches", "DataLoader", "DataLoader"]
+    assert histories[True] == histories[False]  # exactly: same batches, same order, same numbers
+
+
+def test_a_run_logs_system_metrics_when_asked(tmp_path):
+    pytest.importorskip("psutil")
+    import os
+    import subprocess
+    import sys
+
+    import mlflow
+
+    (tmp_path / "e.yaml").write_text(
+        "data: {dataset: {name: blobs, image_size: 32, n_train: 8, n_val: 4}, batch_size: 4}\n"
+        "model: {encoder: {name: classic, depth: 2, base_channels: 4}}\n"
+        "train: {epochs: 1, device: cpu}\n"
+        f"tracking: {{uri: 'sqlite:///{tmp_path / 'm.db'}', system_metrics: true, log_model: false, figures: false}}\n")
+    env = {**os.environ, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.1"}
+    proc = subprocess.run([sys.executable, "-m", "unetlab", "run", "e.yaml", "--quiet"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("e").experiment_id])
+    child = [r for r in runs if "mlflow.parentRunId" in r.data.tags][0]
+    assert "system/cpu_utilization_percentage" in child.data.metrics, sorted(child.data.metrics)

@@ -22,7 +22,8 @@ from .plugins import PluginHost
 from .preflight import Prepared, config_hash
 from .report import Reporter
 
-__all__ = ["Interrupted", "Invocation", "checkpoint_dir", "run_parallel", "run_rank", "run_sequential"]
+__all__ = ["Interrupted", "Invocation", "checkpoint_dir", "run_parallel", "run_rank", "run_sequential", "run_torchrun",
+           "signals_interrupt", "stop_processes"]
 
 
 class Interrupted(KeyboardInterrupt):
@@ -63,15 +64,30 @@ def checkpoint_dir(experiment: Experiment, run: Run) -> Path:
 
 @contextlib.contextmanager
 def signals_interrupt():
-    """While inside: SIGTERM raises ``Interrupted`` like Ctrl-C does (the default SIGTERM would skip cleanup)."""
+    """While inside, SIGINT and SIGTERM raise ``Interrupted`` (the default SIGTERM would skip all cleanup).
+
+    The first signal also ignores any later one until the block is left, so that a second Ctrl-C cannot
+    break off the cleanup that marks runs KILLED.
+    """
     def on_signal(signum, frame):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise Interrupted(signum)
 
-    previous = signal.signal(signal.SIGTERM, on_signal)
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _end_quietly(tracker, run_id: str | None, status: str) -> None:
+    """Set a final status when something has already gone wrong: a second failure must not hide the first."""
+    if run_id is None:
+        return
+    with contextlib.suppress(Exception):  # the store may be what failed; the first error is the one to report
+        tracker.end(run_id, status)
 
 
 def _plugin_versions(host: PluginHost) -> dict[str, str]:
@@ -83,6 +99,7 @@ def run_sequential(inv: Invocation) -> int:
     """Train every prepared run here, one after another (rank 0 of a distributed job too)."""
     import os
 
+    from .tracking import owner_tags
     from .trainer import mark_finished
 
     tracker, reporter, ctx = inv.tracker, inv.reporter, inv.ctx
@@ -90,29 +107,27 @@ def run_sequential(inv: Invocation) -> int:
                   parent_run_id=inv.parent_id)
     extra_params = {**_plugin_versions(inv.host), "distributed.world_size": int(os.environ.get("WORLD_SIZE", "1"))}
     failed, current = 0, None
-    try:
-        with signals_interrupt():
+    with signals_interrupt():
+        try:
             for index, prep in enumerate(inv.prepared, 1):
                 run = prep.run
                 ckpt_dir = checkpoint_dir(inv.experiment, run)
-                state, child = None, None
                 found = tracker.find_runs("unetlab.run_key", prep.key) if inv.resume else []
-                skip = bool(found) and found[0].info.status == "FINISHED"
-                resumed = bool(found) and not skip and (ckpt_dir / "last.pt").exists()
-                ctx.broadcast({"skip": skip, "resume": resumed})  # the other ranks follow rank 0's plan
-                if skip:
+                if found and found[0].info.status == "FINISHED":
+                    ctx.broadcast({"skip": True, "resume": False})  # the other ranks follow rank 0's plan
                     reporter.run_end(run.name, "SKIPPED", {}, "finished in an earlier invocation")
                     continue
-                if resumed:
-                    from .checkpoint import load_checkpoint
-
-                    state = load_checkpoint(ckpt_dir / "last.pt")
-                    child = tracker.child(found[0].info.run_id)
-                    tracker.reopen(child.run_id)
-                if child is None:  # a fresh start: old checkpoints of the same config must not leak in
+                state = _resumable_state(ckpt_dir) if found else None
+                ctx.broadcast({"skip": False, "resume": state is not None})
+                if state is None:  # from epoch 1: old checkpoints of the same config must not leak in
                     for stale in ("last.pt", "best.pt"):
                         (ckpt_dir / stale).unlink(missing_ok=True)
-                    child = tracker.start_prepared_run(prep, inv.base_tags or {}, extra_params)
+                if found:  # --resume continues in the same MLflow run, from its checkpoint or from the start
+                    child = tracker.child(found[0].info.run_id)
+                    tracker.reopen(child.run_id)
+                    child.set_tags(owner_tags())
+                else:
+                    child = tracker.start_prepared_run(prep, {**(inv.base_tags or {}), **owner_tags()}, extra_params)
                 current = child
                 reporter.run_start(run.name, run.config["train"]["epochs"], index, len(inv.prepared))
                 status, message, summary = _train_one(inv, prep, child, ckpt_dir, state)
@@ -125,20 +140,48 @@ def run_sequential(inv: Invocation) -> int:
                 reporter.run_end(run.name, status, summary, message)
             if inv.owns_parent:
                 tracker.end(inv.parent_id, "FAILED" if failed else "FINISHED")
-    except KeyboardInterrupt as exc:
-        if current is not None:
-            current.set_tags({"unetlab.status_reason": "interrupted"})
-            tracker.end(current.run_id, "KILLED")
-        if inv.owns_parent:
-            tracker.end(inv.parent_id, "KILLED")
-        signum = getattr(exc, "signum", signal.SIGINT)
-        print(f"unetlab: interrupted; run(s) marked KILLED, last checkpoints kept: resume with "
-              f"'unetlab run {inv.path} --resume'", file=sys.stderr)
-        return 128 + int(signum)
+        except KeyboardInterrupt as exc:
+            tracker.fail_fast()
+            if current is not None:
+                try:
+                    current.set_tags({"unetlab.status_reason": "interrupted"})
+                finally:
+                    _end_quietly(tracker, current.run_id, "KILLED")
+            if inv.owns_parent:
+                _end_quietly(tracker, inv.parent_id, "KILLED")
+            signum = getattr(exc, "signum", signal.SIGINT)
+            print(f"unetlab: interrupted by {signal.Signals(signum).name}; run(s) marked KILLED, last checkpoints "
+                  f"kept: resume with 'unetlab run {inv.path} --resume'", file=sys.stderr)
+            return 128 + int(signum)
+        except BaseException:  # the store went away, a checkpoint could not be written...: nothing left RUNNING
+            tracker.fail_fast()
+            _end_quietly(tracker, current.run_id if current is not None else None, "FAILED")
+            if inv.owns_parent:
+                _end_quietly(tracker, inv.parent_id, "FAILED")
+            raise
     reporter.emit("end", failed=failed, parent_run_id=inv.parent_id)
     if failed:
         print(f"unetlab: {failed} run(s) FAILED (see above and the runs' 'unetlab.error' tag)", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _resumable_state(ckpt_dir: Path) -> dict | None:
+    """The 'last' checkpoint to resume from, or None to start from epoch 1: there is none yet, or it cannot
+    be read (then it is moved aside, said in one line, and the run starts again)."""
+    import os
+
+    from .checkpoint import CheckpointError, load_checkpoint
+
+    path = ckpt_dir / "last.pt"
+    if not path.exists():
+        return None
+    try:
+        return load_checkpoint(path)
+    except CheckpointError as exc:
+        aside = path.with_name(f"last.pt.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(path, aside)
+        print(f"unetlab: warning: {exc}; moved aside to {aside}, the run starts again from epoch 1", file=sys.stderr)
+        return None
 
 
 def _train_one(inv: Invocation, prep: Prepared, child, ckpt_dir: Path, state) -> tuple[str, str, dict]:
@@ -153,14 +196,21 @@ def _train_one(inv: Invocation, prep: Prepared, child, ckpt_dir: Path, state) ->
 
 
 def _train_and_log(inv: Invocation, prep: Prepared, child, ckpt_dir: Path, state) -> tuple[str, str, dict]:
+    from .determinism import report_nondeterministic_ops
     from .run_outputs import log_run_outputs, run_summary
     from .trainer import RunFailed, TrainSetup, train_run
 
     run, host = prep.run, inv.host
     setup = TrainSetup(prepared=prep, registry=host.registry, checkpoint_dir=ckpt_dir, tracker=child,
                        on_progress=inv.reporter.progress, lifecycle=host.call_lifecycle, resume=state, dist=inv.ctx)
+    monitor = None
+    if prep.runtime.system_metrics:  # CPU/GPU utilisation and memory in the run's system/ metrics
+        from .system_metrics import start_system_metrics
+
+        monitor = start_system_metrics(child.run_id, tracking_uri=child.tracker.uri)
     try:
-        result = train_run(setup)
+        with report_nondeterministic_ops():  # an op without a deterministic kernel: one line, once
+            result = train_run(setup)
     except Exception as exc:  # noqa: BLE001 -- any error in training fails this run only
         failure = str(exc) if isinstance(exc, RunFailed) else None
         if failure is None:
@@ -170,6 +220,9 @@ def _train_and_log(inv: Invocation, prep: Prepared, child, ckpt_dir: Path, state
             child.record_failure(failure)
         host.call_lifecycle("on_run_end", run_name=run.name, status="FAILED", metrics={}, model=None, tracker=child)
         return "FAILED", failure, {}
+    finally:
+        if monitor is not None:
+            monitor.finish()
     log_run_outputs(child, result, prep, host.registry)
     host.call_lifecycle("on_run_end", run_name=run.name, status="FINISHED", metrics=result.final,
                         model=result.model, tracker=child)
@@ -177,7 +230,13 @@ def _train_and_log(inv: Invocation, prep: Prepared, child, ckpt_dir: Path, state
 
 
 def run_parallel(inv: Invocation, jobs: int) -> int:
-    """Train runs in up to ``jobs`` worker processes under one parent run; one GPU per job when there are several."""
+    """Train runs in up to ``jobs`` worker processes under one parent run; one GPU per job when there are several.
+
+    Signals: the handlers are in place before the first worker starts. Workers run in their own sessions
+    (a terminal's Ctrl-C reaches only this process), and on SIGINT or SIGTERM each is sent SIGTERM once,
+    marks its own run KILLED and exits; later runs never start; a worker that does not stop in time is
+    killed, and any run it left RUNNING is marked KILLED here.
+    """
     import os
     import subprocess
 
@@ -188,8 +247,8 @@ def run_parallel(inv: Invocation, jobs: int) -> int:
     active: dict[subprocess.Popen, str] = {}
     codes: dict[str, int] = {}
     slot = 0
-    try:
-        with signals_interrupt():
+    with signals_interrupt():
+        try:
             while pending or active:
                 while pending and len(active) < jobs:
                     name = pending.pop(0)
@@ -201,24 +260,43 @@ def run_parallel(inv: Invocation, jobs: int) -> int:
                                inv.parent_id, "--run-name", name, *[a for s in inv.overrides for a in ("--set", s)]]
                     if inv.resume:
                         command.append("--resume")
-                    active[subprocess.Popen(command, env=env)] = name
+                    active[subprocess.Popen(command, env=env, start_new_session=True)] = name
                 time.sleep(0.2)
                 for proc in [p for p in active if p.poll() is not None]:
                     codes[active.pop(proc)] = proc.returncode
-    except KeyboardInterrupt:
-        for proc in active:  # each worker marks its own run KILLED on SIGTERM
-            proc.terminate()
-        for proc in active:
-            proc.wait()
-        inv.tracker.end(inv.parent_id, "KILLED")
-        print("unetlab: interrupted; running jobs stopped and marked KILLED", file=sys.stderr)
-        return 130
+        except KeyboardInterrupt as exc:
+            signum = int(getattr(exc, "signum", signal.SIGINT))
+            stop_processes(list(active))
+            inv.tracker.fail_fast()
+            try:
+                inv.tracker.kill_running_children(inv.parent_id)  # a worker killed before it could say so
+            finally:
+                _end_quietly(inv.tracker, inv.parent_id, "KILLED")
+            print(f"unetlab: interrupted by {signal.Signals(signum).name}; running jobs stopped and marked KILLED, "
+                  f"later runs not started: resume with 'unetlab run {inv.path} --resume'", file=sys.stderr)
+            return 128 + signum
     failed = [n for n, c in codes.items() if c != 0]
     inv.tracker.end(inv.parent_id, "FAILED" if failed else "FINISHED")
     inv.reporter.emit("end", failed=len(failed), parent_run_id=inv.parent_id)
     if failed:
         print(f"unetlab: {len(failed)} run(s) did not finish: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def stop_processes(processes: list, grace: float = 60.0) -> None:
+    """SIGTERM each process once, wait up to ``grace`` seconds in all, then SIGKILL whatever is left."""
+    import subprocess
+
+    for proc in processes:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for proc in processes:
+        try:
+            proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def run_rank(inv: Invocation) -> int:
@@ -238,3 +316,34 @@ def run_rank(inv: Invocation) -> int:
         except RunFailed:
             pass  # rank 0 saw the same reduced loss and marks the run FAILED
     return 0
+
+
+def run_torchrun(command: list[str], env: dict[str, str], path: str) -> int:
+    """Run ``torchrun`` (``--nproc-per-node``) and wait for it; SIGINT and SIGTERM are forwarded to it, and it
+    stops its ranks (rank 0 marks the run KILLED). Returns torchrun's exit code, or 128 + the signal."""
+    import subprocess
+
+    received: list[int] = []
+    proc: subprocess.Popen | None = None
+
+    def forward(signum, frame):
+        received.append(signum)
+        if proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        # its own session: a terminal's Ctrl-C reaches this process only, which tells torchrun once
+        proc = subprocess.Popen(command, env=env, start_new_session=True)
+        if received:
+            proc.send_signal(received[0])
+        code = proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if received:
+        print(f"unetlab: interrupted by {signal.Signals(received[0]).name}; the ranks were stopped and the run "
+              f"marked KILLED: resume with 'unetlab run {path} --resume'", file=sys.stderr)
+        return 128 + received[0]
+    return code

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from .checkpoint import load_checkpoint, save_atomic
-from .data import build_augment, make_loader
+from .data import build_augment, make_batches
+from .determinism import configure
 from .distributed import DistContext
 from .errors import UnetlabError
 from .model import build_unet, center_crop
@@ -181,11 +182,7 @@ def train_run(setup: TrainSetup) -> RunResult:
     """Train one run to its end (epochs, steps, early stopping); raise ``RunFailed`` on a non-finite loss."""
     prep, dist = setup.prepared, setup.dist
     t = prep.run.config["train"]
-    if t["deterministic"]:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    elif prep.runtime.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    configure(t["deterministic"], prep.runtime.device)  # before the first cuBLAS call (CUBLAS_WORKSPACE_CONFIG)
     _seed_all(t["seed"])
     parts = _build(setup)
     state = TrainState()
@@ -250,16 +247,19 @@ def _build(setup: TrainSetup) -> _Parts:
         from torch.nn.parallel import DistributedDataParallel
 
         forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if t["compile"]:
-        forward = torch.compile(forward)
+    if t["compile"]:  # true or a torch.compile mode (reduce-overhead: CUDA graphs)
+        forward = torch.compile(forward, mode=None if t["compile"] is True else t["compile"])
     return _Parts(
         model=model, forward=forward, optimizer=optimizer, schedule=Schedule(t),
         scaler=torch.amp.GradScaler("cuda") if runtime.amp_dtype == torch.float16 else None,
         loss_fn=build_loss(t, prep.num_classes, setup.registry),
         metrics=build_metrics(t, prep.num_classes, setup.registry),
         augment=build_augment(cfg, setup.registry),
-        train_loader=make_loader(train_set, batch, True, workers, runtime.pin_memory, dist.rank, dist.world_size),
-        val_loader=make_loader(val_set, cfg["data"]["val_batch_size"] or batch, False, workers, runtime.pin_memory),
+        # an in-memory split that fits lives on the device (same batches, same order as a DataLoader)
+        train_loader=make_batches(train_set, batch, True, workers, runtime.pin_memory, device, dist.rank,
+                                  dist.world_size),
+        val_loader=make_batches(val_set, cfg["data"]["val_batch_size"] or batch, False, workers, runtime.pin_memory,
+                                device),
         device=device)
 
 
