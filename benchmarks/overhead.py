@@ -7,7 +7,11 @@ optimizer, loss and batches (the same order), nothing else. Compared: training t
 trainer's time comes from its own ``images_per_s`` (the training loop only, data loading included;
 validation and the checkpoint written after each epoch are reported separately).
 
-    python benchmarks/overhead.py [--rounds 5] [--set KEY=VALUE ...]
+On ``--device cuda`` both run on the GPU as a run does there: the trainer's own precision (bf16
+autocast), memory format (channels_last) and deterministic setting, the bare loop the same, with the
+split on the GPU and each batch gathered there.
+
+    python benchmarks/overhead.py [--rounds 5] [--device cpu|cuda] [--set KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ from pathlib import Path
 import torch
 
 from unetlab.data import build_source, model_io
+from unetlab.determinism import configure
 from unetlab.experiment import load_experiment
 from unetlab.model import build_unet
 from unetlab.plugins import default_host
+from unetlab.preflight import prepare, resolve_runtime
 from unetlab.trainer import TrainSetup, build_loss, epoch_seed, make_optimizer, train_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,8 +39,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (the trainer's train.device)")
     args = parser.parse_args()
-    overrides = ["data.augment=[]", "train.epochs=1", "train.warmup_epochs=0", "seeds=[1]", *args.overrides]
+    overrides = ["data.augment=[]", "train.epochs=1", "train.warmup_epochs=0", "seeds=[1]",
+                 f"train.device={args.device}", *args.overrides]
     run = load_experiment(REPO / "experiments" / "concat_vs_add.yaml", overrides).runs[0]
     registry = default_host().registry
     source = build_source(run.config, registry)
@@ -42,31 +50,44 @@ def main() -> None:
     train_set = source.split("train")
     batch = run.config["data"]["batch_size"]
     t = run.config["train"]
+    runtime = resolve_runtime(run.config)  # the trainer's own device, precision and memory format
+    device, dtype, channels_last = runtime.device, runtime.amp_dtype, runtime.channels_last
 
     def bare_epoch() -> float:
+        configure(t["deterministic"], device)
         torch.manual_seed(t["seed"])
-        model = build_unet(run.config["model"], in_ch, out_ch, registry)
+        model = build_unet(run.config["model"], in_ch, out_ch, registry).to(device)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
         optimizer = make_optimizer(model, t)
         loss_fn = build_loss(t, num_classes, registry)
         generator = torch.Generator()
         generator.manual_seed(epoch_seed(t["seed"], 0))
-        order = torch.randperm(len(train_set), generator=generator)
-        images, masks = train_set.tensors
+        order = torch.randperm(len(train_set), generator=generator).to(device)
+        images, masks = (x.to(device) for x in train_set.tensors)
         model.train()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         start = time.perf_counter()
         for i in range(0, len(order), batch):
             idx = order[i:i + batch]
-            logits = model(images[idx])
-            loss = loss_fn(logits, masks[idx])
+            x = images.index_select(0, idx)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                logits = model(x)
+            loss = loss_fn(logits, masks.index_select(0, idx))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         return (time.perf_counter() - start) / len(order)
 
     trainer, bare, extras = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds + 1):  # round 0 warms up both
-            setup = TrainSetup(run.name, run.config, source, in_ch, out_ch, num_classes, registry, Path(tmp) / str(r))
+            setup = TrainSetup(prepare(run, registry, source=source), registry, Path(tmp) / str(r))
             if r % 2:  # alternate which goes first: neither gets the warmer machine every time
                 b = bare_epoch()
                 record = train_run(setup).history[0]
@@ -78,7 +99,8 @@ def main() -> None:
                 bare.append(b)
                 extras.append(record["epoch_time_s"] - len(train_set) / record["images_per_s"])
     tr, br = statistics.median(trainer), statistics.median(bare)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; run {run.name}, {len(train_set)} images/epoch, "
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}, amp {dtype}, channels_last {channels_last}; run {run.name}, {len(train_set)} images/epoch, "
           f"batch {batch}, {args.rounds} interleaved rounds")
     print(f"bare loop:   {br * 1000:.3f} ms/image  (rounds: {', '.join(f'{x * 1000:.3f}' for x in bare)})")
     print(f"unetlab:     {tr * 1000:.3f} ms/image  (rounds: {', '.join(f'{x * 1000:.3f}' for x in trainer)})")
