@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import free_port, one_line_error, run_cli, wait_for_http
 
 TINY = """\

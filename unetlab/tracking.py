@@ -39,7 +39,7 @@ def git_commit(path: Path) -> str | None:
     """The git commit of the repository holding ``path``, or None outside a repository."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path if path.is_dir() else path.parent,
-                             capture_output=True, text=True, timeout=5)
+                             capture_output=True, text=True, timeout=5, check=False)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
@@ -81,7 +81,7 @@ class Tracker:
                         self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         except UnetlabError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 -- any problem of the store is one line naming it
             raise UnetlabError(f"MLflow tracking store '{self.uri}': {exception_text(exc)}") from None
         self.experiment_name = experiment_name
         self.parent_id: str | None = None
@@ -117,14 +117,14 @@ class Tracker:
 
     # --- children ----------------------------------------------------------------------------------
 
-    def start_child(self, run_name: str, tags: dict[str, str]) -> "RunTracker":
+    def start_child(self, run_name: str, tags: dict[str, str]) -> RunTracker:
         """Create a nested run under the parent."""
         assert self.parent_id is not None
         run = self.client.create_run(self.experiment_id, run_name=run_name,
                                      tags={**tags, PARENT_TAG: self.parent_id})
         return RunTracker(self, run.info.run_id)
 
-    def child(self, run_id: str) -> "RunTracker":
+    def child(self, run_id: str) -> RunTracker:
         """Wrap an existing run (resume)."""
         return RunTracker(self, run_id)
 
