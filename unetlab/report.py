@@ -28,6 +28,12 @@ class Reporter:
         if self.mode == "bar":
             print(text, flush=True)
 
+    def line(self, text: str) -> None:
+        """A progress line that quiet mode keeps too (a run placed by Ray ended); a ``message`` event in jsonl."""
+        if self.mode in ("bar", "quiet"):
+            print(text, flush=True)
+        self.emit("message", text=text)
+
     def run_start(self, name: str, epochs: int, index: int, total: int) -> None:
         """A run begins."""
         self.emit("run_start", run=name, epochs=epochs, index=index, total=total)

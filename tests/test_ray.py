@@ -1,0 +1,129 @@
+"""``unetlab run FILE --ray``: runs as Ray tasks on a real local Ray instance (127.0.0.1, shut down after)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import one_line_error, run_cli
+from test_run import client_for, experiment, runs_of
+
+ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'unetlab[ray]')")
+
+# Kills the Ray worker that runs the task (the trainer's parent process) once, at the end of an epoch.
+WORKER_KILLER = '''
+import os, signal, unetlab
+from pathlib import Path
+
+@unetlab.hookimpl
+def on_epoch_end(run_name, epoch):
+    marker = Path(os.environ["KILL_MARKER"])
+    if os.environ.get("UNETLAB_RAY") and run_name == "add/seed=0" and epoch == 2 and not marker.exists():
+        marker.write_text(str(os.getppid()))
+        os.kill(os.getppid(), signal.SIGKILL)
+'''
+
+TWO_VARIANTS = """
+    plugins: [killer.py]
+    variants:
+      concat: {model.fusion: concat}
+      add: {model.fusion: add}
+"""
+
+
+def _trainers_of(parent_id: str) -> list[int]:
+    """PIDs of live processes training under ``parent_id`` (none may outlive the command)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if parent_id.encode() in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+def test_ray_runs_finish_with_sequential_metrics_and_a_killed_worker_resumes(tmp_path):
+    (tmp_path / "killer.py").write_text(WORKER_KILLER)
+    path = experiment(tmp_path, epochs=3, extra=TWO_VARIANTS)
+    marker = tmp_path / "killed"
+    proc = run_cli("run", str(path), "--ray", "--quiet", cwd=tmp_path, env={"KILL_MARKER": str(marker)}, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert marker.exists(), "the worker of add/seed=0 was never killed"
+    assert "[2/2]" in proc.stdout
+    parents, children = runs_of(client_for(tmp_path))
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    # the retry continued the same MLflow run: one run per name, all FINISHED
+    assert sorted(c.info.run_name for c in children) == ["add/seed=0", "concat/seed=0"]
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert not _trainers_of(parents[0].info.run_id)
+
+    sequential = tmp_path / "seq"
+    sequential.mkdir()
+    (sequential / "killer.py").write_text(WORKER_KILLER)
+    seq_path = experiment(sequential, epochs=3, extra=TWO_VARIANTS)
+    assert run_cli("run", str(seq_path), "--quiet", cwd=sequential,
+                   env={"KILL_MARKER": str(marker)}).returncode == 0
+    _, seq_children = runs_of(client_for(sequential))
+    expected = {c.info.run_name: c.data.metrics for c in seq_children}
+    for child in children:
+        for key in ("val_iou", "val_dice", "val_loss", "train_loss"):
+            assert child.data.metrics[key] == expected[child.info.run_name][key], (child.info.run_name, key)
+
+
+def test_ctrl_c_cancels_every_task_and_leaves_killed_runs_and_no_process(tmp_path):
+    (tmp_path / "killer.py").write_text("")
+    path = experiment(tmp_path, epochs=200, extra="""
+        variants:
+          concat: {model.fusion: concat}
+          add: {model.fusion: add}
+    """)
+    driver = subprocess.Popen([sys.executable, "-m", "unetlab", "run", str(path), "--ray", "--quiet"], cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    client = client_for(tmp_path)
+    deadline = time.time() + 180
+    while True:  # wait until both runs train
+        assert driver.poll() is None, driver.communicate()
+        assert time.time() < deadline, "the runs never started"
+        try:
+            _, children = runs_of(client)
+        except Exception:  # the store is still being created
+            children = []
+        if len(children) == 2 and all(c.data.metrics.get("train_loss") is not None for c in children):
+            break
+        time.sleep(1)
+    driver.send_signal(signal.SIGINT)
+    out, err = driver.communicate(timeout=120)
+    assert driver.returncode == 130, (out, err)
+    assert "Traceback" not in err
+    parents, children = runs_of(client)
+    assert parents[0].info.status == "KILLED"
+    assert {c.info.status for c in children} == {"KILLED"}
+    time.sleep(1)
+    assert not _trainers_of(parents[0].info.run_id)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ([], "cannot reach the local store"),
+    (["--set", "tracking.uri=http://127.0.0.1:9"], "tracking.checkpoint_dir 'ckpt-relative' is a local relative path"),
+])
+def test_cluster_address_refuses_local_store_and_local_checkpoints(tmp_path, settings, message):
+    path = experiment(tmp_path, epochs=1)
+    proc = run_cli("run", str(path), "--ray", "ray://127.0.0.1:10001", "--set", "tracking.checkpoint_dir=ckpt-relative",
+                   *settings, cwd=tmp_path)
+    assert message in one_line_error(proc)
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ckpt-relative").exists()
+
+
+def test_a_bad_ray_address_is_one_line(tmp_path):
+    path = experiment(tmp_path, epochs=1)
+    assert "expected 'auto', 'ray://HOST:PORT'" in one_line_error(run_cli("run", str(path), "--ray", "tcp://x",
+                                                                         cwd=tmp_path))
+    assert not os.path.exists(tmp_path / "mlflow.db")

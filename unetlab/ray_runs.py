@@ -1,0 +1,203 @@
+"""``unetlab run FILE --ray [ADDRESS]``: an experiment's runs as Ray tasks, on one machine or a cluster.
+
+The driver (this process) has already done what every ``unetlab run`` does first: load and check the
+file, create the MLflow experiment and the parent run. Each resolved run then becomes one Ray task,
+and that task trains through the very entry point a ``--jobs`` worker uses (``python -m unetlab run
+FILE --run-name NAME --parent-run-id ID``) in a child process, so where a run trained never changes
+its numbers.
+
+Faults, in Ray's terms (see Ray's fault-tolerance guide):
+
+- the worker process dies (killed, node lost): Ray retries the task (``max_retries``); the retry finds
+  this run's MLflow run under the parent and continues it from its last checkpoint (``--resume``);
+- the run fails for its own reasons (a non-finite loss, a plugin's bug): the child exits 1, the run
+  is FAILED in MLflow, and the task returns normally, so Ray does not retry it;
+- Ctrl-C / SIGTERM on the driver: every task is cancelled, each child is told to stop (its run
+  becomes KILLED), and whatever is still RUNNING under the parent afterwards is marked KILLED.
+
+Ray is an optional dependency (``pip install 'unetlab[ray]'``) and is imported only here.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UnetlabError
+
+__all__ = ["RayPlan", "check_ray_settings", "run_on_ray"]
+
+INSTALL_HINT = "--ray needs Ray: pip install 'unetlab[ray]'"
+# How long cancelled tasks get to mark their runs KILLED before they are force-cancelled.
+CANCEL_GRACE_S = 20.0
+
+
+@dataclass(frozen=True)
+class RayPlan:
+    """Where and how the runs go: the cluster address (None: a local instance) and each task's resources."""
+
+    address: str | None
+    cpus_per_run: float = 1.0
+    max_retries: int = 3
+
+
+def parse_address(value: str | None) -> str | None:
+    """``--ray`` alone means a local instance (None); otherwise ``auto`` or ``ray://host:port``."""
+    if value in (None, "", "local"):
+        return None
+    if value == "auto" or value.startswith("ray://"):
+        return value
+    raise UnetlabError(f"--ray {value}: expected 'auto', 'ray://HOST:PORT' or nothing (a local Ray instance)")
+
+
+def check_ray_settings(plan: RayPlan, tracking_uri: str | None, checkpoint_dirs: Sequence[str]) -> None:
+    """Refuse, before anything is submitted, settings that cannot work across a cluster's nodes.
+
+    With a cluster address every node must reach the same store and the same checkpoints: the
+    tracking URI must be a server (``http(s)://``), and ``tracking.checkpoint_dir`` an absolute path
+    (a shared folder mounted at the same place on every node).
+    """
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise UnetlabError(INSTALL_HINT) from None
+    if plan.cpus_per_run <= 0:
+        raise UnetlabError(f"--ray-cpus must be > 0, got {plan.cpus_per_run:g}")
+    if plan.address is None:
+        return
+    if not tracking_uri or not tracking_uri.startswith(("http://", "https://")):
+        raise UnetlabError(f"--ray {plan.address}: runs on other nodes cannot reach the local store "
+                           f"'{tracking_uri or 'sqlite:///mlflow.db (MLflow default)'}'; start an MLflow tracking "
+                           "server and set tracking.uri (or MLFLOW_TRACKING_URI) to its http:// address")
+    for folder in sorted(set(checkpoint_dirs)):
+        if not Path(folder).expanduser().is_absolute():
+            raise UnetlabError(f"--ray {plan.address}: tracking.checkpoint_dir '{folder}' is a local relative path; "
+                               "set it to a shared folder mounted at the same absolute path on every node")
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the Ray worker that started it dies, so no trainer is orphaned."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:  # not Linux: a killed worker may leave its child to finish on its own
+        pass
+
+
+def _train_task(command: list[str], env: dict[str, str], tracking_uri: str | None, parent_id: str,
+                run_key: str) -> int:
+    """Body of one Ray task: train one run in a child process and return its exit code.
+
+    A retry (the previous worker died) finds this run's MLflow run under the parent and adds
+    ``--resume``, which continues it from its last checkpoint in the same MLflow run.
+    """
+    import signal
+    import subprocess
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    parent = client.get_run(parent_id)
+    earlier = client.search_runs([parent.info.experiment_id], max_results=1, filter_string=(
+        f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`unetlab.run_key` = '{run_key}'"))
+    if earlier and "--resume" not in command:
+        command = [*command, "--resume"]
+    child_env = {**os.environ, **env}
+    if "OMP_NUM_THREADS" not in env:  # Ray sets 1 for its workers; a local run would use every core
+        child_env.pop("OMP_NUM_THREADS", None)
+    child = subprocess.Popen([sys.executable, *command], env=child_env, preexec_fn=_die_with_parent)
+    try:
+        return child.wait()
+    except KeyboardInterrupt:  # ray.cancel: let the run mark itself KILLED, then report it
+        child.send_signal(signal.SIGINT)
+        try:
+            return child.wait(timeout=CANCEL_GRACE_S)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            return child.wait()
+
+
+def run_on_ray(plan: RayPlan, path: str | Path, overrides: Sequence[str], resume: bool, runs: Sequence[tuple[str, str]],
+               tracker, parent_id: str, say=print) -> int:
+    """Submit one task per run (``runs``: (name, run_key) pairs), report each as it ends; return the exit code.
+
+    ``tracker`` is the driver's ``unetlab.tracking.Tracker``; it ends the parent run and sweeps up
+    runs left RUNNING by tasks that could not end them (a worker that died on its last retry).
+    """
+    import ray
+
+    env = {"MLFLOW_TRACKING_URI": tracker.uri, "UNETLAB_RAY": "1"}
+    for name in ("OMP_NUM_THREADS", "UNETLAB_CACHE_DIR", "PYTHONPATH"):  # same numbers as a local run
+        if name in os.environ:
+            env[name] = os.environ[name]
+    if plan.address is None:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING",
+                 log_to_driver=False, configure_logging=True)
+    else:
+        ray.init(address=plan.address, logging_level="WARNING", log_to_driver=False)
+    try:
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        task = ray.remote(num_cpus=plan.cpus_per_run, num_gpus=gpus, max_retries=plan.max_retries)(_train_task)
+        base = ["-m", "unetlab", "run", str(Path(path).resolve()), "--quiet", "--parent-run-id", parent_id,
+                *[a for s in overrides for a in ("--set", s)], *(["--resume"] if resume else [])]
+        pending = {task.remote([*base, "--run-name", name], env, tracker.uri, parent_id, key): name
+                   for name, key in runs}
+        say(f"submitted {len(pending)} run(s) to Ray ({plan.address or 'local instance'}; "
+            f"{plan.cpus_per_run:g} CPU{' + 1 GPU' if gpus else ''} per run)")
+        failed: list[str] = []
+        done = 0
+        try:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                name = pending.pop(ready[0])
+                try:
+                    code = ray.get(ready[0])
+                except Exception as exc:  # retries exhausted: the worker died every time
+                    code, reason = -1, f"the Ray task failed: {type(exc).__name__}"
+                else:
+                    reason = "" if code == 0 else f"exit code {code}"
+                done += 1
+                if code != 0:
+                    failed.append(name)
+                say(f"[{done}/{len(runs)}] {name}: {'FINISHED' if code == 0 else 'did not finish (' + reason + ')'}")
+        except KeyboardInterrupt:
+            _cancel_all(ray, list(pending))
+            _sweep(tracker, parent_id, "KILLED", "interrupted")
+            tracker.end(parent_id, "KILLED")
+            print("unetlab: interrupted; Ray tasks cancelled, run(s) marked KILLED, last checkpoints kept: "
+                  f"resume with 'unetlab run {path} --ray --resume'", file=sys.stderr)
+            return 130
+        _sweep(tracker, parent_id, "FAILED", "its Ray worker died and retries were exhausted")
+        tracker.end(parent_id, "FAILED" if failed else "FINISHED")
+        if failed:
+            print(f"unetlab: {len(failed)} run(s) did not finish: {', '.join(failed)}", file=sys.stderr)
+        return 1 if failed else 0
+    finally:
+        ray.shutdown()
+
+
+def _cancel_all(ray, refs: list) -> None:
+    """Cancel gently (each child marks its run KILLED), then force whatever is still going."""
+    for ref in refs:
+        ray.cancel(ref, force=False)
+    deadline = time.monotonic() + CANCEL_GRACE_S
+    remaining = refs
+    while remaining and time.monotonic() < deadline:
+        _, remaining = ray.wait(remaining, num_returns=len(remaining), timeout=0.5)
+    for ref in remaining:
+        ray.cancel(ref, force=True)
+
+
+def _sweep(tracker, parent_id: str, status: str, reason: str) -> None:
+    """Mark runs under the parent that are still RUNNING: no run is left RUNNING that no process owns."""
+    client = tracker.client
+    for run in client.search_runs([tracker.experiment_id], max_results=10000, filter_string=(
+            f"tags.`mlflow.parentRunId` = '{parent_id}' and attributes.status = 'RUNNING'")):
+        client.set_tag(run.info.run_id, "unetlab.status_reason", reason)
+        client.set_terminated(run.info.run_id, status=status)
