@@ -93,7 +93,9 @@ def child(args: argparse.Namespace) -> dict:
     """One measurement in this (fresh) process; returns its numbers."""
     import torch
 
-    torch.set_num_threads(2)
+    # The loader's own work is single-threaded (workers run with one thread); a 2-thread torch.stack in the
+    # collate spins for ~40x longer on cores shared with other processes, which would measure that instead.
+    torch.set_num_threads(2 if args.measure == "wait" else 1)
     root = Path(args.root)
     out: dict = {}
     if args.measure == "decode":
@@ -170,7 +172,8 @@ def main() -> None:
         return
     count, max_size = (60, (512, 640)) if args.quick else (1000, (1024, 1400))
     base = Path(args.dir or tempfile.mkdtemp(prefix="unetlab-folder-bench-"))
-    print(f"data under {base}; {count} images of 256x256..{max_size[0]}x{max_size[1]}, {os.cpu_count()} CPU cores")
+    print(f"data under {base}; {count} images of 256x256..{max_size[0]}x{max_size[1]}, {os.cpu_count()} CPU cores, "
+          f"load average {os.getloadavg()[0]:.1f} (other processes share these cores)")
     rows = []
     for variant in ("rgb8", "grey16"):
         root = base / variant
@@ -187,7 +190,7 @@ def main() -> None:
         print(f"{variant}: first-epoch decode {decode['decode_s']:.1f} s ({decode['images']} images, "
               f"{'RAM' if decode['in_memory'] else 'memory-mapped'}); 256x256 patches/s: "
               f"{p0['patches_per_s']:.0f} (0 workers), {p2['patches_per_s']:.0f} (2 workers)")
-    wait = measure("wait", base / "rgb8", base / "cache-rgb8", steps=6 if args.quick else 12)
+    wait = measure("wait", base / "rgb8", base / "cache-rgb8", steps=6)
     print(f"data wait: {100 * wait['wait_share']:.1f}% of a training step ({wait['step_s']:.2f} s/step, CPU, "
           "batch 8 x 256x256, 2 workers)")
     many = base / "rgb8-x4"
@@ -196,6 +199,7 @@ def main() -> None:
     for root in (base / "rgb8", many):
         rss = measure("rss", root, base / "cache-rgb8")
         print(f"peak RSS, build + one epoch of patches: {rss['peak_rss_mb']:.0f} MB at {rss['images']} images")
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

@@ -156,7 +156,7 @@ model: {{encoder: {{name: classic, depth: 2, base_channels: 4}}}}
 train: {{epochs: 1}}
 tracking: {{uri: sqlite:///{store}, log_model: false, figures: false}}
 variants:
-  patches: {{data.patch_size: [16, 16]}}
+  patches: {{data.patch_size: [16, 16], data.normalize: {{mode: zscore}}}}
   resized: {{data.resize: [16, 16]}}
 """
 
@@ -168,6 +168,19 @@ def test_mixed_sizes_train_with_patches_and_with_resize(tmp_path, monkeypatch, c
     monkeypatch.chdir(tmp_path / "data")  # root is relative to the file, not to the working directory
     assert cli_main(["run", str(path), "--quiet"]) == 0, capsys.readouterr().err
     assert capsys.readouterr().out.count("FINISHED") == 2
+    # whole-image validation scores exactly what `unetlab predict` produces from the best checkpoint
+    from sklearn.metrics import jaccard_score
+
+    (best,) = [p for p in (tmp_path / "data" / ".unetlab").rglob("best.pt") if "patches" in str(p)]
+    checkpoint = torch.load(best, weights_only=True)
+    assert checkpoint["normalization"]["mode"] == "zscore"  # predict must apply it to score the same
+    val = folder(tmp_path / "data", {"patch_size": [16, 16], "normalize": {"mode": "zscore"}}).whole_images("val")
+    files = [str(e.source) for e in val.store.images]
+    assert cli_main(["predict", str(best), *files, "--out", str(tmp_path / "pred")]) == 0
+    truth = np.concatenate([m.numpy().ravel() for _, m in val])
+    predicted = np.concatenate([np.asarray(Image.open(tmp_path / "pred" / f"{Path(f).stem}_mask.png")).ravel() > 0
+                                for f in files])
+    assert checkpoint["value"] == pytest.approx(jaccard_score(truth, predicted), abs=1e-9)
 
 
 # --- normalisation -------------------------------------------------------------------------------------

@@ -30,6 +30,8 @@ __all__ = ["Entry", "cache_home", "decode_cached", "decode_many", "read_image_fi
 
 DECODER_VERSION = 1
 COORDS_PER_VALUE = 256  # pixel positions kept per mask value: enough to centre patches on foreground
+OPEN_MAPS = 64  # memory maps kept open per process (opening one costs more than reading a patch from it)
+_open_maps: dict[Path, np.ndarray] = {}  # insertion order = least recently used first
 
 
 def cache_home() -> Path:
@@ -47,7 +49,15 @@ class Entry:
 
     def load(self, mmap: bool = True) -> np.ndarray:
         """The decoded array, memory-mapped (read lazily, shared between processes) or read into RAM."""
-        return np.load(self.array_path, mmap_mode="r" if mmap else None)
+        if not mmap:
+            return np.load(self.array_path)
+        array = _open_maps.pop(self.array_path, None)
+        if array is None:
+            array = np.load(self.array_path, mmap_mode="r")
+            if len(_open_maps) >= OPEN_MAPS:
+                _open_maps.pop(next(iter(_open_maps)))  # least recently used
+        _open_maps[self.array_path] = array
+        return array
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -151,8 +151,7 @@ def apply_normalization(image: np.ndarray, spec: dict) -> np.ndarray:
         clip = np.asarray(spec["clip"], dtype=np.float32)
         x = np.clip(x, clip[:, 0], clip[:, 1])
     offset = np.asarray(spec["offset"], dtype=np.float32)
-    scale = np.asarray(spec["scale"], dtype=np.float32)
     if np.any(offset):
         x -= offset
-    x /= scale
+    x *= 1.0 / np.asarray(spec["scale"], dtype=np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))

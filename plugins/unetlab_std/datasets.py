@@ -259,6 +259,11 @@ class FolderSource:
             return TensorDataset(torch.stack([i for i, _ in items]), torch.stack([m for _, m in items]))
         return WholeImageDataset(store)
 
+    @property
+    def whole_image_validation(self) -> bool:
+        """True when validation should run on whole images by sliding windows (training on patches)."""
+        return self.options.patch_size is not None
+
     def whole_images(self, name: str) -> Dataset:
         """Split ``name`` as whole images of their own size (for sliding-window validation)."""
         return WholeImageDataset(self._store(name))
