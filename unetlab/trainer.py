@@ -122,10 +122,19 @@ def crop_target(masks: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return center_crop(masks, *logits.shape[-2:])
 
 
-def build_loss(train: dict, num_classes: int, registry: Registry) -> Callable:
-    """The weighted sum of the configured losses."""
+def _ignoring(kind: str, spec: dict, registry: Registry, ignore_index: int | None, *drop: str) -> dict:
+    """A component's parameters, given the dataset's ignore value when it takes ``ignore_index`` and none is set."""
+    params = component_params(spec, *drop)
+    if ignore_index is not None and params.get("ignore_index") is None \
+            and registry.get(kind, spec["name"]).param("ignore_index") is not None:
+        params["ignore_index"] = ignore_index
+    return params
+
+
+def build_loss(train: dict, num_classes: int, registry: Registry, ignore_index: int | None = None) -> Callable:
+    """The weighted sum of the configured losses; ``ignore_index``: the dataset's (padding, VOC's 255)."""
     parts = [(spec["weight"], registry.create("loss", spec["name"], num_classes=num_classes,
-                                              **component_params(spec, "weight")))
+                                              **_ignoring("loss", spec, registry, ignore_index, "weight")))
              for spec in train["loss"]]
 
     def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -133,9 +142,10 @@ def build_loss(train: dict, num_classes: int, registry: Registry) -> Callable:
     return loss
 
 
-def build_metrics(train: dict, num_classes: int, registry: Registry) -> list:
-    """Fresh accumulators for the configured metrics."""
-    return [registry.create("metric", s["name"], num_classes=num_classes, **component_params(s)) for s in train["metrics"]]
+def build_metrics(train: dict, num_classes: int, registry: Registry, ignore_index: int | None = None) -> list:
+    """Fresh accumulators for the configured metrics; ``ignore_index``: the dataset's, as for ``build_loss``."""
+    return [registry.create("metric", s["name"], num_classes=num_classes,
+                            **_ignoring("metric", s, registry, ignore_index)) for s in train["metrics"]]
 
 
 def make_optimizer(model: torch.nn.Module, train: dict) -> torch.optim.Optimizer:
@@ -252,8 +262,8 @@ def _build(setup: TrainSetup) -> _Parts:
     return _Parts(
         model=model, forward=forward, optimizer=optimizer, schedule=Schedule(t),
         scaler=torch.amp.GradScaler("cuda") if runtime.amp_dtype == torch.float16 else None,
-        loss_fn=build_loss(t, prep.num_classes, setup.registry),
-        metrics=build_metrics(t, prep.num_classes, setup.registry),
+        loss_fn=build_loss(t, prep.num_classes, setup.registry, getattr(prep.source, "ignore_index", None)),
+        metrics=build_metrics(t, prep.num_classes, setup.registry, getattr(prep.source, "ignore_index", None)),
         augment=build_augment(cfg, setup.registry),
         # an in-memory split that fits lives on the device (same batches, same order as a DataLoader)
         train_loader=make_batches(train_set, batch, True, workers, runtime.pin_memory, device, dist.rank,
@@ -346,9 +356,17 @@ def _finite(loss: float, epoch: int, step: int) -> float:
 
 def _validate(setup: TrainSetup, parts: _Parts) -> dict[str, float]:
     """Rank 0 validates on the whole set; every rank gets its numbers, so decisions agree."""
-    runtime = setup.prepared.runtime
-    val = (evaluate(parts.model, parts.val_loader, parts.loss_fn, parts.metrics, parts.device, runtime.amp_dtype,
-                    runtime.channels_last) if setup.dist.is_main else None)
+    runtime, source = setup.prepared.runtime, setup.prepared.source
+    if not setup.dist.is_main:
+        val = None
+    elif getattr(source, "whole_image_validation", False):  # patches in training: whole images, as predict sees them
+        from .validation import evaluate_whole_images
+
+        val = evaluate_whole_images(parts.model, source.whole_images("val"), parts.loss_fn, parts.metrics,
+                                    parts.device, runtime.amp_dtype)
+    else:
+        val = evaluate(parts.model, parts.val_loader, parts.loss_fn, parts.metrics, parts.device, runtime.amp_dtype,
+                       runtime.channels_last)
     return setup.dist.broadcast(val)
 
 
@@ -371,8 +389,9 @@ def _keep_best(setup: TrainSetup, parts: _Parts, state: TrainState, record: dict
 
 def _model_identity(prep: Prepared) -> dict:
     """What `unetlab predict CHECKPOINT` needs to rebuild the model (plain data: weights_only-safe)."""
+    normalization = getattr(prep.source, "normalization", None)  # the dataset's; predict applies it
     return {"model_config": prep.run.config["model"], "in_channels": prep.in_channels,
-            "out_channels": prep.out_channels}
+            "out_channels": prep.out_channels, **({"normalization": normalization} if normalization else {})}
 
 
 def _save_last(setup: TrainSetup, parts: _Parts, state: TrainState) -> None:
