@@ -10,7 +10,7 @@ from test_run import KILLER, client_for, experiment, history, runs_of
 DDP = """
 data: {dataset: {name: blobs, image_size: 32, n_train: 32, n_val: 8}, batch_size: BATCH}
 model: {encoder: {name: classic, depth: 2, base_channels: 4, norm: none}, block: {name: double_conv, norm: none}}
-train: {loss: bce, metrics: [iou, dice]}
+train: {loss: bce, metrics: [iou, dice], device: cpu}
 """
 
 TOLERANCE = 1e-5  # float summation order differs between the all-reduce and one big batch
@@ -65,3 +65,31 @@ def test_bad_file_with_nproc_is_one_line(tmp_path):
     (tmp_path / "bad.yaml").write_text("trian: {}\n")
     proc = run_cli("run", "bad.yaml", "--nproc-per-node", "2", cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "did you mean 'train'" in proc.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_reaches_torchrun_and_its_ranks(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from test_run import CONTROL, _wait_for
+
+    psutil = pytest.importorskip("psutil")
+    (tmp_path / "control.py").write_text(CONTROL)
+    path = ddp_experiment(tmp_path, 4, epochs=500, extra="plugins: [control.py]\n")
+    proc = subprocess.Popen([sys.executable, "-m", "unetlab", "run", str(path), "--nproc-per-node", "2", "--quiet"],
+                            cwd=tmp_path, env={**os.environ, "MARKER_DIR": str(tmp_path)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: any(tmp_path.glob("base_seed=*")), proc)  # rank 0 trains: the MLflow run exists
+    family = psutil.Process(proc.pid).children(recursive=True)  # torchrun and both ranks
+    assert len(family) >= 3, family
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 143, err
+    assert "interrupted by SIGTERM" in err
+    parents, [child] = runs_of(client_for(tmp_path))
+    assert child.info.status == "KILLED" and [p.info.status for p in parents] == ["KILLED"]
+    _, alive = psutil.wait_procs(family, timeout=10)
+    assert not alive, alive

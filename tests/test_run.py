@@ -362,3 +362,107 @@ def test_only_runs_the_named_runs(tmp_path):
     assert [c.info.run_name for c in children] == ["add/seed=0"]
     line = run_cli("run", str(path), "--only", "nope", cwd=tmp_path).stderr
     assert "--only nope: matches no run (runs: concat/seed=0, add/seed=0)" in line
+
+
+# --- faults: settings that cannot train here, signals, kills, corrupt checkpoints ------------------------
+
+CONTROL = KILLER + '''
+from pathlib import Path
+
+@unetlab.hookimpl
+def on_run_start(run_name):
+    if "MARKER_DIR" in os.environ:  # tells the test that this run trains now (its MLflow run exists)
+        Path(os.environ["MARKER_DIR"], run_name.replace("/", "_")).write_text(str(os.getpid()))
+    if os.environ.get("KILL_AT_START") == run_name:  # killed in epoch 1, before any checkpoint
+        os.kill(os.getpid(), signal.SIGKILL)
+'''
+
+
+def _wait_for(predicate, process, timeout: float = 240) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("train.amp=fp16", "train.amp: fp16 needs a CUDA device"),
+    ("train.sync_batchnorm=true", "train.sync_batchnorm: true needs CUDA and several processes"),
+    ("train.device=cuda:7", "train.device: 'cuda:7' asked for"),
+])
+def test_settings_that_cannot_train_here_are_one_line_before_any_mlflow_run(tmp_path, capsys, setting, message):
+    from unetlab.cli import main
+
+    path = experiment(tmp_path, epochs=1)
+    assert main(["run", str(path), "--quiet", "--set", "train.device=cpu", "--set", setting]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("unetlab: error: ") and message in lines[0], lines
+    assert not (tmp_path / "mlflow.db").exists()  # no store, so no run in it
+
+
+def test_more_processes_per_node_than_gpus_is_one_line_naming_both(tmp_path, capsys, monkeypatch):
+    import torch
+
+    from unetlab.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with one GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    path = experiment(tmp_path, epochs=1)
+    assert main(["run", str(path), "--nproc-per-node", "2", "--set", "train.device=cuda", "--set", "train.amp=bf16"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "--nproc-per-node 2: only 1 CUDA device(s) are visible" in lines[0], lines
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_under_jobs_reaches_every_worker_and_leaves_nothing_running(tmp_path):
+    psutil = pytest.importorskip("psutil")
+    (tmp_path / "control.py").write_text(CONTROL)
+    path = experiment(tmp_path, epochs=500, extra="plugins: [control.py]\nseeds: [1, 2, 3]\n")
+    proc = subprocess.Popen([sys.executable, "-m", "unetlab", "run", str(path), "--jobs", "2", "--quiet"], cwd=tmp_path,
+                            env={**os.environ, "MARKER_DIR": str(tmp_path)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: len(list(tmp_path.glob("base_seed=*"))) == 2, proc)  # two workers train, one run waits
+    family = psutil.Process(proc.pid).children(recursive=True)
+    proc.send_signal(signal.SIGTERM)
+    import time
+
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)  # a second signal soon after the first must not break off the cleanup
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 143, err
+    assert "interrupted by SIGTERM" in err and "Traceback" not in err
+    parents, children = runs_of(client_for(tmp_path))
+    assert [p.info.status for p in parents] == ["KILLED"]
+    assert len(children) == 2 and {c.info.status for c in children} == {"KILLED"}  # the third never started
+    _, alive = psutil.wait_procs(family, timeout=10)
+    assert not alive, alive
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_reuses_the_run_and_a_corrupt_checkpoint_restarts_it(tmp_path):
+    (tmp_path / "control.py").write_text(CONTROL)
+    path = experiment(tmp_path, epochs=3, extra="plugins: [control.py]\nseeds: [5]\n")
+    killed = run_cli("run", str(path), "--quiet", cwd=tmp_path, env={"KILL_AT_START": "base/seed=5"})
+    assert killed.returncode == -signal.SIGKILL
+    client = client_for(tmp_path)
+    _, [child] = runs_of(client)
+    assert child.info.status == "RUNNING" and child.data.tags["unetlab.owner.pid"].isdigit()
+    # --resume: the owner is gone, so the run is KILLED and then continued, in the same MLflow run
+    killed = run_cli("run", str(path), "--quiet", "--resume", cwd=tmp_path, env={"KILL_AT": "base/seed=5:2:SIGKILL"})
+    assert killed.returncode == -signal.SIGKILL
+    parents, children = runs_of(client)
+    assert len(parents) == 1 and [c.info.run_id for c in children] == [child.info.run_id]
+    [last] = (tmp_path / "ckpt").rglob("last.pt")  # epoch 1's
+    last.write_bytes(last.read_bytes()[:100])  # truncated
+    proc = run_cli("run", str(path), "--quiet", "--resume", cwd=tmp_path)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert len([line for line in proc.stderr.splitlines() if "moved aside" in line]) == 1, proc.stderr
+    assert len(list(last.parent.glob("last.pt.corrupt-*"))) == 1
+    parents, children = runs_of(client)
+    assert [p.info.status for p in parents] == ["FINISHED"]
+    assert [(c.info.run_id, c.info.status) for c in children] == [(child.info.run_id, "FINISHED")]
+    assert [step for step, _ in history(client, children[0], "val_iou")][-1] == 3

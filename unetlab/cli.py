@@ -281,18 +281,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.nproc_per_node > 1 and "RANK" not in os.environ:
         if args.jobs > 1:
             raise UnetlabError("--jobs and --nproc-per-node do not combine: choose one")
+        from .execution import run_torchrun
         from .experiment import load_experiment
+        from .preflight import check_processes_per_node
 
-        load_experiment(args.file, args.overrides)  # a bad file is one line here, not N tracebacks
+        # a bad file, or more processes than GPUs, is one line here, not N tracebacks
+        check_processes_per_node(load_experiment(args.file, args.overrides).runs, args.nproc_per_node)
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                    f"--nproc-per-node={args.nproc_per_node}", "-m", "unetlab", "run", args.file,
                    *[a for s in args.overrides for a in ("--set", s)], *(["--resume"] if args.resume else []),
                    *(["--only", *args.only] if args.only else []),
                    *(["--quiet"] if args.quiet else ["--jsonl"] if args.jsonl else [])]
-        import subprocess
-
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        return subprocess.run(command, env=env).returncode
+        return run_torchrun(command, env, args.file)
     return run_experiment(args.file, args.overrides, resume=args.resume, output=output, only=args.only,
                           jobs=args.jobs, parent_run_id=args.parent_run_id, exact=args.run_name)
 

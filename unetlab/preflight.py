@@ -21,8 +21,8 @@ from .experiment import Run
 from .registry import metric_directions, resolve_monitor_mode
 from .system_metrics import system_metrics_enabled
 
-__all__ = ["ModelCheck", "Prepared", "Runtime", "check_model", "config_hash", "dataset_key", "monitor_keys",
-           "prepare", "prepare_all", "resolve_device", "resolve_runtime", "training_size"]
+__all__ = ["ModelCheck", "Prepared", "Runtime", "check_model", "check_processes_per_node", "config_hash", "dataset_key",
+           "monitor_keys", "prepare", "prepare_all", "resolve_device", "resolve_runtime", "training_size"]
 
 DEFAULT_SIZE = (64, 64)  # the size models are checked at when a dataset does not say its own
 
@@ -200,6 +200,21 @@ def prepare_all(runs: Sequence[Run], registry, world_size: int = 1) -> list[Prep
         sources.setdefault(dataset_key(run.config), prep.source)
         prepared.append(prep)
     return prepared
+
+
+def check_processes_per_node(runs: Sequence[Run], nproc: int) -> None:
+    """``--nproc-per-node N``, checked before torchrun starts: each run's runtime with N processes, and on
+    CUDA one visible GPU per process (no fallback: CPU processes are asked for with ``train.device=cpu``)."""
+    for run in runs:
+        try:
+            runtime = resolve_runtime(run.config, nproc)
+        except UnetlabError as exc:
+            raise UnetlabError(f"run '{run.name}': {exc}") from None
+        visible = torch.cuda.device_count() if runtime.device.type == "cuda" else nproc
+        if visible < nproc:
+            raise UnetlabError(f"--nproc-per-node {nproc}: only {visible} CUDA device(s) are visible and each "
+                               f"process needs its own; use --nproc-per-node {visible}, or train.device=cpu for "
+                               f"{nproc} CPU processes (gloo)")
 
 
 def dataset_key(config: dict) -> str:

@@ -37,7 +37,7 @@ def run_experiment(path: str | Path, overrides: Sequence[str] = (), resume: bool
     from .execution import Invocation, run_parallel, run_rank, run_sequential
     from .preflight import prepare_all
     from .report import Reporter
-    from .tracking import Tracker, git_commit, resolve_tracking_uri
+    from .tracking import Tracker, git_commit, owner_tags, resolve_tracking_uri
 
     ctx = distributed.current()
     if ctx.enabled and jobs > 1:
@@ -60,7 +60,8 @@ def run_experiment(path: str | Path, overrides: Sequence[str] = (), resume: bool
     try:
         if not ctx.is_main:
             return run_rank(inv)
-        inv.tracker = tracker = Tracker(experiment.name, resolve_tracking_uri(runs[0].config["tracking"]["uri"]))
+        inv.tracker = tracker = Tracker(experiment.name, resolve_tracking_uri(runs[0].config["tracking"]["uri"]),
+                                        experiment_file=path)
         invocation = hashlib.sha256("\n".join(p.key for p in prepared).encode()).hexdigest()[:16]
         commit = git_commit(Path(path).resolve())
         inv.base_tags = {"unetlab.experiment_file": str(Path(path).resolve()), "unetlab.invocation": invocation,
@@ -68,14 +69,18 @@ def run_experiment(path: str | Path, overrides: Sequence[str] = (), resume: bool
         inv.parent_id, inv.owns_parent = parent_run_id, parent_run_id is None
         if parent_run_id is not None:  # a worker of --jobs: the parent belongs to the process that started us
             tracker.parent_id = parent_run_id
-        elif resume:
+        else:
+            tracker.reap_orphans()  # runs left RUNNING by a process that is gone (SIGKILL...) become KILLED
+        if parent_run_id is None and resume:
             parents = [r for r in tracker.find_runs("unetlab.invocation", invocation) if r.data.tags.get("unetlab.parent")]
             if parents:
                 inv.parent_id = tracker.parent_id = parents[0].info.run_id
                 tracker.reopen(inv.parent_id)
+                tracker.child(inv.parent_id).set_tags(owner_tags())
         if inv.parent_id is None:
             inv.parent_id = tracker.start_parent(f"{experiment.name} {time.strftime('%Y-%m-%d %H:%M:%S')}",
-                                                 {**inv.base_tags, "unetlab.parent": "true"}, experiment.description)
+                                                 {**inv.base_tags, **owner_tags(), "unetlab.parent": "true"},
+                                                 experiment.description)
             tracker.client.log_text(inv.parent_id, Path(path).read_text(encoding="utf-8"), "experiment.yaml")
         if parent_run_id is None:
             reporter.info(f"{experiment.name}: {len(prepared)} run(s), tracking at {tracker.uri} "

@@ -23,7 +23,8 @@ from .store_client import (
     tracking_timeout,
 )
 
-__all__ = ["RunTracker", "Tracker", "TrackingUnavailable", "git_commit", "resolve_tracking_uri"]
+__all__ = ["RunTracker", "Tracker", "TrackingUnavailable", "git_commit", "owner_alive", "owner_tags",
+           "resolve_tracking_uri"]
 
 PARENT_TAG = "mlflow.parentRunId"
 # MLflow 3 opens an experiment without a kind on its GenAI overview page; this kind opens the runs table.
@@ -43,6 +44,44 @@ def git_commit(path: Path) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+OWNER_HOST, OWNER_PID, OWNER_STARTED = "unetlab.owner.host", "unetlab.owner.pid", "unetlab.owner.started"
+
+
+def _process_started(pid: int) -> str:
+    """When process ``pid`` started (clock ticks since boot, from /proc), or "" where that cannot be read.
+    With the PID it names one process: a PID reused later by another process has another start time."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def owner_tags() -> dict[str, str]:
+    """Tags naming this process as the owner of a run: host, PID and the PID's start time."""
+    import socket
+
+    return {OWNER_HOST: socket.gethostname(), OWNER_PID: str(os.getpid()), OWNER_STARTED: _process_started(os.getpid())}
+
+
+def owner_alive(tags: dict[str, str]) -> bool:
+    """Whether the process a run's owner tags name may still be running: True for another host (which this
+    process cannot see) and for runs without owner tags; False when the PID is gone or reused."""
+    import socket
+
+    if tags.get(OWNER_HOST) != socket.gethostname() or not tags.get(OWNER_PID, "").isdigit():
+        return True
+    pid = int(tags[OWNER_PID])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, owned by another user
+    started = tags.get(OWNER_STARTED, "")
+    return not started or _process_started(pid) in ("", started)
 
 
 class Tracker:
@@ -127,6 +166,26 @@ class Tracker:
     def child(self, run_id: str) -> RunTracker:
         """Wrap an existing run (resume)."""
         return RunTracker(self, run_id)
+
+    def reap_orphans(self) -> list[str]:
+        """Mark KILLED every RUNNING run of this experiment whose owner process (on this host) is gone, e.g.
+        after a SIGKILL; return their ids. ``--resume`` then continues them."""
+        reaped = []
+        for run in self.client.search_runs([self.experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                           max_results=1000):
+            if not owner_alive(run.data.tags):
+                self.client.set_tag(run.info.run_id, "unetlab.status_reason", "owner process gone")
+                self.end(run.info.run_id, "KILLED")
+                reaped.append(run.info.run_id)
+        return reaped
+
+    def kill_running_children(self, parent_id: str) -> None:
+        """Mark KILLED the parent's child runs still RUNNING (their process was stopped before it could)."""
+        for run in self.client.search_runs(
+                [self.experiment_id], max_results=1000,
+                filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}' and attributes.status = 'RUNNING'"):
+            self.client.set_tag(run.info.run_id, "unetlab.status_reason", "interrupted")
+            self.end(run.info.run_id, "KILLED")
 
     def start_prepared_run(self, prepared, base_tags: dict[str, str], extra_params: dict[str, Any]) -> "RunTracker":
         """Create the nested run of a prepared run (``preflight.Prepared``): its identity as tags, its resolved
