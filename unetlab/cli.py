@@ -77,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
                    help="train each run with N processes (DistributedDataParallel: one GPU each, or CPU processes "
                         "with gloo); data.batch_size is per process. Multi-node: torchrun ... -m unetlab run FILE")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run each run as a Ray task (extra unetlab[ray]): no ADDRESS starts a local Ray instance; "
+                        "'auto' or ray://HOST:PORT joins a cluster (needs an http:// tracking server and an absolute, "
+                        "shared tracking.checkpoint_dir)")
+    p.add_argument("--ray-cpus", type=float, default=1.0, metavar="N",
+                   help="CPUs each Ray task asks for (default 1; a task gets 1 GPU when the cluster has GPUs)")
+    p.add_argument("--ray-retries", type=int, default=3, metavar="N",
+                   help="times a task whose worker died is retried, resuming from its last checkpoint (default 3)")
     p.add_argument("--parent-run-id", default=None, help=argparse.SUPPRESS)  # set by --jobs for its workers
     p.add_argument("--run-name", action="append", default=[], help=argparse.SUPPRESS)
     mode = p.add_mutually_exclusive_group()
@@ -278,6 +286,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UnetlabError("--jobs and --nproc-per-node must be at least 1")
     import os
 
+    if args.ray is not None and (args.jobs > 1 or args.nproc_per_node > 1):
+        raise UnetlabError("--ray does not combine with --jobs or --nproc-per-node: Ray places the runs")
     if args.nproc_per_node > 1 and "RANK" not in os.environ:
         if args.jobs > 1:
             raise UnetlabError("--jobs and --nproc-per-node do not combine: choose one")
@@ -294,8 +304,15 @@ def cmd_run(args: argparse.Namespace) -> int:
                    *(["--quiet"] if args.quiet else ["--jsonl"] if args.jsonl else [])]
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         return run_torchrun(command, env, args.file)
+    ray_plan = None
+    if args.ray is not None:
+        from .ray_runs import RayPlan, parse_address
+
+        if args.ray_retries < 0:
+            raise UnetlabError(f"--ray-retries must be >= 0, got {args.ray_retries}")
+        ray_plan = RayPlan(parse_address(args.ray), args.ray_cpus, args.ray_retries)
     return run_experiment(args.file, args.overrides, resume=args.resume, output=output, only=args.only,
-                          jobs=args.jobs, parent_run_id=args.parent_run_id, exact=args.run_name)
+                          jobs=args.jobs, parent_run_id=args.parent_run_id, exact=args.run_name, ray=ray_plan)
 
 
 def cmd_data(args: argparse.Namespace) -> int:

@@ -16,22 +16,26 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import ConfigError, UnetlabError
 from .experiment import load_experiment
 from .plugins import default_host
+
+if TYPE_CHECKING:
+    from .ray_runs import RayPlan
 
 __all__ = ["run_experiment"]
 
 
 def run_experiment(path: str | Path, overrides: Sequence[str] = (), resume: bool = False, output: str = "bar",
                    only: Sequence[str] = (), jobs: int = 1, parent_run_id: str | None = None,
-                   exact: Sequence[str] = ()) -> int:
+                   exact: Sequence[str] = (), ray: RayPlan | None = None) -> int:
     """Train every run of an experiment file; return the exit code (0 all finished, 1 any failed, 128+N killed).
 
     ``jobs > 1`` trains independent runs in that many processes (one GPU each when there are several),
     all under one parent run. ``parent_run_id`` and ``exact`` are how those worker processes are told
-    which parent to log under and which run to train.
+    which parent to log under and which run to train. ``ray`` submits each run as a Ray task instead.
     """
     from . import __version__, distributed
     from .execution import Invocation, run_parallel, run_rank, run_sequential
@@ -53,6 +57,11 @@ def run_experiment(path: str | Path, overrides: Sequence[str] = (), resume: bool
     if len({r.config["tracking"]["uri"] for r in runs}) > 1:
         raise ConfigError("tracking.uri: every run of one invocation must log to the same store; set it in the base "
                           "config, not in variants or the matrix")
+    if ray is not None:  # a cluster that cannot reach the store or the checkpoints: refuse before any work
+        from .ray_runs import check_ray_settings
+
+        check_ray_settings(ray, resolve_tracking_uri(runs[0].config["tracking"]["uri"]),
+                           [r.config["tracking"]["checkpoint_dir"] for r in runs])
     prepared = prepare_all(runs, host.registry, ctx.world_size)  # bad input stops here: nothing written yet
     reporter = Reporter(output if ctx.is_main else "silent", runs[0].config["train"]["monitor"])
     inv = Invocation(Path(path), tuple(overrides), resume, experiment, prepared, host, ctx, reporter)
@@ -85,6 +94,13 @@ def run_experiment(path: str | Path, overrides: Sequence[str] = (), resume: bool
         if parent_run_id is None:
             reporter.info(f"{experiment.name}: {len(prepared)} run(s), tracking at {tracker.uri} "
                           f"(experiment '{experiment.name}', parent run {inv.parent_id})")
+        if ray is not None:
+            from .execution import signals_interrupt
+            from .ray_runs import run_on_ray
+
+            with signals_interrupt():
+                return run_on_ray(ray, path, overrides, resume, [(p.run.name, p.key) for p in prepared], tracker,
+                                  inv.parent_id, say=reporter.line)
         if jobs > 1 and len(prepared) > 1:
             return run_parallel(inv, jobs)
         return run_sequential(inv)
