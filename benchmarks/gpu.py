@@ -30,7 +30,7 @@ from pathlib import Path
 
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before any cuBLAS call: deterministic rows need it
 
-import torch  # noqa: E402
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,8 +71,9 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, repeats: int =
 
 def build(upsampler: str, base: int, depth: int) -> torch.nn.Module:
     """The assembled U-Net with ``upsampler`` (``bilinear (PyTorch kernel)``: bilinear on F.interpolate)."""
-    import unetlab
     from unetlab_std.layers import BilinearUpsample
+
+    import unetlab
 
     name = "bilinear" if upsampler.startswith("bilinear") else upsampler
     config = {"encoder": {"name": "classic", "depth": depth, "base_channels": base},

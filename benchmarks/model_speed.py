@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from reference_unet import ReferenceUNet  # noqa: E402
+from reference_unet import ReferenceUNet
 
-import unetlab  # noqa: E402
-from unetlab.model import count_parameters, forward_flops  # noqa: E402
+import unetlab
+from unetlab.model import count_parameters, forward_flops
 
 
 def sync(device: torch.device) -> None:
@@ -36,9 +36,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_rate(n: int = 2048, repeats: int = 5, device: torch.device = torch.device("cpu"),
+def matmul_rate(n: int = 2048, repeats: int = 5, device: torch.device | None = None,
                 dtype: torch.dtype = torch.float32) -> float:
-    """Attainable FLOP/s of an n x n x n matmul on ``device`` in ``dtype`` (best of ``repeats``)."""
+    """Attainable FLOP/s of an n x n x n matmul on ``device`` (default: CPU) in ``dtype`` (best of ``repeats``)."""
+    device = device or torch.device("cpu")
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
     times = []

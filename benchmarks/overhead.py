@@ -30,7 +30,13 @@ from unetlab.experiment import load_experiment
 from unetlab.model import build_unet
 from unetlab.plugins import default_host
 from unetlab.preflight import prepare, resolve_runtime
-from unetlab.trainer import TrainSetup, build_loss, epoch_seed, make_optimizer, train_run
+from unetlab.trainer import (
+    TrainSetup,
+    build_loss,
+    epoch_seed,
+    make_optimizer,
+    train_run,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -11,8 +12,17 @@ from .data_options import configure_source
 from .errors import UnetlabError
 from .registry import Registry, component_params
 
-__all__ = ["build_source", "model_io", "make_loader", "make_batches", "DeviceBatches", "CudaPrefetcher",
-           "fits_on_device", "build_augment", "EpochSampler"]
+__all__ = [
+    "CudaPrefetcher",
+    "DeviceBatches",
+    "EpochSampler",
+    "build_augment",
+    "build_source",
+    "fits_on_device",
+    "make_batches",
+    "make_loader",
+    "model_io",
+]
 
 
 
@@ -110,7 +120,7 @@ class DeviceBatches:
 
     def __len__(self) -> int:
         count = len(self.epoch_sampler) if self.epoch_sampler is not None else self.size
-        return -(-count // self.batch_size)
+        return (count + self.batch_size - 1) // self.batch_size
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         order = list(self.epoch_sampler) if self.epoch_sampler is not None else range(self.size)

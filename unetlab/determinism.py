@@ -16,11 +16,11 @@ import os
 import re
 import sys
 import warnings
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
-__all__ = ["configure", "report_nondeterministic_ops", "CUBLAS_WORKSPACE"]
+__all__ = ["CUBLAS_WORKSPACE", "configure", "report_nondeterministic_ops"]
 
 #: cuBLAS needs a fixed workspace for deterministic matrix products on CUDA (PyTorch's reproducibility notes).
 CUBLAS_WORKSPACE = ":4096:8"

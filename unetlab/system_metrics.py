@@ -9,7 +9,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["system_metrics_enabled", "start_system_metrics"]
+__all__ = ["start_system_metrics", "system_metrics_enabled"]
 
 
 def system_metrics_enabled(setting: bool | str, device_type: str) -> bool:
