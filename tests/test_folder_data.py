@@ -119,6 +119,29 @@ def test_padding_is_ignored_by_losses_and_metrics(tmp_path):
     assert metric.compute()["iou"] == pytest.approx(expected)
 
 
+def test_the_trainer_gives_losses_and_metrics_the_dataset_ignore_index():
+    from unetlab.plugins import default_host
+    from unetlab.trainer import build_loss, build_metrics
+
+    registry = default_host().registry
+    train = {"loss": [{"name": "cross_entropy", "weight": 1.0, "class_weights": None, "ignore_index": None,
+                       "label_smoothing": 0.0}],
+             "metrics": [{"name": "accuracy", "ignore_index": None}]}
+    logits = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    target = torch.randint(0, 3, (2, 8, 8), generator=torch.Generator().manual_seed(2))
+    target[:, :3] = IGNORE_INDEX
+    valid = target != IGNORE_INDEX
+    loss = build_loss(train, 3, registry, ignore_index=IGNORE_INDEX)(logits, target)
+    reference = torch.nn.functional.cross_entropy(logits.permute(0, 2, 3, 1)[valid], target[valid])
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
+    with pytest.raises(IndexError):  # without it, 255 is an out-of-range class: the wiring matters
+        build_loss(train, 3, registry)(logits, target)
+    (accuracy,) = build_metrics(train, 3, registry, ignore_index=IGNORE_INDEX)
+    accuracy.update(logits, target)
+    expected = (logits.argmax(1)[valid] == target[valid]).float().mean().item()
+    assert accuracy.compute()["accuracy"] == pytest.approx(expected)
+
+
 # --- resize and same-size sets -----------------------------------------------------------------------
 
 def test_sizes_that_differ_need_patches_or_resize(tmp_path):

@@ -212,10 +212,11 @@ class FolderSource:
         self.options = DataOptions()
         self.layout = ""  # how the splits were made, for 'unetlab data'
         self._built: Optional[dict] = None
+        self._tensors: dict[str, TensorDataset] = {}
 
     def configure(self, options: DataOptions) -> None:
         """Take the checked data.* options (before first use)."""
-        self.options, self._built = options, None
+        self.options, self._built, self._tensors = options, None, {}
 
     # --- public contract ------------------------------------------------------------------------------
     @property
@@ -255,8 +256,11 @@ class FolderSource:
             if len(store) == 0:
                 c, (h, w) = self.in_channels, self.image_size
                 return TensorDataset(torch.empty(0, c, h, w), torch.empty(0, h, w, dtype=torch.long))
-            items = [store.read(i) for i in range(len(store))]
-            return TensorDataset(torch.stack([i for i, _ in items]), torch.stack([m for _, m in items]))
+            if name not in self._tensors:  # normalised once: prepare and the trainer both ask for the split
+                items = [store.read(i) for i in range(len(store))]
+                self._tensors[name] = TensorDataset(torch.stack([i for i, _ in items]),
+                                                    torch.stack([m for _, m in items]))
+            return self._tensors[name]
         return WholeImageDataset(store)
 
     @property
