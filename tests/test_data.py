@@ -10,7 +10,6 @@ import torch
 from skimage import io
 
 import unetlab
-
 from unetlab.cli import main
 
 

@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -21,11 +21,17 @@ from torch.utils.data import Dataset, TensorDataset
 
 import unetlab
 from unetlab.data_options import DataOptions
-from unetlab.params import FilePath, Range
 from unetlab.errors import UnetlabError
 from unetlab.folder_cache import cache_home, decode_many
 from unetlab.normalization import fit_normalization
-from unetlab.patches import IGNORE_INDEX, PatchDataset, SampleStore, TileDataset, WholeImageDataset
+from unetlab.params import FilePath, Range
+from unetlab.patches import (
+    IGNORE_INDEX,
+    PatchDataset,
+    SampleStore,
+    TileDataset,
+    WholeImageDataset,
+)
 from unetlab.splits import kfold, random_split, split_from_file
 
 SHAPE_TYPES = ("circle", "rectangle", "triangle", "ellipse")
@@ -68,7 +74,7 @@ class ArraySource:
             try:
                 with np.load(path) as data:
                     return data["images"], data["masks"]
-            except Exception:  # a damaged cache file is regenerated, never trusted
+            except Exception:  # noqa: BLE001, S110 - a damaged cache file is regenerated, never trusted
                 pass
         split_seed = np.random.SeedSequence([self.params["seed"], SPLITS.index(name), 7919])
         images, masks = self._generate(self.counts[name], np.random.default_rng(split_seed))
@@ -91,7 +97,7 @@ def shapes(seed: Seed = 0, image_size: ImageSize = 64, n_train: Count = 256, n_v
            mode: Literal["binary", "target", "multiclass"] = "binary",
            target_shape: Literal["circle", "rectangle", "triangle", "ellipse"] = "circle",
            min_shapes: Annotated[int, Range(0, 64)] = 1, max_shapes: Annotated[int, Range(0, 64)] = 4,
-           min_size: Annotated[int, Range(1, 4096)] = 8, max_size: Optional[Annotated[int, Range(1, 4096)]] = None,
+           min_size: Annotated[int, Range(1, 4096)] = 8, max_size: Annotated[int, Range(1, 4096)] | None = None,
            noise: float = 0.1, texture: float = 0.15, channels: Literal[1, 3] = 3) -> ArraySource:
     """Random shapes (skimage.draw.random_shapes) on a textured, noisy background.
 
@@ -134,9 +140,9 @@ def shapes(seed: Seed = 0, image_size: ImageSize = 64, n_train: Count = 256, n_v
             images[i] = image
         return images, masks
 
-    params = dict(seed=seed, image_size=image_size, mode=mode, target_shape=target_shape, min_shapes=min_shapes,
-                  max_shapes=max_shapes, min_size=min_size, max_size=max_size, noise=noise, texture=texture,
-                  channels=channels, version=1)
+    params = {"seed": seed, "image_size": image_size, "mode": mode, "target_shape": target_shape,
+              "min_shapes": min_shapes, "max_shapes": max_shapes, "min_size": min_size, "max_size": max_size,
+              "noise": noise, "texture": texture, "channels": channels, "version": 1}
     return ArraySource("shapes", params, {"train": n_train, "val": n_val, "test": n_test}, channels, num_classes,
                        (image_size, image_size), generate)
 
@@ -164,8 +170,9 @@ def blobs(seed: Seed = 0, image_size: ImageSize = 64, n_train: Count = 256, n_va
             masks[i] = mask
         return images, masks
 
-    params = dict(seed=seed, image_size=image_size, blob_size_fraction=blob_size_fraction,
-                  volume_fraction=volume_fraction, blur=blur, illumination=illumination, photons=photons, version=1)
+    params = {"seed": seed, "image_size": image_size, "blob_size_fraction": blob_size_fraction,
+              "volume_fraction": volume_fraction, "blur": blur, "illumination": illumination, "photons": photons,
+              "version": 1}
     return ArraySource("blobs", params, {"train": n_train, "val": n_val, "test": n_test}, 1, 2,
                        (image_size, image_size), generate)
 
@@ -202,7 +209,7 @@ class FolderSource:
 
     def __init__(self, root: Path, image_dir: str = "images", mask_dir: str = "masks", mask_suffix: str = "",
                  val_fraction: float = 0.2, seed: int = 0, grayscale: bool = False,
-                 class_values: Optional[list[int]] = None, split_file: Optional[Path] = None,
+                 class_values: list[int] | None = None, split_file: Path | None = None,
                  cache: str = "auto") -> None:
         if not root.is_dir():
             raise UnetlabError(f"folder dataset: root '{root}' is not a directory")
@@ -211,7 +218,7 @@ class FolderSource:
         self.class_values, self.split_file, self.cache = class_values, split_file, cache
         self.options = DataOptions()
         self.layout = ""  # how the splits were made, for 'unetlab data'
-        self._built: Optional[dict] = None
+        self._built: dict | None = None
         self._tensors: dict[str, TensorDataset] = {}
 
     def configure(self, options: DataOptions) -> None:
@@ -230,7 +237,7 @@ class FolderSource:
         return self._build()["num_classes"]
 
     @property
-    def image_size(self) -> Optional[tuple[int, int]]:
+    def image_size(self) -> tuple[int, int] | None:
         """The training input size: patch_size, resize, or the images' common size."""
         return self._build()["image_size"]
 
@@ -240,7 +247,7 @@ class FolderSource:
         return self._build()["normalization"]
 
     @property
-    def ignore_index(self) -> Optional[int]:
+    def ignore_index(self) -> int | None:
         """Mask value that losses and metrics must ignore, when the data can hold it (padding, 255 masks)."""
         return self._build()["ignore_index"]
 
@@ -464,7 +471,8 @@ class FolderSource:
 
 def folder(root: Annotated[str, FilePath()], image_dir: str = "images", mask_dir: str = "masks", mask_suffix: str = "",
            val_fraction: Annotated[float, Range(0, 1, max_exclusive=True)] = 0.2, seed: Seed = 0,
-           grayscale: bool = False, class_values: Optional[list[int]] = None, split_file: Optional[Annotated[str, FilePath()]] = None,
+           grayscale: bool = False, class_values: list[int] | None = None,
+           split_file: Annotated[str, FilePath()] | None = None,
            cache: Literal["auto", "memory", "disk"] = "auto") -> FolderSource:
     """Your own images and masks (PNG, JPEG, TIFF; 8/16-bit; any size), paired by file stem.
 
