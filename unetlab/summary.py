@@ -25,8 +25,8 @@ def summarise_experiment(path: str | Path, overrides: Sequence[str] = (),
         sources.setdefault(dataset_key(run.config), checked.source)
         in_ch, model = checked.in_channels, checked.model
         height, width = input_size or checked.image_size
+        out_shape = output_shape(model, in_ch, height, width)  # first: a size too small is one line here
         rows.append({"run": run.name, "params": count_parameters(model),
                      "gflops": forward_flops(model, in_ch, height, width) / 1e9,
-                     "input_shape": [in_ch, height, width],
-                     "output_shape": list(output_shape(model, in_ch, height, width))})
+                     "input_shape": [in_ch, height, width], "output_shape": list(out_shape)})
     return rows
