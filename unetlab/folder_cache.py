@@ -184,7 +184,7 @@ def decode_cached(path: Path, kind: str, grayscale: bool = False, resize: tuple[
     array_path, meta_path = folder / f"{key}.npy", folder / f"{key}.json"
     if meta_path.exists() and array_path.exists():
         try:
-            return Entry(path, array_path, json.loads(meta_path.read_text()))
+            return Entry(path, array_path, _compact(json.loads(meta_path.read_text())))
         except (OSError, ValueError):
             pass  # unreadable metadata: decode again
     if kind == "image":
@@ -211,7 +211,14 @@ def decode_cached(path: Path, kind: str, grayscale: bool = False, resize: tuple[
     tmp_meta.write_text(json.dumps(meta))
     os.replace(tmp_array, array_path)
     os.replace(tmp_meta, meta_path)  # last: the entry exists only once its array is complete
-    return Entry(path, array_path, meta)
+    return Entry(path, array_path, _compact(meta))
+
+
+def _compact(meta: dict) -> dict:
+    """Pixel positions as small int32 arrays: as JSON lists they cost ~50 KB of RAM per mask."""
+    if "coords" in meta:
+        meta["coords"] = {v: np.asarray(c, np.int32).reshape(-1, 2) for v, c in meta["coords"].items()}
+    return meta
 
 
 def decode_many(jobs: list[tuple[Path, str]], grayscale: bool = False, resize: tuple[int, int] | None = None,

@@ -69,8 +69,9 @@ class SampleStore:
         if in_memory:
             self._arrays = [(i.load(mmap=False), m.load(mmap=False)) for i, m in zip(images, masks)]
         wanted = {str(v) for v in foreground_values}
-        self.foreground = [np.array([c for v, cs in m.meta["coords"].items() if v in wanted for c in cs],
-                                    dtype=np.int64).reshape(-1, 2) for m in masks]
+        empty = np.zeros((0, 2), np.int32)
+        self.foreground = [np.concatenate([empty, *(c for v, c in m.meta["coords"].items() if v in wanted)])
+                           for m in masks]
 
     def __len__(self) -> int:
         return len(self.images)
