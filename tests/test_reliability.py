@@ -439,3 +439,39 @@ def test_experiments_open_on_the_runs_table_and_runs_show_their_dataset(tmp_path
     assert json.loads(b.dataset.profile)["num_rows"] == 40
     assert json.loads(a.dataset.source) == {"uri": "unetlab_std:shapes(seed=3)"}
     assert {(t.key, t.value) for t in a.tags} == {("mlflow.data.context", "training")}
+
+
+def test_the_dataset_digest_changes_with_the_data_and_only_with_it(tmp_path):
+    from types import SimpleNamespace
+
+    from unetlab.tracking import dataset_identity
+
+    class Source:
+        def __init__(self, root=None):
+            if root is not None:
+                self.root = root
+
+        def split(self, name):
+            return [0] * {"train": 12, "val": 4}[name]
+
+    def prepared(data, source):
+        return SimpleNamespace(run=SimpleNamespace(config={"data": data}), source=source)
+
+    shapes = {"dataset": {"name": "shapes", "seed": 3, "image_size": 32}, "batch_size": 8}
+    name, digest, splits, source = dataset_identity(prepared(shapes, Source()))
+    assert (name, splits, json.loads(source)) == ("shapes", {"train": 12, "val": 4}, shapes["dataset"])
+    assert dataset_identity(prepared(shapes, Source()))[1] == digest  # stable
+    other_seed = {**shapes, "dataset": {**shapes["dataset"], "seed": 4}}
+    assert dataset_identity(prepared(other_seed, Source()))[1] != digest
+
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    (root / "images" / "a.png").write_bytes(b"1")
+    (root / ".cache").mkdir()
+    folder = {"dataset": {"name": "folder", "root": str(root)}}
+    first = dataset_identity(prepared(folder, Source(root)))
+    assert first[3] == str(root)
+    (root / ".cache" / "x.npy").write_bytes(b"ignored")  # hidden files are not data
+    assert dataset_identity(prepared(folder, Source(root)))[1] == first[1]
+    (root / "images" / "b.png").write_bytes(b"22")  # one more image: different data
+    assert dataset_identity(prepared(folder, Source(root)))[1] != first[1]

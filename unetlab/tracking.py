@@ -211,7 +211,32 @@ class Tracker:
                           "model.in_channels_resolved": prepared.in_channels,
                           "model.out_channels_resolved": prepared.out_channels, **extra_params})
         child.log_text(yaml.safe_dump(run.config, sort_keys=False), "config.yaml")
+        child.log_dataset(*dataset_identity(prepared))
         return child
+
+
+def dataset_identity(prepared) -> tuple[str, str, dict[str, int], str]:
+    """``(name, digest, split sizes, source)`` of a prepared run's data, for ``RunTracker.log_dataset``.
+
+    The digest covers the whole ``data`` section (generator parameters and seed, patches, resizing,
+    normalisation) and, for data read from a folder, every file's path, size and modification time:
+    runs on different data get different digests.
+    """
+    import hashlib
+    import json
+
+    data = prepared.run.config["data"]
+    spec = data["dataset"]
+    ident: dict[str, Any] = {"data": data}
+    root = getattr(prepared.source, "root", None)
+    if root is not None:
+        ident["files"] = sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
+                                for p in Path(root).rglob("*")
+                                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    splits = {name: len(prepared.source.split(name)) for name in ("train", "val")}
+    source = str(root) if root is not None else json.dumps(spec, sort_keys=True, default=str)
+    return str(spec["name"]), digest, splits, source
 
 
 class RunTracker:
