@@ -111,8 +111,7 @@ class Tracker:
                 self.client = BoundedClient(MlflowClient(self.uri), self.uri, timeout, hint)
                 existing = self.client.get_experiment_by_name(experiment_name)
                 if existing is None:
-                    self.experiment_id = self.client.create_experiment(
-                        experiment_name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+                    self.experiment_id = self._create_experiment(experiment_name)
                 else:
                     self.experiment_id = existing.experiment_id
                     kind = existing.tags.get(EXPERIMENT_KIND_TAG, "")
@@ -124,6 +123,23 @@ class Tracker:
             raise UnetlabError(f"MLflow tracking store '{self.uri}': {exception_text(exc)}") from None
         self.experiment_name = experiment_name
         self.parent_id: str | None = None
+
+    def _create_experiment(self, name: str) -> str:
+        """Create the experiment; if another process created it first (two runs started at once against
+        one server), use theirs."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            existing = self.client.get_experiment_by_name(name)
+            if existing is None:
+                raise
+            if not existing.tags.get(EXPERIMENT_KIND_TAG):
+                self.client.set_experiment_tag(existing.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+            return existing.experiment_id
 
     # --- parent ------------------------------------------------------------------------------------
 
