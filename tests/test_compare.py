@@ -264,3 +264,17 @@ def test_margin_from_the_experiment_file(tmp_path):
     path.write_text("name: e\ncompare:\n  margin: -1\n")
     with pytest.raises(ConfigError, match=r"exp.yaml:3: compare.margin: expected a positive number"):
         margin_from_file(path)
+
+
+def test_an_experiment_file_with_a_compare_margin_validates_and_a_bad_one_is_one_line(tmp_path, capsys):
+    from unetlab.cli import main
+    from unetlab.experiment import load_experiment
+
+    path = tmp_path / "exp.yaml"
+    path.write_text("name: e\ntrain: {epochs: 1}\ncompare:\n  margin: 0.02\n")
+    assert load_experiment(path).compare_margin == 0.02
+    path.write_text("name: e\ncompare: {margn: 0.02}\n")
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"unetlab: error: {path}:2: compare: expected a mapping with the key margin "
+                   "(e.g. compare: {margin: 0.01})"]

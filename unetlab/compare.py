@@ -276,22 +276,15 @@ def render(result: dict[str, Any], fmt: str) -> str:
 
 def margin_from_file(path: str | Path) -> float | None:
     """``compare.margin`` of an experiment file, read straight from its YAML (None when absent)."""
+    from .experiment import compare_margin
     from .yamlio import load_yaml_file
 
     data, lines = load_yaml_file(path)
-    section = data.get("compare") if isinstance(data, dict) else None
-    if section is None:
-        return None
-    where = f"{path}:{lines.get(('compare',), '?')}"
-    if not isinstance(section, dict) or set(section) - {"margin"}:
-        raise ConfigError(f"{where}: compare: expected a mapping with the key margin (e.g. compare: {{margin: 0.01}})")
-    margin = section.get("margin")
-    if margin is None:
-        return None
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin > 0:
-        raise ConfigError(f"{path}:{lines.get(('compare', 'margin'), '?')}: compare.margin: expected a positive "
-                          f"number, got {margin!r}")
-    return float(margin)
+
+    def at(key_path: tuple) -> str:
+        return f"{path}:{lines[key_path]}" if key_path in lines else str(path)
+
+    return compare_margin(data.get("compare") if isinstance(data, dict) else None, at)
 
 
 def compare_command(target: str, metric: str | None, fmt: str, out: str | None, parent: str | None,

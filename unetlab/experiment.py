@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import itertools
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +60,7 @@ class Experiment:
     runs: list[Run]
     plugins: list[str]
     description: str = ""
+    compare_margin: float | None = None   # compare.margin: the equivalence margin of `unetlab compare`
 
     def run(self, name: str) -> Run:
         """The run called ``name``; an unknown name lists the known ones."""
@@ -289,6 +290,7 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = (), host: Plugi
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{at(('matrix', key))}: matrix.{key}: expected a non-empty list of values")
     seeds = _seed_list(data.get("seeds"), located("seeds"))
+    margin = compare_margin(data.get("compare"), at)
 
     variant_items = list(variants.items()) or [("base", {})]
     runs: list[Run] = []
@@ -346,7 +348,25 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = (), host: Plugi
         raise ConfigError(f"{located('name')}: an experiment name may be at most {MAX_RUN_NAME} characters, "
                           f"got {len(name)}")
     return Experiment(name=name, path=path, runs=runs, plugins=plugin_specs,
-                      description=str(data.get("description") or ""))
+                      description=str(data.get("description") or ""), compare_margin=margin)
+
+
+def compare_margin(section: Any, at: Callable[[KeyPath], str]) -> float | None:
+    """Check the ``compare:`` section of an experiment file; return its margin (None when absent).
+
+    ``at(key_path)`` gives ``file:line`` for error messages.
+    """
+    if section is None:
+        return None
+    if not isinstance(section, dict) or set(section) - {"margin"}:
+        raise ConfigError(f"{at(('compare',))}: compare: expected a mapping with the key margin "
+                          "(e.g. compare: {margin: 0.01})")
+    margin = section.get("margin")
+    if margin is None:
+        return None
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 < margin < float("inf"):
+        raise ConfigError(f"{at(('compare', 'margin'))}: compare.margin: expected a positive number, got {margin!r}")
+    return float(margin)
 
 
 def _apply(layers: _Layers, key: str, value: Any, origin: _Origin, lines: dict, key_path: KeyPath,

@@ -168,6 +168,8 @@ TOP_LEVEL_KEYS: dict[str, str] = {
     "variants": "named partial overrides: {name: {dotted.key: value, ...}}",
     "matrix": "cartesian product: {dotted.key: [value, ...]}",
     "seeds": "list of seeds (or a count N for seeds 0..N-1); every variant runs once per seed",
+    "compare": "how unetlab compare judges this experiment: {margin: D}, the equivalence margin (a difference "
+               "within ±D of the monitored metric counts as no difference)",
 }
 MAX_SEEDS = 10_000
 TOP_LEVEL_ALLOWED: dict[str, str] = {
@@ -175,6 +177,7 @@ TOP_LEVEL_ALLOWED: dict[str, str] = {
     "variants": "mapping; names: letters, digits, _ . + - (at most 64 characters)",
     "matrix": "mapping of dotted key -> non-empty list",
     "seeds": f"list[int in {SEED_RANGE.describe()}] or a count in [1, {MAX_SEEDS}]",
+    "compare": "mapping with margin: float > 0",
 }
 MAX_VARIANT_NAME = 64
 MAX_RUN_NAME = 200   # a run's name becomes part of its checkpoint directory's name (255 bytes at most)
