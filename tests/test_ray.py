@@ -127,3 +127,12 @@ def test_a_bad_ray_address_is_one_line(tmp_path):
     assert "expected 'auto', 'ray://HOST:PORT'" in one_line_error(run_cli("run", str(path), "--ray", "tcp://x",
                                                                          cwd=tmp_path))
     assert not os.path.exists(tmp_path / "mlflow.db")
+
+
+def test_an_unreachable_cluster_is_one_line_before_any_run(tmp_path):
+    path = experiment(tmp_path, epochs=1)
+    proc = run_cli("run", str(path), "--ray", "auto", "--set", "tracking.uri=http://127.0.0.1:9",
+                   "--set", f"tracking.checkpoint_dir={tmp_path / 'shared'}", cwd=tmp_path,
+                   env={"RAY_ADDRESS": "", "UNETLAB_TRACKING_TIMEOUT": "1"})
+    assert "cannot start or reach Ray" in one_line_error(proc)
+    assert not (tmp_path / "shared").exists()

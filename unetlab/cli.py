@@ -279,13 +279,17 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """``unetlab run FILE``: train every run, log each to MLflow; exit 1 when a run failed."""
+    import os
+
+    if os.environ.get("UNETLAB_RAY_WORKER_PID"):  # a run placed by --ray: stop with the Ray worker
+        from .ray_runs import die_with_ray_worker
+
+        die_with_ray_worker()
     from .runner import run_experiment
 
     output = "quiet" if args.quiet else "jsonl" if args.jsonl else "bar"
     if args.jobs < 1 or args.nproc_per_node < 1:
         raise UnetlabError("--jobs and --nproc-per-node must be at least 1")
-    import os
-
     if args.ray is not None and (args.jobs > 1 or args.nproc_per_node > 1):
         raise UnetlabError("--ray does not combine with --jobs or --nproc-per-node: Ray places the runs")
     if args.nproc_per_node > 1 and "RANK" not in os.environ:

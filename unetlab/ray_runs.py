@@ -21,15 +21,21 @@ Ray is an optional dependency (``pip install 'unetlab[ray]'``) and is imported o
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .errors import UnetlabError
+from .errors import UnetlabError, exception_text
 
-__all__ = ["RayPlan", "check_ray_settings", "run_on_ray"]
+if TYPE_CHECKING:
+    from .tracking import Tracker
+
+__all__ = ["RayPlan", "check_ray_settings", "connect", "die_with_ray_worker", "disconnect", "parse_address",
+           "run_on_ray"]
 
 INSTALL_HINT = "--ray needs Ray: pip install 'unetlab[ray]'"
 # How long cancelled tasks get to mark their runs KILLED before they are force-cancelled.
@@ -79,15 +85,25 @@ def check_ray_settings(plan: RayPlan, tracking_uri: str | None, checkpoint_dirs:
                                "set it to a shared folder mounted at the same absolute path on every node")
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when the Ray worker that started it dies, so no trainer is orphaned."""
+def die_with_ray_worker() -> None:
+    """In a run started by a Ray task: get SIGTERM when that Ray worker dies, so no trainer is orphaned.
+
+    Called first thing by ``unetlab run`` when ``UNETLAB_RAY_WORKER_PID`` is set (not as a Popen
+    ``preexec_fn``: Ray's workers are multi-threaded, where that is unsafe). Linux only; elsewhere a
+    killed worker may leave its run to finish on its own.
+    """
     import ctypes
     import signal
 
+    worker = os.environ.get("UNETLAB_RAY_WORKER_PID")
+    if not worker:
+        return
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:  # not Linux: a killed worker may leave its child to finish on its own
-        pass
+    except OSError:
+        return
+    if os.getppid() != int(worker):  # the worker died before the signal was armed
+        raise SystemExit(143)
 
 
 def _train_task(command: list[str], env: dict[str, str], tracking_uri: str | None, parent_id: str,
@@ -111,7 +127,8 @@ def _train_task(command: list[str], env: dict[str, str], tracking_uri: str | Non
     child_env = {**os.environ, **env}
     if "OMP_NUM_THREADS" not in env:  # Ray sets 1 for its workers; a local run would use every core
         child_env.pop("OMP_NUM_THREADS", None)
-    child = subprocess.Popen([sys.executable, *command], env=child_env, preexec_fn=_die_with_parent)
+    child_env["UNETLAB_RAY_WORKER_PID"] = str(os.getpid())
+    child = subprocess.Popen([sys.executable, *command], env=child_env)
     try:
         return child.wait()
     except KeyboardInterrupt:  # ray.cancel: let the run mark itself KILLED, then report it
@@ -123,12 +140,36 @@ def _train_task(command: list[str], env: dict[str, str], tracking_uri: str | Non
             return child.wait()
 
 
+def connect(plan: RayPlan) -> None:
+    """Start a local Ray instance or join the cluster, before any MLflow run exists: one line if it fails."""
+    import ray
+
+    try:
+        if plan.address is None:
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING",
+                     log_to_driver=False)
+        else:
+            ray.init(address=plan.address, logging_level="WARNING", log_to_driver=False)
+    except Exception as exc:  # noqa: BLE001 -- Ray raises ConnectionError, RuntimeError, ValueError...
+        raise UnetlabError(f"--ray {plan.address or '(local instance)'}: cannot start or reach Ray: "
+                           f"{exception_text(exc)}") from None
+
+
+def disconnect() -> None:
+    """Leave Ray (stops the local instance this process started)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 def run_on_ray(plan: RayPlan, path: str | Path, overrides: Sequence[str], resume: bool, runs: Sequence[tuple[str, str]],
-               tracker, parent_id: str, say=print) -> int:
+               tracker: Tracker, parent_id: str, say: Callable[[str], None] = print) -> int:
     """Submit one task per run (``runs``: (name, run_key) pairs), report each as it ends; return the exit code.
 
-    ``tracker`` is the driver's ``unetlab.tracking.Tracker``; it ends the parent run and sweeps up
-    runs left RUNNING by tasks that could not end them (a worker that died on its last retry).
+    Call ``connect`` first. ``tracker`` is the driver's Tracker: it ends the parent run and sweeps up
+    runs left RUNNING by tasks that could not end them (a worker that died on its last retry). Whatever
+    happens here, the parent run ends FINISHED, FAILED or KILLED.
     """
     import ray
 
@@ -136,11 +177,7 @@ def run_on_ray(plan: RayPlan, path: str | Path, overrides: Sequence[str], resume
     for name in ("OMP_NUM_THREADS", "UNETLAB_CACHE_DIR", "PYTHONPATH"):  # same numbers as a local run
         if name in os.environ:
             env[name] = os.environ[name]
-    if plan.address is None:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING",
-                 log_to_driver=False, configure_logging=True)
-    else:
-        ray.init(address=plan.address, logging_level="WARNING", log_to_driver=False)
+    pending: dict = {}
     try:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
         task = ray.remote(num_cpus=plan.cpus_per_run, num_gpus=gpus, max_retries=plan.max_retries)(_train_task)
@@ -152,34 +189,45 @@ def run_on_ray(plan: RayPlan, path: str | Path, overrides: Sequence[str], resume
             f"{plan.cpus_per_run:g} CPU{' + 1 GPU' if gpus else ''} per run)")
         failed: list[str] = []
         done = 0
-        try:
-            while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1)
-                name = pending.pop(ready[0])
-                try:
-                    code = ray.get(ready[0])
-                except Exception as exc:  # retries exhausted: the worker died every time
-                    code, reason = -1, f"the Ray task failed: {type(exc).__name__}"
-                else:
-                    reason = "" if code == 0 else f"exit code {code}"
-                done += 1
-                if code != 0:
-                    failed.append(name)
-                say(f"[{done}/{len(runs)}] {name}: {'FINISHED' if code == 0 else 'did not finish (' + reason + ')'}")
-        except KeyboardInterrupt:
-            _cancel_all(ray, list(pending))
-            _sweep(tracker, parent_id, "KILLED", "interrupted")
-            tracker.end(parent_id, "KILLED")
-            print("unetlab: interrupted; Ray tasks cancelled, run(s) marked KILLED, last checkpoints kept: "
-                  f"resume with 'unetlab run {path} --ray --resume'", file=sys.stderr)
-            return 130
-        _sweep(tracker, parent_id, "FAILED", "its Ray worker died and retries were exhausted")
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            name = pending.pop(ready[0])
+            try:
+                code = ray.get(ready[0])
+            except Exception as exc:  # noqa: BLE001 -- retries exhausted: the worker died every time
+                code, reason = -1, f"the Ray task failed: {type(exc).__name__}"
+            else:
+                reason = "" if code == 0 else f"exit code {code}"
+            done += 1
+            if code != 0:
+                failed.append(name)
+            say(f"[{done}/{len(runs)}] {name}: {'FINISHED' if code == 0 else 'did not finish (' + reason + ')'}")
+        _end_running(tracker, parent_id, "FAILED", "its Ray worker died and retries were exhausted")
         tracker.end(parent_id, "FAILED" if failed else "FINISHED")
-        if failed:
-            print(f"unetlab: {len(failed)} run(s) did not finish: {', '.join(failed)}", file=sys.stderr)
-        return 1 if failed else 0
-    finally:
-        ray.shutdown()
+    except KeyboardInterrupt as exc:
+        tracker.fail_fast()  # marking runs KILLED must not wait out a dead server
+        _cancel_all(ray, list(pending))
+        _end_quietly(tracker, parent_id, "KILLED", "interrupted")
+        print("unetlab: interrupted; Ray tasks cancelled, run(s) marked KILLED, last checkpoints kept: "
+              f"resume with 'unetlab run {path} --ray --resume'", file=sys.stderr)
+        return 128 + int(getattr(exc, "signum", signal.SIGINT))
+    except BaseException:
+        tracker.fail_fast()
+        _cancel_all(ray, list(pending))
+        _end_quietly(tracker, parent_id, "FAILED", "the Ray driver failed")
+        raise
+    if failed:
+        print(f"unetlab: {len(failed)} run(s) did not finish: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _end_quietly(tracker: Tracker, parent_id: str, status: str, reason: str) -> None:
+    """End the children still RUNNING and the parent; a store that is gone must not hide the first error."""
+    try:
+        _end_running(tracker, parent_id, status, reason)
+        tracker.end(parent_id, status)
+    except Exception as exc:  # noqa: BLE001 -- already failing: say so, keep the original error
+        print(f"unetlab: warning: could not mark the runs {status}: {exception_text(exc)}", file=sys.stderr)
 
 
 def _cancel_all(ray, refs: list) -> None:
@@ -194,7 +242,7 @@ def _cancel_all(ray, refs: list) -> None:
         ray.cancel(ref, force=True)
 
 
-def _sweep(tracker, parent_id: str, status: str, reason: str) -> None:
+def _end_running(tracker: Tracker, parent_id: str, status: str, reason: str) -> None:
     """Mark runs under the parent that are still RUNNING: no run is left RUNNING that no process owns."""
     client = tracker.client
     for run in client.search_runs([tracker.experiment_id], max_results=10000, filter_string=(

@@ -63,6 +63,10 @@ def run_experiment(path: str | Path, overrides: Sequence[str] = (), resume: bool
         check_ray_settings(ray, resolve_tracking_uri(runs[0].config["tracking"]["uri"]),
                            [r.config["tracking"]["checkpoint_dir"] for r in runs])
     prepared = prepare_all(runs, host.registry, ctx.world_size)  # bad input stops here: nothing written yet
+    if ray is not None:  # before any MLflow run: a cluster that cannot be reached is one line
+        from .ray_runs import connect
+
+        connect(ray)
     reporter = Reporter(output if ctx.is_main else "silent", runs[0].config["train"]["monitor"])
     inv = Invocation(Path(path), tuple(overrides), resume, experiment, prepared, host, ctx, reporter)
     distributed.init(ctx, prepared[0].runtime.device)
@@ -106,3 +110,7 @@ def run_experiment(path: str | Path, overrides: Sequence[str] = (), resume: bool
         return run_sequential(inv)
     finally:
         distributed.shutdown(ctx)
+        if ray is not None:
+            from .ray_runs import disconnect
+
+            disconnect()
