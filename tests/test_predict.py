@@ -81,7 +81,7 @@ def store(tmp_path_factory):
     import mlflow.pytorch
     from mlflow.tracking import MlflowClient
 
-    from unetlab.model_store import log_model_weights, model_identity
+    from unetlab.model_store import log_model_weights
 
     tmp = tmp_path_factory.mktemp("store")
     uri = f"sqlite:///{tmp / 'm.db'}"
@@ -89,7 +89,8 @@ def store(tmp_path_factory):
     experiment = client.create_experiment("predict_test", artifact_location=(tmp / "artifacts").as_uri())
     run_id = client.create_run(experiment).info.run_id
     config, model = tiny_model(0)
-    log_model_weights(SimpleNamespace(client=client, run_id=run_id), model, model_identity(config, 1, 1))
+    log_model_weights(SimpleNamespace(client=client, run_id=run_id), model,
+                      {"model_config": config, "in_channels": 1, "out_channels": 1})
     mlflow.set_tracking_uri(uri)
     try:
         with mlflow.start_run(run_id=run_id):
@@ -343,7 +344,7 @@ def test_bad_inputs_are_refused_in_one_line_with_nothing_written(tmp_path, capsy
         ([str(good)], ["--tile", "16", "--overlap", "16"], "--overlap 16: must be smaller than the tile (16)"),
         ([str(good)], ["--overlap", "-1"], "--overlap -1: must be 0 or more"),
         ([str(stack)], [], "is a multi-page TIFF (3 pages)"),
-        ([str(broken)], [], f"cannot read image '{broken / 'c.png'}'"),
+        ([str(broken)], [], f"cannot read '{broken / 'c.png'}'"),
     ]
     for inputs, options, expected in cases:
         line = one_line_error(cli(capsys, "predict", ckpt, *inputs, "--out", str(out), *options))
@@ -400,7 +401,108 @@ def test_unetlab_run_logs_the_weights_that_predict_reads(tmp_path, capsys):
     write_image(tmp_path / "a.png", (40, 52))
     best = str(next((tmp_path / "ckpt").rglob("best.pt")))
     for spec, out in ((run_id, "by_run"), (best, "by_checkpoint")):
-        proc = cli(capsys, "predict", spec, str(tmp_path / "a.png"), "--out", str(tmp_path / out), "--tracking-uri", uri)
+        proc = cli(capsys, "predict", spec, str(tmp_path / "a.png"), "--out", str(tmp_path / out),
+                   "--tracking-uri", uri)
         assert proc.returncode == 0, proc.stderr
     np.testing.assert_array_equal(io.imread(tmp_path / "by_run" / "a_mask.png"),
                                   io.imread(tmp_path / "by_checkpoint" / "a_mask.png"))
+
+
+# --- an image is the same tensor in training and in predict -------------------------------------------------
+
+
+def _folder_source(root: Path, grayscale: bool, data: dict):
+    from unetlab.data_options import configure_source
+
+    source = unetlab.create("dataset", "folder", root=str(root), grayscale=grayscale, val_fraction=0.0)
+    return configure_source(source, data, "folder")
+
+
+def test_predict_feeds_the_model_the_tensor_training_feeds_it(tmp_path):
+    """Each file, read by predict, equals the folder dataset's training tensor for it: same decoder (alpha
+    dropped, 1-bit as 0/255), same rounded grey mean, same resize, same normalisation spec."""
+    from PIL import Image
+
+    from unetlab.predict import read_image
+
+    rng = np.random.default_rng(0)
+    h, w = 18, 22
+    rgb = (rng.random((h, w, 3)) * 255).astype(np.uint8)
+    grey = (rng.random((h, w)) * 255).astype(np.uint8)
+    files = {  # name: (PIL image, model channels)
+        "rgb3": (Image.fromarray(rgb), 3),
+        "rgb1": (Image.fromarray(rgb), 1),  # a grey model on colour files: training's grayscale: true
+        "rgba": (Image.fromarray(np.dstack([rgb, grey])), 3),
+        "grey_alpha": (Image.fromarray(np.dstack([grey, 255 - grey])).convert("LA"), 1),
+        "grey16": (Image.fromarray((rng.random((h, w)) * 65535).astype(np.uint16)), 1),
+        "bits": (Image.fromarray(rng.random((h, w)) > 0.5).convert("1"), 1),
+    }
+    mask = np.zeros((h, w), np.uint8)
+    mask[4:10, 5:12] = 255
+    for name, (picture, channels) in files.items():
+        for data in ({"normalize": {"mode": "zscore"}}, {"resize": [12, 30]}):
+            root = tmp_path / f"{name}_{len(data)}_{'resize' in data}"
+            (root / "images").mkdir(parents=True)
+            (root / "masks").mkdir()
+            picture.save(root / "images" / f"{name}.png")
+            Image.fromarray(mask).save(root / "masks" / f"{name}.png")
+            source = _folder_source(root, channels == 1, data)
+            assert source.in_channels == channels, name
+            trained, _ = source.split("train")[0]
+            got = read_image(root / "images" / f"{name}.png", channels, source.normalization,
+                             tuple(data["resize"]) if "resize" in data else None)
+            assert got.dtype == torch.float32 and got.shape == trained.shape, (name, data)
+            torch.testing.assert_close(got, trained, rtol=0, atol=0, msg=f"{name} {data}")
+
+
+def test_model_identity_stores_resize_and_predict_resizes_both_ways(tmp_path, capsys):
+    """A model trained on data.resize images gets the input resized to that size, and its probabilities are
+    resized back: the mask equals an independent computation (skimage resize, sigmoid, bilinear back)."""
+    from skimage.transform import resize as sk_resize
+
+    from unetlab.model_store import load_trained, model_identity
+    from unetlab.predict import predict_probabilities
+
+    config, model = tiny_model(0)
+    write_image(tmp_path / "a.png", (50, 61), seed=4)
+    raw = io.imread(tmp_path / "a.png")
+    native_input = torch.from_numpy(raw.astype(np.float32) / 255)[None]
+    with torch.no_grad():  # centre the logits: a mask about half foreground, so input sizes tell apart
+        model.head.bias -= model(native_input[None]).median()
+    prepared = SimpleNamespace(run=SimpleNamespace(config={"model": config, "data": {"resize": [32, 28]}}),
+                               in_channels=1, out_channels=1, source=SimpleNamespace())
+    identity = model_identity(prepared)
+    assert identity["resize"] == [32, 28] and "normalization" not in identity
+    save_atomic({"model": model.state_dict(), **identity}, tmp_path / "resized.pt")
+    assert load_trained(str(tmp_path / "resized.pt")).resize == (32, 28)
+    assert cli(capsys, "predict", str(tmp_path / "resized.pt"), str(tmp_path / "a.png"), "--out",
+               str(tmp_path / "out")).returncode == 0
+    mask = io.imread(tmp_path / "out" / "a_mask.png") > 0
+    small = np.rint(sk_resize(raw, (32, 28), order=1, preserve_range=True, anti_aliasing=True)) / 255
+    probs = predict_probabilities(model, torch.from_numpy(small.astype(np.float32))[None])[0].numpy()
+    expected = sk_resize(probs, raw.shape, order=1, mode="edge", anti_aliasing=False) > 0.5
+    native = predict_probabilities(model, native_input)[0].numpy() > 0.5
+    assert mask.shape == raw.shape
+    assert (mask == expected).mean() > 0.99
+    assert (native != expected).mean() > 0.2  # the check can fail: the native-size input gives another mask
+
+
+def test_inputs_whose_masks_share_a_name_are_refused(tmp_path, capsys):
+    """Two inputs with one stem would overwrite each other's mask: refused in one line, nothing written."""
+    config, model = tiny_model(0)
+    ckpt = str(save_checkpoint(tmp_path / "best.pt", config, model))
+    for folder in ("a", "b", "c"):
+        (tmp_path / folder).mkdir()
+    write_image(tmp_path / "a" / "x.png", (16, 16))
+    write_image(tmp_path / "b" / "x.png", (16, 16))
+    write_image(tmp_path / "c" / "y.png", (16, 16))
+    io.imsave(tmp_path / "c" / "y.tif", np.zeros((16, 16), np.uint8), check_contrast=False)
+    out = tmp_path / "out"
+    for inputs in ([tmp_path / "a" / "x.png", tmp_path / "b" / "x.png"], [tmp_path / "c"]):
+        line = one_line_error(cli(capsys, "predict", ckpt, *map(str, inputs), "--out", str(out)))
+        assert "would both be written as" in line and all(str(p) in line for p in inputs[:2] if p.is_file()), line
+        assert not out.exists()
+    # one file named twice (alone and through its folder) is one input
+    proc = cli(capsys, "predict", ckpt, str(tmp_path / "a" / "x.png"), str(tmp_path / "a"), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["x_mask.png"]

@@ -26,7 +26,8 @@ import numpy as np
 
 from .errors import UnetlabError, exception_text
 
-__all__ = ["Entry", "cache_home", "decode_cached", "decode_many", "read_image_file", "read_mask_file"]
+__all__ = ["Entry", "cache_home", "decode_cached", "decode_many", "read_image_file", "read_mask_file",
+           "resize_image", "to_grayscale"]
 
 DECODER_VERSION = 1
 COORDS_PER_VALUE = 256  # pixel positions kept per mask value: enough to centre patches on foreground
@@ -138,6 +139,17 @@ def read_mask_file(path: Path) -> tuple[np.ndarray, bool]:
     return np.ascontiguousarray(array.astype(np.uint8 if array.max(initial=0) <= 255 else np.uint16)), palette
 
 
+def to_grayscale(array: np.ndarray) -> np.ndarray:
+    """H x W x C -> H x W x 1, the channel mean in the image's own dtype (integers rounded)."""
+    mean = array.mean(axis=2, keepdims=True)
+    return (np.rint(mean) if array.dtype.kind in "ui" else mean).astype(array.dtype)
+
+
+def resize_image(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """An H x W x C image resized to ``size`` (bilinear, anti-aliased, in its own dtype), as training resizes."""
+    return _resize(array, size, nearest=False)
+
+
 def _resize(array: np.ndarray, size: tuple[int, int], nearest: bool) -> np.ndarray:
     from skimage.transform import resize
 
@@ -191,10 +203,9 @@ def decode_cached(path: Path, kind: str, grayscale: bool = False, resize: tuple[
         array = read_image_file(path)
         source_shape = list(array.shape[:2])
         if grayscale and array.shape[2] > 1:
-            mean = array.mean(axis=2, keepdims=True)
-            array = (np.rint(mean) if array.dtype.kind in "ui" else mean).astype(array.dtype)
+            array = to_grayscale(array)
         if resize:
-            array = _resize(array, resize, nearest=False)
+            array = resize_image(array, resize)
         meta: dict[str, Any] = {}
     else:
         array, palette = read_mask_file(path)

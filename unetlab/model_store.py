@@ -6,7 +6,8 @@ beside the MLflow model (kept for MLflow-native users, who trust their store), t
 ``unetlab_model/weights.pt``: a ``torch.save`` of plain containers and tensors only
 
     {"format": 1, "model": state_dict, "model_config": {...}, "in_channels": C, "out_channels": K,
-     "normalization": {...}  # when the dataset declares one}
+     "normalization": {...},  # when the dataset declares one
+     "resize": [H, W]}        # when the run set data.resize: predict feeds the model images of that size
 
 which ``torch.load(weights_only=True)`` reads without unpickling code. ``load_trained`` rebuilds the
 architecture through the component registry (installed plugins: trusted code) from ``model_config``
@@ -26,6 +27,8 @@ from .errors import UnetlabError, exception_text
 
 if TYPE_CHECKING:
     import torch
+
+    from .preflight import Prepared
 
 __all__ = [
     "WEIGHTS_ARTIFACT",
@@ -52,15 +55,25 @@ class TrainedModel:
     out_channels: int
     normalization: dict | None  # the dataset's normalisation spec (``unetlab.normalization``), if any
     source: str                 # where it came from, for messages
+    resize: tuple[int, int] | None = None  # data.resize of the training run: the model's input size
 
 
-def model_identity(model_config: dict, in_channels: int, out_channels: int,
-                   normalization: dict | None = None) -> dict[str, Any]:
-    """The plain-data description a model is rebuilt from (the same keys a checkpoint holds)."""
-    identity: dict[str, Any] = {"model_config": model_config, "in_channels": int(in_channels),
-                                "out_channels": int(out_channels)}
-    if normalization is not None:
+def model_identity(prepared: Prepared) -> dict[str, Any]:
+    """The plain-data description a trained model is rebuilt and fed from, for ``prepared``'s run.
+
+    The one definition of what checkpoints (``best.pt``/``last.pt``) and the ``weights.pt`` artifact
+    hold besides the weights: architecture, channels, the dataset's normalisation spec and
+    ``data.resize``, so that ``unetlab predict`` turns a file into exactly the tensor training saw.
+    """
+    config = prepared.run.config
+    identity: dict[str, Any] = {"model_config": config["model"], "in_channels": int(prepared.in_channels),
+                                "out_channels": int(prepared.out_channels)}
+    normalization = getattr(prepared.source, "normalization", None)
+    if normalization:
         identity["normalization"] = normalization
+    resize = (config.get("data") or {}).get("resize")
+    if resize:
+        identity["resize"] = [int(resize[0]), int(resize[1])]
     return identity
 
 
@@ -245,4 +258,13 @@ def _rebuild(state: Any, label: str) -> TrainedModel:
     except Exception as exc:  # noqa: BLE001 -- any library error becomes one line
         raise UnetlabError(f"{label}: the weights do not fit the described model: {exception_text(exc)}") from None
     return TrainedModel(model.eval(), int(state["in_channels"]), int(state["out_channels"]),
-                        state.get("normalization"), label)
+                        state.get("normalization"), label, _stored_resize(state.get("resize"), label))
+
+
+def _stored_resize(value: Any, label: str) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if not (isinstance(value, (list, tuple)) and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+        raise UnetlabError(f"{label}: resize is {value!r}, expected [H, W] (two positive integers)")
+    return int(value[0]), int(value[1])

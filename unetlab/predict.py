@@ -6,9 +6,14 @@ uses: same padding blends overlapping windows with a Gaussian; valid padding use
 overlap-tile; without ``--tile`` an image above ``AUTO_TILE_PIXELS`` pixels is tiled automatically,
 so memory stays bounded. Optional test-time augmentation averages the probabilities over flips.
 
+A file becomes the model's input exactly as in training (``read_image``: training's reader, grey
+conversion, ``data.resize`` and normalisation, all stored with the model); a mask is written at the
+input's own size (probabilities of a resized input are resized back, bilinear).
+
 Every input is read and checked before the first mask is written: an unreadable or corrupt file, a
-multi-page TIFF (refused: predict reads single images; split the stack into files) or an image smaller
-than the model accepts stops the command in one line with nothing written.
+multi-page TIFF (refused: predict reads single images; split the stack into files), an image smaller
+than the model accepts, or two inputs whose masks would have the same name stop the command in one
+line with nothing written.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import torch
 
 from .errors import UnetlabError, exception_text
 from .inference import check_tiling, minimum_input_size, sliding_window_logits
-from .model_store import load_model
+from .model_store import TrainedModel, load_model
 
 __all__ = ["load_model", "predict_files", "predict_probabilities", "read_image"]
 
@@ -54,64 +59,58 @@ def predict_probabilities(model: torch.nn.Module, image: torch.Tensor, tile: int
     return total / 4
 
 
-def read_image(path: Path, channels: int, normalization: dict | None = None) -> torch.Tensor:
-    """One image file as a float32 C x H x W tensor, normalised as the model was trained.
+def read_image(path: Path, channels: int, normalization: dict | None = None,
+               resize: tuple[int, int] | None = None) -> torch.Tensor:
+    """One image file as the float32 C x H x W tensor the model was trained on.
 
-    ``normalization`` is the dataset's spec stored with the model (``unetlab.normalization``); without
-    one, integer images are scaled by their type's range (uint8 /255, uint16 /65535). Multi-page TIFFs
+    The steps are training's own (``unetlab.folder_cache``): the same reader (alpha dropped, 1-bit
+    images as 0/255), the same grey conversion, the same resize (``resize``: the run's data.resize),
+    then ``unetlab.normalization.apply_normalization`` with the dataset's spec stored with the model
+    (without one, integers scale by their type's range: uint8 /255, uint16 /65535). Multi-page TIFFs
     are refused.
     """
-    raw = _decode(path)
-    if raw.ndim == 3 and raw.shape[2] == 4:
-        raw = raw[..., :3]  # drop alpha
-    if raw.ndim == 2:
-        raw = raw[..., None]
-    if raw.shape[2] != channels:
-        if channels == 1:
-            raw = raw.mean(axis=2, keepdims=True).astype(raw.dtype)
-        else:
-            raw = np.repeat(raw[..., :1], channels, axis=2)
-    if normalization is not None:
-        from .normalization import apply_normalization
-
-        return torch.from_numpy(np.ascontiguousarray(apply_normalization(raw, normalization)))
-    array = raw.astype(np.float32)
-    if raw.dtype == np.uint8:
-        array /= 255.0
-    elif raw.dtype == np.uint16:
-        array /= 65535.0
-    elif raw.dtype != np.bool_:
-        array /= 65535.0 if array.max() > 255 else 255.0
-    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+    return _model_input(_decode(path, channels), normalization, resize)
 
 
-def _decode(path: Path) -> np.ndarray:
-    """The pixels of ``path`` (H x W or H x W x C); one-line errors for unreadable files and stacks."""
-    if path.suffix.lower() in (".tif", ".tiff"):
-        try:
-            import tifffile
+def _decode(path: Path, channels: int) -> np.ndarray:
+    """The pixels of ``path`` as H x W x ``channels`` in their own dtype, read as training reads them."""
+    from .folder_cache import read_image_file, to_grayscale
 
-            with tifffile.TiffFile(path) as tif:
-                pages = len(tif.pages)
-                if pages > 1:
-                    raise UnetlabError(f"'{path}' is a multi-page TIFF ({pages} pages): predict reads single "
-                                       "images; save each page as its own file")
-                array = tif.asarray()
-        except UnetlabError:
-            raise
-        except Exception as exc:  # noqa: BLE001 -- any library error becomes one line
-            raise UnetlabError(f"cannot read image '{path}': {exception_text(exc)}") from None
-    else:
-        from skimage import io
+    _refuse_stacks(path)
+    raw = read_image_file(path)
+    if raw.shape[2] == channels:
+        return raw
+    if channels == 1:
+        return to_grayscale(raw)  # what training does with grayscale: true
+    if raw.shape[2] == 1:
+        return np.repeat(raw, channels, axis=2)
+    raise UnetlabError(f"'{path}' has {raw.shape[2]} channels: this model takes {channels} (or 1, repeated)")
 
-        try:
-            array = np.asarray(io.imread(path))
-        except Exception as exc:  # noqa: BLE001 -- any library error becomes one line
-            raise UnetlabError(f"cannot read image '{path}': {exception_text(exc)}") from None
-    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] > 4) or array.size == 0:
-        raise UnetlabError(f"'{path}' has pixel array shape {array.shape}: expected H x W or H x W x C "
-                           "(C = 1, 3 or 4)")
-    return array
+
+def _model_input(raw: np.ndarray, normalization: dict | None, resize: tuple[int, int] | None) -> torch.Tensor:
+    from .folder_cache import resize_image
+    from .normalization import apply_normalization, dtype_spec
+
+    if resize:
+        raw = resize_image(raw, resize)
+    spec = normalization if normalization is not None else dtype_spec(raw.dtype, raw.shape[2])
+    return torch.from_numpy(apply_normalization(raw, spec))
+
+
+def _refuse_stacks(path: Path) -> None:
+    """A multi-page TIFF would decode as one image of stacked pages: refuse it in one line."""
+    if path.suffix.lower() not in (".tif", ".tiff"):
+        return
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            pages = len(tif.pages)
+    except Exception as exc:  # noqa: BLE001 -- any library error becomes one line
+        raise UnetlabError(f"cannot read '{path}': {exception_text(exc)}") from None
+    if pages > 1:
+        raise UnetlabError(f"'{path}' is a multi-page TIFF ({pages} pages): predict reads single images; save "
+                           "each page as its own file")
 
 
 def _inputs(paths: Iterable[str]) -> list[Path]:
@@ -125,7 +124,16 @@ def _inputs(paths: Iterable[str]) -> list[Path]:
             raise UnetlabError(f"input '{p}' does not exist")
     if not files:
         raise UnetlabError("no input images found (png, tif, jpg, bmp)")
-    return files
+    unique: dict[Path, Path] = {}
+    for f in files:
+        unique.setdefault(f.resolve(), f)  # a file named twice (alone and in its folder) is predicted once
+    seen: dict[str, Path] = {}
+    for f in unique.values():
+        other = seen.setdefault(f.stem.casefold(), f)  # casefold: one mask file on case-insensitive disks too
+        if other is not f:
+            raise UnetlabError(f"'{other}' and '{f}' would both be written as {f.stem}_mask.png: rename one, or "
+                               "predict them into different --out folders")
+    return list(unique.values())
 
 
 def _minimum_image_side(model: torch.nn.Module, channels: int) -> int:
@@ -136,13 +144,16 @@ def _minimum_image_side(model: torch.nn.Module, channels: int) -> int:
     return minimum_input_size(model, channels)
 
 
-def _check_inputs(files: list[Path], model: torch.nn.Module, channels: int, normalization: dict | None) -> None:
-    """Decode every input once and check its size, so that nothing is written when one is bad."""
-    minimum = _minimum_image_side(model, channels)
+def _check_inputs(files: list[Path], model: torch.nn.Module, trained: TrainedModel) -> None:
+    """Turn every input into the model's input once and check its size, so that nothing is written when one
+    is bad."""
+    minimum = _minimum_image_side(model, trained.in_channels)
     for path in files:
-        height, width = read_image(path, channels, normalization).shape[-2:]
+        height, width = read_image(path, trained.in_channels, trained.normalization, trained.resize).shape[-2:]
         if min(height, width) < minimum:
-            raise UnetlabError(f"'{path}' is {height}x{width}: this model needs images of at least "
+            size = f"resized to {height}x{width} (the model's data.resize)" if trained.resize else \
+                f"{height}x{width}"
+            raise UnetlabError(f"'{path}' is {size}: this model needs images of at least "
                                f"{minimum}x{minimum} pixels")
 
 
@@ -162,9 +173,9 @@ def predict_files(model_spec: str, inputs: list[str], out_dir: str, tile: int | 
         mlflow.set_tracking_uri(tracking_uri)
     files = _inputs(inputs)
     trained = load_trained(model_spec)
-    model, channels, normalization = trained.model, trained.in_channels, trained.normalization
+    model, channels = trained.model, trained.in_channels
     check_tiling(model, channels, tile, overlap)
-    _check_inputs(files, model, channels, normalization)
+    _check_inputs(files, model, trained)
     if torch.cuda.is_available():
         model = model.cuda()
     out = Path(out_dir)
@@ -176,8 +187,9 @@ def predict_files(model_spec: str, inputs: list[str], out_dir: str, tile: int | 
 
         iterator = tqdm(files, desc="predict", unit="image", file=sys.stderr)
     for path in iterator:
-        image = read_image(path, channels, normalization)
-        probs = predict_probabilities(model, image, tile, overlap, tta)
+        raw = _decode(path, channels)
+        image = _model_input(raw, trained.normalization, trained.resize)
+        probs = _to_size(predict_probabilities(model, image, tile, overlap, tta), raw.shape[:2])
         if probs.shape[0] == 1:
             mask = ((probs[0] > 0.5).numpy() * 255).astype(np.uint8)
         else:
@@ -186,9 +198,19 @@ def predict_files(model_spec: str, inputs: list[str], out_dir: str, tile: int | 
         io.imsave(target, mask, check_contrast=False)
         written.append(target)
         if overlay:
-            io.imsave(out / f"{path.stem}_overlay.png", _overlay(image, mask, probs.shape[0] == 1),
+            shown = image if trained.resize is None else _model_input(raw, trained.normalization, None)
+            io.imsave(out / f"{path.stem}_overlay.png", _overlay(shown, mask, probs.shape[0] == 1),
                       check_contrast=False)
     return written
+
+
+def _to_size(probs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Probabilities of a resized input brought back to the input's own size (bilinear)."""
+    if tuple(probs.shape[-2:]) == tuple(size):
+        return probs
+    import torch.nn.functional as F
+
+    return F.interpolate(probs[None].float(), size=tuple(size), mode="bilinear", align_corners=False)[0]
 
 
 def _overlay(image: torch.Tensor, mask: np.ndarray, binary: bool) -> np.ndarray:

@@ -39,10 +39,9 @@ def log_model(tracker, model, prep: Prepared) -> None:
     import torch
 
     from . import __version__
-    from .model_store import log_model_weights
-    from .trainer import _model_identity
+    from .model_store import log_model_weights, model_identity
 
-    log_model_weights(tracker, model, _model_identity(prep))  # the same identity as the checkpoints
+    log_model_weights(tracker, model, model_identity(prep))  # the same identity as the checkpoints
     uri = tracker.log_model(model.cpu(), [f"torch=={torch.__version__.split('+')[0]}", f"unetlab=={__version__}"])
     tracker.set_tags({"unetlab.model_uri": uri})
 

@@ -28,6 +28,7 @@ from .determinism import configure
 from .distributed import DistContext
 from .errors import UnetlabError
 from .model import build_unet, center_crop
+from .model_store import model_identity
 from .registry import Registry, component_params
 from .schedule import Schedule, is_better
 
@@ -379,7 +380,7 @@ def _keep_best(setup: TrainSetup, parts: _Parts, state: TrainState, record: dict
         state.best, state.best_epoch, state.stale = monitored, epoch + 1, 0
         if setup.dist.is_main:
             save_atomic({"model": parts.model.state_dict(), "epoch": epoch + 1, "monitor": t["monitor"],
-                         "value": monitored, **_model_identity(setup.prepared)}, setup.checkpoint_dir / "best.pt")
+                         "value": monitored, **model_identity(setup.prepared)}, setup.checkpoint_dir / "best.pt")
     else:
         state.stale += 1
     if t["early_stopping"] is not None and state.stale >= t["early_stopping"]:
@@ -387,17 +388,10 @@ def _keep_best(setup: TrainSetup, parts: _Parts, state: TrainState, record: dict
     return ""
 
 
-def _model_identity(prep: Prepared) -> dict:
-    """What `unetlab predict CHECKPOINT` needs to rebuild the model (plain data: weights_only-safe)."""
-    normalization = getattr(prep.source, "normalization", None)  # the dataset's; predict applies it
-    return {"model_config": prep.run.config["model"], "in_channels": prep.in_channels,
-            "out_channels": prep.out_channels, **({"normalization": normalization} if normalization else {})}
-
-
 def _save_last(setup: TrainSetup, parts: _Parts, state: TrainState) -> None:
     save_atomic({"model": parts.model.state_dict(), "optimizer": parts.optimizer.state_dict(),
                  "schedule": parts.schedule.state_dict(), "scaler": parts.scaler.state_dict() if parts.scaler else {},
-                 **asdict(state), "finished": False, **_model_identity(setup.prepared)},
+                 **asdict(state), "finished": False, **model_identity(setup.prepared)},
                 setup.checkpoint_dir / "last.pt")
 
 
