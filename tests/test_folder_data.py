@@ -1,4 +1,5 @@
-"""Folder data at real sizes: patches, resize, normalisation, formats, splits, folds, the decode cache, ``unetlab data``."""
+"""Folder data at real sizes: patches, resize, normalisation, formats, splits, folds, the decode cache,
+``unetlab data``."""
 
 from __future__ import annotations
 
@@ -179,7 +180,7 @@ model: {{encoder: {{name: classic, depth: 2, base_channels: 4}}}}
 train: {{epochs: 1}}
 tracking: {{uri: sqlite:///{store}, log_model: false, figures: false}}
 variants:
-  patches: {{data.patch_size: [16, 16], data.normalize: {{mode: zscore}}}}
+  patches: {{data.patch_size: [16, 16], data.normalize: {{mode: zscore}}, tracking.figures: true}}
   resized: {{data.resize: [16, 16]}}
 """
 
@@ -204,6 +205,24 @@ def test_mixed_sizes_train_with_patches_and_with_resize(tmp_path, monkeypatch, c
     predicted = np.concatenate([np.asarray(Image.open(tmp_path / "pred" / f"{Path(f).stem}_mask.png")).ravel() > 0
                                 for f in files])
     assert checkpoint["value"] == pytest.approx(jaccard_score(truth, predicted), abs=1e-9)
+    # the run's per-image table: one row per whole validation image (not per tile), named by its stem,
+    # each what predict scores on that image; split sizes count whole images; the figure shows them
+    from mlflow.tracking import MlflowClient
+
+    from unetlab.per_image import load_per_image_metrics
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment_id = client.get_experiment_by_name("exp").experiment_id
+    (run,) = client.search_runs([experiment_id], "tags.unetlab.variant = 'patches'")
+    table = load_per_image_metrics(client, run.info.run_id)
+    assert list(table) == [Path(f).stem for f in files] == val.names
+    for stem, (_, mask) in zip(val.names, val):
+        predicted = np.asarray(Image.open(tmp_path / "pred" / f"{stem}_mask.png")).ravel() > 0
+        expected = jaccard_score(mask.numpy().ravel(), predicted, zero_division=1.0)
+        assert table[stem]["val_iou"] == pytest.approx(expected, abs=1e-9)
+    (dataset,) = run.inputs.dataset_inputs
+    assert json.loads(dataset.dataset.profile)["splits"] == {"train": 6 - len(files), "val": len(files)}
+    assert "predictions.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
 # --- normalisation -------------------------------------------------------------------------------------

@@ -8,13 +8,17 @@ plugin's dataset) is used as it is, and setting one of these keys for it is a on
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import UnetlabError
 from .normalization import check_normalize
 
-__all__ = ["DataOptions", "configure_source", "data_options"]
+__all__ = ["LOADER_KEYS", "DataOptions", "configure_source", "data_options", "source_key"]
+
+# data.* keys that only change how batches are loaded, never which samples a source holds
+LOADER_KEYS = ("batch_size", "val_batch_size", "num_workers", "pin_memory", "augment")
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,12 @@ def data_options(data: dict) -> DataOptions:
     if folds is not None and not 0 <= fold < folds:
         raise UnetlabError(f"data.fold: {fold} is out of range for data.folds: {folds} (0..{folds - 1})")
     return DataOptions(patch, float(oversample), resize, check_normalize(data.get("normalize")), folds, fold)
+
+
+def source_key(data: dict) -> str:
+    """Equal for two ``data`` sections exactly when they build the same source: the dataset and every
+    option ``configure`` receives (fold, patches, resize, normalisation...), not the loader keys."""
+    return json.dumps({k: v for k, v in data.items() if k not in LOADER_KEYS}, sort_keys=True, default=str)
 
 
 def configure_source(source: Any, data: dict, name: str) -> Any:

@@ -14,6 +14,7 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from .data_options import source_key
 from .errors import ConfigError, UnetlabError, exception_text
 from .registry import Registry, component_params
 
@@ -79,12 +80,12 @@ def build_runs_on_meta(runs: Iterable[Any], registry: Registry, where: str = "")
     prefix = f"{where}: " if where else ""
     for run in runs:
         config = run.config
-        build = _key([config["data"]["dataset"], config["data"]["augment"], config["model"],
-                      config["train"]["loss"], config["train"]["metrics"]])
+        dataset = source_key(config["data"])  # data.* options configure the source
+        build = _key([dataset, config["data"]["augment"], config["model"], config["train"]["loss"],
+                      config["train"]["metrics"]])
         if build in built:
             continue
         try:
-            dataset = _key(config["data"])  # data.* options configure the source
             if dataset not in sources:
                 sources[dataset] = _source(config, registry)
             build_run_on_meta(config, registry, sources[dataset])

@@ -15,6 +15,7 @@ padded mask pixels are ``IGNORE_INDEX``, which losses (``ignore_index``) and met
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -75,6 +76,11 @@ class SampleStore:
 
     def __len__(self) -> int:
         return len(self.images)
+
+    @property
+    def names(self) -> list[str]:
+        """Each sample's id: its image file's stem (what pairs it with its mask)."""
+        return [Path(entry.source).stem for entry in self.images]
 
     def shape(self, index: int) -> tuple[int, int]:
         """(H, W) of sample ``index``."""
@@ -167,6 +173,11 @@ class WholeImageDataset(Dataset):
 
     def __init__(self, store: SampleStore) -> None:
         self.store = store
+
+    @property
+    def names(self) -> list[str]:
+        """The images' ids (file stems), in item order: per-image results are named by them."""
+        return self.store.names
 
     def __len__(self) -> int:
         return len(self.store)

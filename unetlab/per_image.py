@@ -5,6 +5,11 @@ row holds exactly what the run-level metric would say about that image alone, pe
 metric reports classes, under the same keys the run logs (``val_iou``, ``val_iou_c1``, ...) plus the
 per-image ``val_loss``. ``unetlab compare`` pairs variants on these rows (``unetlab.paired_stats``).
 
+The images are the ones validation scores (``unetlab.validation.validation_images``): whole images
+through the same sliding window when the run trains on patches, one image at a time, never tiles;
+rows are named by the dataset's ``names`` (file stems for folder data), losses and metrics ignore
+the dataset's ``ignore_index`` as in training.
+
 The table is logged with ``MlflowClient.log_table``, so the MLflow UI lists it among the run's
 artifacts and in its evaluation view. ``log_table`` appends to an existing file (a run resumed after
 logging it): readers keep the last row of each image.
@@ -26,6 +31,7 @@ __all__ = [
     "log_per_image_metrics",
     "per_image_rows",
     "record_per_image_metrics",
+    "validation_per_image",
 ]
 
 PER_IMAGE_ARTIFACT = "per_image_metrics.json"
@@ -91,13 +97,35 @@ def per_image_rows(predict_fn: Callable, dataset: Any, metrics: Sequence[Any], l
 
 
 def evaluate_per_image(model, dataset: Any, train_config: dict, num_classes: int, registry,
-                       predict_fn: Callable | None = None, batch_size: int = 16) -> list[dict[str, Any]]:
-    """Per-image rows for a run's configured metrics and loss (``predict_fn`` defaults to ``model``)."""
+                       predict_fn: Callable | None = None, batch_size: int = 16,
+                       ignore_index: int | None = None) -> list[dict[str, Any]]:
+    """Per-image rows for a run's configured metrics and loss (``predict_fn`` defaults to ``model``);
+    ``ignore_index``: the dataset's (padding, 255 in masks), given to them as the trainer does."""
     from .trainer import build_loss, build_metrics
 
     return per_image_rows(predict_fn or _model_predict(model), dataset,
-                          build_metrics(train_config, num_classes, registry),
-                          build_loss(train_config, num_classes, registry), batch_size)
+                          build_metrics(train_config, num_classes, registry, ignore_index),
+                          build_loss(train_config, num_classes, registry, ignore_index), batch_size)
+
+
+def validation_per_image(model, source: Any, train_config: dict, num_classes: int, registry,
+                         dtype: Any = None) -> list[dict[str, Any]]:
+    """Per-image rows for the images validation scores on ``source``, predicted as validation predicts
+    them (whole images by ``unetlab.validation.whole_image_logits``, autocast ``dtype``), with the
+    source's ``ignore_index``."""
+    from .validation import validation_images, whole_image_logits
+
+    dataset = validation_images(source)
+    ignore_index = getattr(source, "ignore_index", None)
+    if not getattr(source, "whole_image_validation", False):
+        return evaluate_per_image(model, dataset, train_config, num_classes, registry, ignore_index=ignore_index)
+
+    def sliding_window(images):  # a batch of one: whole images differ in size
+        model.eval()
+        device = next(model.parameters()).device
+        return whole_image_logits(model, images[0], device, dtype).cpu()
+
+    return evaluate_per_image(model, dataset, train_config, num_classes, registry, sliding_window, 1, ignore_index)
 
 
 def log_per_image_metrics(tracker, rows: list[dict[str, Any]]) -> None:
@@ -109,10 +137,11 @@ def log_per_image_metrics(tracker, rows: list[dict[str, Any]]) -> None:
     tracker.client.log_table(tracker.run_id, data=table, artifact_file=PER_IMAGE_ARTIFACT)
 
 
-def record_per_image_metrics(tracker, model, dataset: Any, train_config: dict, num_classes: int, registry,
-                             predict_fn: Callable | None = None) -> list[dict[str, Any]]:
-    """Compute the best model's per-image validation metrics and log them to the run (the runner's call)."""
-    rows = evaluate_per_image(model, dataset, train_config, num_classes, registry, predict_fn)
+def record_per_image_metrics(tracker, model, source: Any, train_config: dict, num_classes: int, registry,
+                             dtype: Any = None) -> list[dict[str, Any]]:
+    """Compute the best model's per-image validation metrics on ``source`` (``validation_per_image``) and
+    log them to the run (the runner's call)."""
+    rows = validation_per_image(model, source, train_config, num_classes, registry, dtype)
     log_per_image_metrics(tracker, rows)
     return rows
 

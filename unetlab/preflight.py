@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .data import build_augment, build_source, model_io
+from .data_options import source_key
 from .errors import ConfigError, UnetlabError, did_you_mean
 from .experiment import Run
 from .registry import metric_directions, resolve_monitor_mode
@@ -218,5 +219,6 @@ def check_processes_per_node(runs: Sequence[Run], nproc: int) -> None:
 
 
 def dataset_key(config: dict) -> str:
-    """Runs whose ``data.dataset`` sections are equal get the same key (and share one source)."""
-    return json.dumps(config["data"]["dataset"], sort_keys=True, default=str)
+    """Runs that build the same source get the same key (and share one source): the dataset and the
+    data.* options that configure it (``data.fold``, patches, ...), never the loader-only keys."""
+    return source_key(config["data"])

@@ -25,8 +25,8 @@ def log_run_outputs(tracker, result: RunResult, prep: Prepared, registry=None) -
         from .plugins import default_host
 
         registry = default_host().registry
-    record_per_image_metrics(tracker, result.model, prep.source.split("val"), config["train"], prep.num_classes,
-                             registry)
+    record_per_image_metrics(tracker, result.model, prep.source, config["train"], prep.num_classes, registry,
+                             prep.runtime.amp_dtype)
     if config["tracking"]["figures"]:
         log_figures(tracker, result, prep)
     if config["tracking"]["log_model"]:
@@ -47,26 +47,32 @@ def log_model(tracker, model, prep: Prepared) -> None:
 
 
 def log_figures(tracker, result: RunResult, prep: Prepared) -> None:
-    """Learning curves and image | truth | prediction for the first (fixed) validation images."""
+    """Learning curves and image | truth | prediction for the first (fixed) validation images, predicted
+    as validation predicts them (whole images by sliding windows for a patch-trained run)."""
     import matplotlib.pyplot as plt
     import torch
 
     from .figures import learning_curves, prediction_figure
     from .model import logits_to_classes
     from .trainer import crop_target, predict_logits
+    from .validation import validation_images, whole_image_logits
 
     figure = learning_curves(result.history, prep.run.config["train"]["monitor"])
     tracker.log_figure(figure, "learning_curves.png")
     plt.close(figure)
-    val = prep.source.split("val")
-    n = min(4, len(val))
-    if not n:
+    val = validation_images(prep.source)
+    items = [val[i] for i in range(min(4, len(val)))]
+    if not items:
         return
-    images = torch.stack([val[i][0] for i in range(n)])
-    masks = torch.stack([val[i][1] for i in range(n)])
-    logits = predict_logits(result.model, images)
-    figure = prediction_figure(images.numpy(), crop_target(masks, logits).numpy(),
-                               logits_to_classes(logits).numpy(), prep.num_classes)
+    if getattr(prep.source, "whole_image_validation", False):  # sizes differ: one image at a time
+        device = next(result.model.parameters()).device
+        result.model.eval()
+        logits = [whole_image_logits(result.model, image, device, prep.runtime.amp_dtype).cpu() for image, _ in items]
+    else:
+        logits = list(predict_logits(result.model, torch.stack([image for image, _ in items])).split(1))
+    truths = [crop_target(torch.as_tensor(mask).long()[None], one)[0].numpy() for (_, mask), one in zip(items, logits)]
+    figure = prediction_figure([image.numpy() for image, _ in items], truths,
+                               [logits_to_classes(one)[0].numpy() for one in logits], prep.num_classes)
     tracker.log_figure(figure, "predictions.png")
     plt.close(figure)
 

@@ -250,7 +250,9 @@ def dataset_identity(prepared) -> tuple[str, str, dict[str, int], str]:
                                 for p in Path(root).rglob("*")
                                 if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    splits = {name: len(prepared.source.split(name)) for name in ("train", "val")}
+    from .validation import validation_images  # whole images, not tiles, for a patch-trained run
+
+    splits = {"train": len(prepared.source.split("train")), "val": len(validation_images(prepared.source))}
     source = str(root) if root is not None else json.dumps(spec, sort_keys=True, default=str)
     return str(spec["name"]), digest, splits, source
 

@@ -267,6 +267,7 @@ class FolderSource:
                 items = [store.read(i) for i in range(len(store))]
                 self._tensors[name] = TensorDataset(torch.stack([i for i, _ in items]),
                                                     torch.stack([m for _, m in items]))
+                self._tensors[name].names = store.names  # per-image results are named by file stem
             return self._tensors[name]
         return WholeImageDataset(store)
 
