@@ -475,3 +475,141 @@ def test_the_dataset_digest_changes_with_the_data_and_only_with_it(tmp_path):
     assert dataset_identity(prepared(folder, Source(root)))[1] == first[1]
     (root / "images" / "b.png").write_bytes(b"22")  # one more image: different data
     assert dataset_identity(prepared(folder, Source(root)))[1] != first[1]
+
+
+# --- a create the server performed but answered too late (retries must not duplicate runs) ------------------
+
+
+@pytest.mark.parametrize("performed", [True, False], ids=["performed-then-timed-out", "never-reached"])
+def test_a_retried_create_run_leaves_exactly_one_run(tmp_path, migrated_store, performed):
+    import requests
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from unetlab.store_client import BoundedClient
+
+    store = MlflowClient(store_copy(migrated_store, tmp_path / "mlflow.db"))
+    experiment_id = store.create_experiment("late")
+
+    class FlakyServer:
+        """The first create_run fails the way MLflow reports an outage: after the server created the run
+        (a read timeout) or before anything reached it (connection refused)."""
+
+        creates = 0
+
+        def create_run(self, *args, **kwargs):
+            self.creates += 1
+            if self.creates == 1:
+                if performed:
+                    store.create_run(*args, **kwargs)
+                cause = requests.exceptions.ConnectionError("Read timed out" if performed else "Connection refused")
+                raise MlflowException("API request to endpoint /api/2.0/mlflow/runs/create failed") from cause
+            return store.create_run(*args, **kwargs)
+
+        def search_runs(self, *args, **kwargs):
+            return store.search_runs(*args, **kwargs)
+
+    server = FlakyServer()
+    client = BoundedClient(server, "http://127.0.0.1:9", 30, "unetlab run x.yaml --resume")  # remote: retried
+    run = client.create_run(experiment_id, run_name="once", tags={"unetlab.run_name": "once"})
+    runs = store.search_runs([experiment_id])
+    assert [r.info.run_id for r in runs] == [run.info.run_id]
+    assert runs[0].info.run_name == "once" and runs[0].data.tags["unetlab.run_name"] == "once"
+    assert server.creates == (1 if performed else 2)
+
+
+# --- whatever stops an invocation, no run is left RUNNING and the reason reads as one line ------------------
+
+
+def _statuses(tmp_path: Path) -> tuple[list, list]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    return ([r for r in runs if "mlflow.parentRunId" not in r.data.tags],
+            [r for r in runs if "mlflow.parentRunId" in r.data.tags])
+
+
+@pytest.mark.parametrize("stop", ["error", "sigint"])
+def test_a_run_stopped_while_it_is_being_created_is_not_left_running(tmp_path, migrated_store, monkeypatch, stop):
+    # The child run exists from create_run on, but run_sequential takes charge of it only once its params,
+    # config.yaml and dataset are logged: a Ctrl-C or an error in between used to leave it RUNNING.
+    from unetlab.cli import main
+    from unetlab.tracking import RunTracker
+
+    store_copy(migrated_store, tmp_path / "mlflow.db")
+    path = tiny_experiment(tmp_path)
+
+    def log_dataset(self, *args, **kwargs):
+        if stop == "sigint":
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the signal arrives here
+        raise OSError("disk went away")
+
+    monkeypatch.setattr(RunTracker, "log_dataset", log_dataset)
+    if stop == "sigint":
+        assert main(["run", str(path), "--quiet"]) == 128 + signal.SIGINT
+    else:
+        with pytest.raises(OSError, match="disk went away"):
+            main(["run", str(path), "--quiet"])
+    parents, children = _statuses(tmp_path)
+    status, reason = ("KILLED", "interrupted") if stop == "sigint" else ("FAILED", "the invocation stopped on an error")
+    assert [p.info.status for p in parents] == [status]
+    assert [(c.info.status, c.data.tags.get("unetlab.status_reason")) for c in children] == [(status, reason)]
+
+
+def test_a_unetlab_error_in_a_run_is_its_own_line_and_a_lost_server_stops_the_invocation(tmp_path, migrated_store,
+                                                                                        monkeypatch, capsys):
+    import unetlab.trainer
+    from unetlab.checkpoint import CheckpointError
+    from unetlab.cli import main
+    from unetlab.store_client import TrackingUnavailable
+
+    store_copy(migrated_store, tmp_path / "mlflow.db")
+    path = tiny_experiment(tmp_path)
+    full = f"no space left on device writing {tmp_path / 'ckpt' / 'last.pt'}"
+
+    def disk_full(setup):
+        raise CheckpointError(full)
+
+    monkeypatch.setattr(unetlab.trainer, "train_run", disk_full)
+    assert main(["run", str(path)]) == 1
+    _, children = _statuses(tmp_path)
+    assert [(c.info.status, c.data.tags["unetlab.error"]) for c in children] == [("FAILED", full)]
+    out = capsys.readouterr().out
+    assert full in out and "CheckpointError" not in out
+
+    def server_gone(setup):
+        raise TrackingUnavailable("the MLflow tracking server http://x is unreachable")
+
+    monkeypatch.setattr(unetlab.trainer, "train_run", server_gone)
+    assert main(["run", str(path), "--quiet"]) == 2  # the CLI's one line, not a run failure
+    assert capsys.readouterr().err.strip() == "unetlab: error: the MLflow tracking server http://x is unreachable"
+    parents, children = _statuses(tmp_path)
+    latest = max(children, key=lambda c: c.info.start_time)
+    assert latest.info.status == "FAILED" and "unetlab.error" not in latest.data.tags
+    assert {p.info.status for p in parents} == {"FAILED"}
+
+
+def test_dataset_caches_remove_what_killed_writers_left(tmp_path, monkeypatch):
+    import numpy as np
+    from skimage import io
+    from unetlab_std.datasets import shapes
+
+    from unetlab.folder_cache import decode_cached
+
+    monkeypatch.setenv("UNETLAB_CACHE_DIR", str(tmp_path / "cache"))
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+    old = time.time() - 3600
+    generated = tmp_path / "cache" / "datasets" / f"shapes-train-0123456789abcdef.{dead}.tmp.npz"
+    decoded = tmp_path / "cache" / "decoded" / "ab" / f"ab12.{dead}.140213.tmp.npy"
+    for stale in (generated, decoded):
+        stale.parent.mkdir(parents=True)
+        stale.write_bytes(b"half written")
+        os.utime(stale, (old, old))
+    shapes(image_size=16, n_train=2, n_val=1).split("train")  # the generated-dataset cache
+    assert not generated.exists() and decoded.exists()
+    io.imsave(tmp_path / "one.png", np.zeros((4, 4), dtype=np.uint8), check_contrast=False)
+    decode_cached(tmp_path / "one.png", "image")  # the folder decode cache
+    assert not decoded.exists()

@@ -42,6 +42,12 @@ def known_list(choices: Iterable[str]) -> str:
 
 
 def exception_text(exc: BaseException) -> str:
-    """``TypeName: first line of the message`` (just ``TypeName`` when the message is empty), for one-line errors."""
+    """``TypeName: first line of the message`` (just ``TypeName`` when the message is empty), for one-line errors.
+
+    A ``UnetlabError`` is already worded for the user ("no space left on device writing PATH"): its first
+    line alone, without the class name.
+    """
     lines = str(exc).strip().splitlines()
+    if isinstance(exc, UnetlabError) and lines:
+        return lines[0]
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__

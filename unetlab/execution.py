@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .distributed import DistContext
-from .errors import exception_text
+from .errors import UnetlabError, exception_text
 from .experiment import Experiment, Run
 from .plugins import PluginHost
 from .preflight import Prepared, config_hash
@@ -90,6 +90,15 @@ def _end_quietly(tracker, run_id: str | None, status: str) -> None:
         tracker.end(run_id, status)
 
 
+def _end_children_quietly(inv: Invocation, status: str, reason: str) -> None:
+    """When this process owns the parent: end its children still RUNNING. This catches a run that a signal or
+    an error hit after it was created and before ``run_sequential`` took charge of it (while its params,
+    config or dataset were being logged, or while it was reopened)."""
+    if inv.owns_parent and inv.parent_id is not None:
+        with contextlib.suppress(Exception):  # the store may be what failed; the first error is the one to report
+            inv.tracker.end_running_children(inv.parent_id, status, reason)
+
+
 def _plugin_versions(host: PluginHost) -> dict[str, str]:
     return {f"plugin.{info.name}": f"{info.distribution or 'local'} {info.version or ''}".strip()
             for info in host.plugins.values() if not info.broken}
@@ -123,7 +132,7 @@ def run_sequential(inv: Invocation) -> int:
                     for stale in ("last.pt", "best.pt"):
                         (ckpt_dir / stale).unlink(missing_ok=True)
                 if found:  # --resume continues in the same MLflow run, from its checkpoint or from the start
-                    child = tracker.child(found[0].info.run_id)
+                    child = current = tracker.child(found[0].info.run_id)  # in charge before it is RUNNING again
                     tracker.reopen(child.run_id)
                     child.set_tags(owner_tags())
                 else:
@@ -135,18 +144,18 @@ def run_sequential(inv: Invocation) -> int:
                     mark_finished(ckpt_dir)
                 else:
                     failed += 1
-                tracker.end(child.run_id, status)
-                current = None
+                current = None  # first: a signal while ending must not turn a FINISHED run KILLED (the sweep
+                tracker.end(child.run_id, status)  # of the parent's RUNNING children catches it instead)
                 reporter.run_end(run.name, status, summary, message)
             if inv.owns_parent:
                 tracker.end(inv.parent_id, "FAILED" if failed else "FINISHED")
         except KeyboardInterrupt as exc:
             tracker.fail_fast()
             if current is not None:
-                try:
+                with contextlib.suppress(Exception):  # a dead store must not stop the cleanup below
                     current.set_tags({"unetlab.status_reason": "interrupted"})
-                finally:
-                    _end_quietly(tracker, current.run_id, "KILLED")
+                _end_quietly(tracker, current.run_id, "KILLED")
+            _end_children_quietly(inv, "KILLED", "interrupted")
             if inv.owns_parent:
                 _end_quietly(tracker, inv.parent_id, "KILLED")
             signum = getattr(exc, "signum", signal.SIGINT)
@@ -156,6 +165,7 @@ def run_sequential(inv: Invocation) -> int:
         except BaseException:  # the store went away, a checkpoint could not be written...: nothing left RUNNING
             tracker.fail_fast()
             _end_quietly(tracker, current.run_id if current is not None else None, "FAILED")
+            _end_children_quietly(inv, "FAILED", "the invocation stopped on an error")
             if inv.owns_parent:
                 _end_quietly(tracker, inv.parent_id, "FAILED")
             raise
@@ -184,20 +194,35 @@ def _resumable_state(ckpt_dir: Path) -> dict | None:
         return None
 
 
+def _failure(child, exc: Exception) -> str:
+    """Record why ``child`` failed and return the line to show. A ``UnetlabError`` of its own (``no space left
+    on device writing PATH``) is the whole story; one raised from another error (a plugin's bug) and any
+    other error also get their traceback as error.txt."""
+    text = exception_text(exc)
+    if isinstance(exc, UnetlabError) and exc.__cause__ is None:
+        child.record_failure(text)
+        return text
+    child.record_failure(text, traceback.format_exc())
+    return text + " (traceback in the run's error.txt artifact)"
+
+
 def _train_one(inv: Invocation, prep: Prepared, child, ckpt_dir: Path, state) -> tuple[str, str, dict]:
     """Train one run and log its outputs; return (status, message, summary). Any error makes the run FAILED
-    (a plugin's bug must not stop the other runs); interrupts propagate."""
+    (a plugin's bug must not stop the other runs); interrupts and a lost tracking server propagate."""
+    from .store_client import TrackingUnavailable
+
     try:
         return _train_and_log(inv, prep, child, ckpt_dir, state)
+    except TrackingUnavailable:
+        raise  # not this run's failure, and nothing can be recorded: the invocation stops, --resume continues
     except Exception as exc:  # noqa: BLE001 -- in training, or after it: logging the model, figures, a plugin's on_run_end...
-        text = exception_text(exc)
-        child.record_failure(text, traceback.format_exc())
-        return "FAILED", text + " (traceback in the run's error.txt artifact)", {}
+        return "FAILED", _failure(child, exc), {}
 
 
 def _train_and_log(inv: Invocation, prep: Prepared, child, ckpt_dir: Path, state) -> tuple[str, str, dict]:
     from .determinism import report_nondeterministic_ops
     from .run_outputs import log_run_outputs, run_summary
+    from .store_client import TrackingUnavailable
     from .trainer import RunFailed, TrainSetup, train_run
 
     run, host = prep.run, inv.host
@@ -211,13 +236,14 @@ def _train_and_log(inv: Invocation, prep: Prepared, child, ckpt_dir: Path, state
     try:
         with report_nondeterministic_ops():  # an op without a deterministic kernel: one line, once
             result = train_run(setup)
+    except TrackingUnavailable:
+        raise
     except Exception as exc:  # noqa: BLE001 -- any error in training fails this run only
-        failure = str(exc) if isinstance(exc, RunFailed) else None
-        if failure is None:
-            failure = exception_text(exc) + " (traceback in the run's error.txt artifact)"
-            child.record_failure(exception_text(exc), traceback.format_exc())
-        else:
+        if isinstance(exc, RunFailed):
+            failure = str(exc)
             child.record_failure(failure)
+        else:
+            failure = _failure(child, exc)
         host.call_lifecycle("on_run_end", run_name=run.name, status="FAILED", metrics={}, model=None, tracker=child)
         return "FAILED", failure, {}
     finally:
@@ -269,13 +295,15 @@ def run_parallel(inv: Invocation, jobs: int) -> int:
             stop_processes(list(active))
             inv.tracker.fail_fast()
             try:
-                inv.tracker.kill_running_children(inv.parent_id)  # a worker killed before it could say so
+                inv.tracker.end_running_children(inv.parent_id, "KILLED", "interrupted")  # a worker killed first
             finally:
                 _end_quietly(inv.tracker, inv.parent_id, "KILLED")
             print(f"unetlab: interrupted by {signal.Signals(signum).name}; running jobs stopped and marked KILLED, "
                   f"later runs not started: resume with 'unetlab run {inv.path} --resume'", file=sys.stderr)
             return 128 + signum
     failed = [n for n, c in codes.items() if c != 0]
+    # every worker has exited: a run still RUNNING is one a worker created and could not end (it crashed)
+    inv.tracker.end_running_children(inv.parent_id, "FAILED", "its worker process exited without ending it")
     inv.tracker.end(inv.parent_id, "FAILED" if failed else "FINISHED")
     inv.reporter.emit("end", failed=len(failed), parent_run_id=inv.parent_id)
     if failed:

@@ -7,6 +7,11 @@ created by several processes at once.
   loop (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, default 7 with exponential backoff) is switched off
   unless the user set it, so the budget is ours and the waits are plain ``time.sleep`` calls that a
   signal interrupts.
+* Retrying must not do a thing twice. Most calls are idempotent (tags and final statuses are set again,
+  a metric or param logged again with the same value is skipped by the server, experiment names are
+  unique). ``create_run`` is not: a create the server performed but answered too late would leave a
+  second run. Each remote create carries a ``unetlab.create_token`` tag, and a retry first looks for a
+  run with that token.
 * Creating the schema of a new sqlite store is not safe across processes (two processes both see an
   empty file and both run the migrations: "duplicate column name: step"). ``store_creation_lock``
   holds a file lock beside the database while a process opens it for the first time.
@@ -19,18 +24,20 @@ import functools
 import os
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import UnetlabError
 
-__all__ = ["DEFAULT_TIMEOUT_S", "TIMEOUT_ENV", "BoundedClient", "TrackingUnavailable", "configure_mlflow_http",
-           "is_remote", "sqlite_path", "store_creation_lock", "tracking_timeout"]
+__all__ = ["CREATE_TOKEN_TAG", "DEFAULT_TIMEOUT_S", "TIMEOUT_ENV", "BoundedClient", "TrackingUnavailable",
+           "configure_mlflow_http", "is_remote", "sqlite_path", "store_creation_lock", "tracking_timeout"]
 
 TIMEOUT_ENV = "UNETLAB_TRACKING_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300.0
 _FIRST_WAIT_S, _LONGEST_WAIT_S = 0.25, 5.0
+CREATE_TOKEN_TAG = "unetlab.create_token"
 
 T = TypeVar("T")
 
@@ -108,9 +115,9 @@ class BoundedClient:
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """``fn(*args, **kwargs)``, retried while the server is unreachable, within the time budget.
 
-        No retries (one attempt) after ``fail_fast``-style ``retrying = False``, once the budget has been
-        spent, or while an interrupt is being handled: marking runs KILLED after Ctrl-C or SIGTERM must
-        not wait out a dead server.
+        For idempotent calls only (see the module docstring). No retries (one attempt) after
+        ``fail_fast``-style ``retrying = False``, once the budget has been spent, or while an interrupt is
+        being handled: marking runs KILLED after Ctrl-C or SIGTERM must not wait out a dead server.
         """
         if not is_remote(self.uri):
             return fn(*args, **kwargs)
@@ -132,6 +139,32 @@ class BoundedClient:
                 continue
             self._down = False
             return result
+
+    def create_run(self, experiment_id: str, start_time: int | None = None, tags: dict[str, str] | None = None,
+                   run_name: str | None = None) -> Any:
+        """``MlflowClient.create_run`` that creates one run however often it is retried.
+
+        Against a server the run is tagged ``unetlab.create_token`` (a fresh uuid); before each retry the
+        experiment is searched for that token, and a run the server created but answered too late for is
+        returned instead of a second one.
+        """
+        if not is_remote(self.uri):
+            return self.client.create_run(experiment_id, start_time=start_time, tags=tags, run_name=run_name)
+        token = uuid.uuid4().hex
+        tags = {**(tags or {}), CREATE_TOKEN_TAG: token}
+        attempts = 0
+
+        def create_once() -> Any:
+            nonlocal attempts
+            attempts += 1
+            if attempts > 1:
+                found = self.client.search_runs([experiment_id], max_results=1,
+                                                filter_string=f"tags.`{CREATE_TOKEN_TAG}` = '{token}'")
+                if found:
+                    return found[0]
+            return self.client.create_run(experiment_id, start_time=start_time, tags=tags, run_name=run_name)
+
+        return self.call(create_once)
 
     def unavailable_message(self) -> str:
         """The one line a user sees when the server is gone."""

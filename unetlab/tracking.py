@@ -195,13 +195,19 @@ class Tracker:
                 reaped.append(run.info.run_id)
         return reaped
 
-    def kill_running_children(self, parent_id: str) -> None:
-        """Mark KILLED the parent's child runs still RUNNING (their process was stopped before it could)."""
+    def end_running_children(self, parent_id: str, status: str, reason: str) -> list[str]:
+        """End with ``status`` (KILLED, FAILED) every child run of ``parent_id`` still RUNNING, saying why in
+        the ``unetlab.status_reason`` tag; return their ids. For the process that owns the parent, once its
+        runs have stopped: a run whose process was stopped before it could end it (a killed worker, or a
+        signal between creating a run and taking charge of it) is not left RUNNING."""
+        ended = []
         for run in self.client.search_runs(
-                [self.experiment_id], max_results=1000,
+                [self.experiment_id], max_results=10000,
                 filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}' and attributes.status = 'RUNNING'"):
-            self.client.set_tag(run.info.run_id, "unetlab.status_reason", "interrupted")
-            self.end(run.info.run_id, "KILLED")
+            self.client.set_tag(run.info.run_id, "unetlab.status_reason", reason)
+            self.end(run.info.run_id, status)
+            ended.append(run.info.run_id)
+        return ended
 
     def start_prepared_run(self, prepared, base_tags: dict[str, str], extra_params: dict[str, Any]) -> "RunTracker":
         """Create the nested run of a prepared run (``preflight.Prepared``): its identity as tags, its resolved
@@ -326,6 +332,8 @@ class RunTracker:
 
     def log_model(self, model, pip_requirements: list[str]) -> str:
         """Log ``model`` with ``mlflow.pytorch.log_model`` (pickle format); return its model URI."""
+        # Retried whole: an attempt cut off by an outage leaves a logged model that MLflow marks FAILED,
+        # and the run's model is the one the last attempt logged.
         return self.client.call(self._log_model_once, model, pip_requirements)
 
     def _log_model_once(self, model, pip_requirements: list[str]) -> str:
