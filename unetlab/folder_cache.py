@@ -27,7 +27,7 @@ import numpy as np
 from .errors import UnetlabError, exception_text
 
 __all__ = ["Entry", "cache_home", "decode_cached", "decode_many", "read_image_file", "read_mask_file",
-           "resize_image", "to_grayscale"]
+           "remove_stale_temporaries_once", "resize_image", "to_grayscale"]
 
 DECODER_VERSION = 1
 COORDS_PER_VALUE = 256  # pixel positions kept per mask value: enough to centre patches on foreground
@@ -38,6 +38,26 @@ _open_maps: dict[Path, np.ndarray] = {}  # insertion order = least recently used
 def cache_home() -> Path:
     """The cache root: ``$UNETLAB_CACHE_DIR`` or ``~/.cache/unetlab``."""
     return Path(os.environ.get("UNETLAB_CACHE_DIR") or Path.home() / ".cache" / "unetlab")
+
+
+_swept: set[Path] = set()
+_swept_lock = threading.Lock()
+
+
+def remove_stale_temporaries_once(directory: Path, subfolders: bool = False) -> None:
+    """Remove, once per process, the temporaries that killed writers left in ``directory`` (and in its
+    immediate subfolders): a cache that is only read again would otherwise keep them for ever."""
+    from .checkpoint import remove_stale_temporaries
+
+    with _swept_lock:  # decode_cached runs in threads: one of them sweeps
+        if directory in _swept:
+            return
+        _swept.add(directory)
+    remove_stale_temporaries(directory)
+    if subfolders and directory.is_dir():
+        for sub in directory.iterdir():
+            if sub.is_dir():
+                remove_stale_temporaries(sub)
 
 
 @dataclass(frozen=True)
@@ -192,6 +212,7 @@ def decode_cached(path: Path, kind: str, grayscale: bool = False, resize: tuple[
         key = _key(path, kind, options)
     except OSError as exc:
         raise UnetlabError(f"cannot read '{path}': {exception_text(exc)}") from None
+    remove_stale_temporaries_once(root or cache_home() / "decoded", subfolders=True)
     folder = (root or cache_home() / "decoded") / key[:2]
     array_path, meta_path = folder / f"{key}.npy", folder / f"{key}.json"
     if meta_path.exists() and array_path.exists():

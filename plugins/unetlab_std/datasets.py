@@ -22,7 +22,7 @@ from torch.utils.data import Dataset, TensorDataset
 import unetlab
 from unetlab.data_options import DataOptions
 from unetlab.errors import UnetlabError
-from unetlab.folder_cache import cache_home, decode_many
+from unetlab.folder_cache import cache_home, decode_many, remove_stale_temporaries_once
 from unetlab.normalization import fit_normalization
 from unetlab.params import FilePath, Range
 from unetlab.patches import (
@@ -70,6 +70,7 @@ class ArraySource:
     def _load_or_generate(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         key = json.dumps({"kind": self.kind, "split": name, "n": self.counts[name], **self.params}, sort_keys=True)
         path = cache_dir() / f"{self.kind}-{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
+        remove_stale_temporaries_once(cache_dir())
         if path.exists():
             try:
                 with np.load(path) as data:
