@@ -84,7 +84,7 @@ SCHEMA: Section = {
         "augment": Field(None, [], "augmentations applied to training batches, in order", kind="augmentation",
                          many=True),
         "patch_size": Field(Optional[list[int]], None, "[H, W]: train on random patches of images of any size "
-                            "(padding gets mask value 255, ignored); validate on tiles", bounds=Range(1)),
+                            "(padding gets mask value 255, ignored); validate on whole images (sliding window, as predict)", bounds=Range(1)),
         "foreground_oversample": Field(float, 0.33, "with patch_size: share of patches centred on a foreground "
                                        "pixel", bounds=Range(0, 1)),
         "resize": Field(Optional[list[int]], None, "[H, W]: resize every image (bilinear) and mask (nearest)",
