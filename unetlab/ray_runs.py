@@ -202,7 +202,7 @@ def run_on_ray(plan: RayPlan, path: str | Path, overrides: Sequence[str], resume
             if code != 0:
                 failed.append(name)
             say(f"[{done}/{len(runs)}] {name}: {'FINISHED' if code == 0 else 'did not finish (' + reason + ')'}")
-        _end_running(tracker, parent_id, "FAILED", "its Ray worker died and retries were exhausted")
+        tracker.end_running_children(parent_id, "FAILED", "its Ray worker died and retries were exhausted")
         tracker.end(parent_id, "FAILED" if failed else "FINISHED")
     except KeyboardInterrupt as exc:
         tracker.fail_fast()  # marking runs KILLED must not wait out a dead server
@@ -224,7 +224,7 @@ def run_on_ray(plan: RayPlan, path: str | Path, overrides: Sequence[str], resume
 def _end_quietly(tracker: Tracker, parent_id: str, status: str, reason: str) -> None:
     """End the children still RUNNING and the parent; a store that is gone must not hide the first error."""
     try:
-        _end_running(tracker, parent_id, status, reason)
+        tracker.end_running_children(parent_id, status, reason)
         tracker.end(parent_id, status)
     except Exception as exc:  # noqa: BLE001 -- already failing: say so, keep the original error
         print(f"unetlab: warning: could not mark the runs {status}: {exception_text(exc)}", file=sys.stderr)
@@ -240,12 +240,3 @@ def _cancel_all(ray, refs: list) -> None:
         _, remaining = ray.wait(remaining, num_returns=len(remaining), timeout=0.5)
     for ref in remaining:
         ray.cancel(ref, force=True)
-
-
-def _end_running(tracker: Tracker, parent_id: str, status: str, reason: str) -> None:
-    """Mark runs under the parent that are still RUNNING: no run is left RUNNING that no process owns."""
-    client = tracker.client
-    for run in client.search_runs([tracker.experiment_id], max_results=10000, filter_string=(
-            f"tags.`mlflow.parentRunId` = '{parent_id}' and attributes.status = 'RUNNING'")):
-        client.set_tag(run.info.run_id, "unetlab.status_reason", reason)
-        client.set_terminated(run.info.run_id, status=status)
