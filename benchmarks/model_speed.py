@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from reference_unet import ReferenceUNet
-
 import unetlab
 from unetlab.model import count_parameters, forward_flops
+
+from reference_unet import ReferenceUNet
 
 
 def sync(device: torch.device) -> None:

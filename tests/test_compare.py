@@ -15,11 +15,12 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import one_line_error, run_cli
 from scipy import stats
 
 from unetlab import paired_stats
 from unetlab.per_image import log_per_image_metrics
+
+from conftest import one_line_error, run_cli
 
 SEEDS, IMAGES, MARGIN = [1, 2, 3], 40, 0.01
 DIRECTIONS = {"val_iou": "max", "val_loss": "min", "train_loss": "min"}

@@ -5,10 +5,10 @@ from __future__ import annotations
 import inspect
 import re
 
-from conftest import REPO
-
 from unetlab import hookspecs
 from unetlab.schema import TOP_LEVEL_KEYS, iter_fields, reference_markdown
+
+from conftest import REPO
 
 HOOKS = [name for name, fn in vars(hookspecs).items()
          if callable(fn) and hasattr(fn, "unetlab_spec")]

@@ -6,10 +6,11 @@ import json
 
 import pytest
 import torch
-from conftest import make_distribution, one_line_error, run_cli
 
 import unetlab
 from unetlab.plugins import PluginHost, module_from_functions
+
+from conftest import make_distribution, one_line_error, run_cli
 
 FIRST_PARTY = {"unetlab_std.encoders", "unetlab_std.upsamplers", "unetlab_std.fusions", "unetlab_std.blocks",
                "unetlab_std.initializers", "unetlab_std.losses", "unetlab_std.metrics", "unetlab_std.datasets",

@@ -13,12 +13,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import one_line_error, run_cli
 from skimage import io
 
 import unetlab
 from unetlab.checkpoint import save_atomic
 from unetlab.model import build_unet
+
+from conftest import one_line_error, run_cli
 
 REGISTRY = unetlab.default_host().registry
 

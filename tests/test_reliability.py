@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from conftest import free_port, one_line_error, run_cli, wait_for_http
 
 TINY = """\

@@ -21,8 +21,21 @@ import yaml
 from .errors import ConfigError, UnetlabError, did_you_mean, known_list
 from .params import OutOfRange, is_file_path
 from .plugins import PluginHost, default_host
-from .schema import (MAX_RUN_NAME, MAX_SEEDS, MAX_VARIANT_NAME, RUN_KEYS, SCHEMA, SEED_RANGE, TOP_LEVEL_KEYS, Field,
-                     defaults, iter_fields, lookup_field, normalise_component, validate_config)
+from .schema import (
+    MAX_RUN_NAME,
+    MAX_SEEDS,
+    MAX_VARIANT_NAME,
+    RUN_KEYS,
+    SCHEMA,
+    SEED_RANGE,
+    TOP_LEVEL_KEYS,
+    Field,
+    defaults,
+    iter_fields,
+    lookup_field,
+    normalise_component,
+    validate_config,
+)
 from .yamlio import KeyPath, load_yaml_file, parse_scalar
 
 __all__ = ["Run", "Experiment", "load_experiment", "parse_set", "flatten"]
@@ -88,7 +101,7 @@ class _Layers:
         self.config = defaults()
         self.origins: dict[str, _Origin] = {}
 
-    def copy(self) -> "_Layers":
+    def copy(self) -> _Layers:
         other = _Layers.__new__(_Layers)
         other.config = copy.deepcopy(self.config)
         other.origins = dict(self.origins)

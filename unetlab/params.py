@@ -14,8 +14,9 @@ import inspect
 import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, Callable, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 __all__ = ["Param", "REQUIRED", "Range", "OutOfRange", "FilePath", "is_file_path", "read_params", "check_value",
            "describe_type"]

@@ -209,7 +209,7 @@ class Tracker:
             ended.append(run.info.run_id)
         return ended
 
-    def start_prepared_run(self, prepared, base_tags: dict[str, str], extra_params: dict[str, Any]) -> "RunTracker":
+    def start_prepared_run(self, prepared, base_tags: dict[str, str], extra_params: dict[str, Any]) -> RunTracker:
         """Create the nested run of a prepared run (``preflight.Prepared``): its identity as tags, its resolved
         config flattened into params (plus ``extra_params``: versions, world size), and ``config.yaml``."""
         import json
