@@ -6,9 +6,9 @@ Each row trains the assembled 64-to-1024 U-Net (classic encoder, depth 5, concat
 random batch: ``--warmup`` untimed steps (the first compiles with ``+compile``), then ``--steps`` timed
 steps between two device synchronisations. Training FLOPs = 3 x the forward FLOPs counted by
 ``unetlab.model.forward_flops``. ``+host_batch`` copies each step's input batch from pinned host memory
-(a DataLoader-fed run) instead of using one already on the device. ``bilinear (PyTorch kernel)`` is the bilinear upsampler forced onto
-F.interpolate (what unetlab used before its matrix-product path): the price of PyTorch's deterministic
-fallback. Deterministic rows use ``unetlab.determinism.configure`` exactly as a run does.
+(a DataLoader-fed run) instead of using one already on the device. ``bilinear (PyTorch kernel)`` is the
+bilinear upsampler forced onto F.interpolate (what unetlab used before its matrix-product path): the price
+of PyTorch's deterministic fallback. Deterministic rows use ``unetlab.determinism.configure`` exactly as a run does.
 
     python benchmarks/gpu.py                            # everything on cuda (rows print as they finish)
     python benchmarks/gpu.py --sizes 128 --no-compile   # a part of it

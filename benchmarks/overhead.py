@@ -1,9 +1,9 @@
 """What does unetlab's trainer cost over a bare PyTorch loop? (goal: within 3%)
 
-One process, interleaved rounds (alternating which loop goes first). Each round trains one epoch of the headline experiment's first run
-(concat/seed=1 of experiments/concat_vs_add.yaml, augmentation off so both loops do the same work)
-with ``unetlab.trainer.train_run``, then one epoch of a hand-written loop: the same model config,
-optimizer, loss and batches (the same order), nothing else. Compared: training time per image. The
+One process, interleaved rounds (alternating which loop goes first). Each round trains one epoch of the
+headline experiment's first run (concat/seed=1 of experiments/concat_vs_add.yaml, augmentation off so both
+loops do the same work) with ``unetlab.trainer.train_run``, then one epoch of a hand-written loop: the same model
+config, optimizer, loss and batches (the same order), nothing else. Compared: training time per image. The
 trainer's time comes from its own ``images_per_s`` (the training loop only, data loading included;
 validation and the checkpoint written after each epoch are reported separately).
 
@@ -106,8 +106,8 @@ def main() -> None:
                 extras.append(record["epoch_time_s"] - len(train_set) / record["images_per_s"])
     tr, br = statistics.median(trainer), statistics.median(bare)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, {where}, amp {dtype}, channels_last {channels_last}; run {run.name}, {len(train_set)} images/epoch, "
-          f"batch {batch}, {args.rounds} interleaved rounds")
+    print(f"torch {torch.__version__}, {where}, amp {dtype}, channels_last {channels_last}; "
+          f"run {run.name}, {len(train_set)} images/epoch, batch {batch}, {args.rounds} interleaved rounds")
     print(f"bare loop:   {br * 1000:.3f} ms/image  (rounds: {', '.join(f'{x * 1000:.3f}' for x in bare)})")
     print(f"unetlab:     {tr * 1000:.3f} ms/image  (rounds: {', '.join(f'{x * 1000:.3f}' for x in trainer)})")
     print(f"ratio unetlab / bare: {tr / br:.3f} (goal: within 1.03)")

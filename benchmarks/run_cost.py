@@ -76,7 +76,8 @@ def main() -> None:
     for name, values in times.items():
         print(f"  {name:<40} {med[name]:7.2f} s  ({', '.join(f'{v:.2f}' for v in values)})")
     print(f"one epoch (train + validate + checkpoint):     {epoch:7.2f} s")
-    print(f"fixed cost of a run:                           {fixed:7.2f} s  ({fixed / med['1 epoch']:.0%} of a 1-epoch run)")
+    print(f"fixed cost of a run:                           {fixed:7.2f} s  "
+          f"({fixed / med['1 epoch']:.0%} of a 1-epoch run)")
     print(f"  of which process start and imports:          {med['imports']:7.2f} s")
     print(f"  of which model logging and figures:          {logging:7.2f} s")
     print(f"  the rest (data, model build, MLflow run, checkpoints): {fixed - med['imports'] - logging:7.2f} s")

@@ -93,7 +93,7 @@ def wait_for_http(url: str, process: subprocess.Popen, timeout: float = 90) -> N
         try:
             urllib.request.urlopen(url, timeout=2)
             return
-        except OSError:
+        except OSError as exc:
             if process.poll() is not None or time.time() > deadline:
-                raise AssertionError(f"{url} did not answer (process exit code: {process.poll()})")
+                raise AssertionError(f"{url} did not answer (process exit code: {process.poll()})") from exc
             time.sleep(0.5)

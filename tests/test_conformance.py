@@ -254,8 +254,8 @@ def test_semantic_mistakes_are_caught(buggy, kind, name, contract, words):
     with pytest.raises(ContractError) as info:
         check_component(kind, name, registry=buggy.registry)
     message = str(info.value)
-    assert message.startswith(f"{kind} '{name}' (plugin file:") and f"breaks the {kind} contract {contract}" in message, \
-        message
+    assert (message.startswith(f"{kind} '{name}' (plugin file:")
+            and f"breaks the {kind} contract {contract}" in message), message
     assert words in message, message
 
 

@@ -18,7 +18,8 @@ def installed(tmp_path_factory):
     """``pip install`` the example project into a folder of its own (no network, test env untouched)."""
     target = tmp_path_factory.mktemp("site")
     proc = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                           "--no-index", "--target", str(target), str(EXAMPLE)], check=False, capture_output=True, text=True)
+                           "--no-index", "--target", str(target), str(EXAMPLE)],
+                          check=False, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     return {"PYTHONPATH": str(target)}
 
@@ -63,7 +64,8 @@ def test_new_plugin_scaffold_passes_its_own_tests(tmp_path):
     assert {p.name for p in project.iterdir()} == {"pyproject.toml", "README.md", "unetlab_demo", "tests"}
     site = tmp_path / "site"
     pip = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                          "--no-index", "--target", str(site), str(project)], check=False, capture_output=True, text=True)
+                          "--no-index", "--target", str(site), str(project)],
+                         check=False, capture_output=True, text=True)
     assert pip.returncode == 0, pip.stderr
     env = {**__import__("os").environ, "PYTHONPATH": str(site)}
     tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(project / "tests")],

@@ -19,7 +19,8 @@ def checkpoint(tmp_path, valid: bool = False):
         return {"name": name, **REGISTRY.get(kind, name).defaults(), **p}
     extra = {"padding": "valid", "norm": "none"} if valid else {}
     config = {"encoder": spec("encoder", "classic", depth=3, base_channels=4, **extra),
-              "upsampler": spec("upsampler", "transpose" if valid else "bilinear"), "fusion": spec("fusion", "attention"),
+              "upsampler": spec("upsampler", "transpose" if valid else "bilinear"),
+              "fusion": spec("fusion", "attention"),
               "block": spec("block", "double_conv", **({"norm": "none"} if valid else {})),
               "init": spec("initializer", "default"), "decoder_channels": None}
     torch.manual_seed(0)

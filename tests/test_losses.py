@@ -150,7 +150,8 @@ def test_perfect_and_empty_predictions():
     assert loss("dice", smooth=0.0)(perfect, target).item() == pytest.approx(0.0, abs=1e-9)
     assert loss("lovasz")(perfect, target).item() == pytest.approx(0.0, abs=1e-9)
     empty = torch.zeros(1, 4, 4, dtype=torch.long)
-    assert loss("dice")(torch.full((1, 1, 4, 4), -30.0, dtype=torch.float64), empty).item() == pytest.approx(0, abs=1e-9)
+    all_background = torch.full((1, 1, 4, 4), -30.0, dtype=torch.float64)
+    assert loss("dice")(all_background, empty).item() == pytest.approx(0, abs=1e-9)
     assert torch.isfinite(loss("iou")(torch.zeros(1, 1, 4, 4), empty))
 
 

@@ -411,7 +411,8 @@ def test_more_processes_per_node_than_gpus_is_one_line_naming_both(tmp_path, cap
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with one GPU
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     path = experiment(tmp_path, epochs=1)
-    assert main(["run", str(path), "--nproc-per-node", "2", "--set", "train.device=cuda", "--set", "train.amp=bf16"]) == 2
+    args = ["run", str(path), "--nproc-per-node", "2", "--set", "train.device=cuda", "--set", "train.amp=bf16"]
+    assert main(args) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "--nproc-per-node 2: only 1 CUDA device(s) are visible" in lines[0], lines
     assert not (tmp_path / "mlflow.db").exists()

@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print every run's resolved config as JSON")
 
     p = sub.add_parser("summary", help="parameters, forward GFLOPs and output shape of every run's model",
-                       description=f"Parameters, forward GFLOPs and output shape of every run's model. {FILES_ARE_CODE}")
+                       description="Parameters, forward GFLOPs and output shape of every run's model. "
+                                   f"{FILES_ARE_CODE}")
     p.add_argument("file")
     _add_set(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -447,7 +448,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"export": cmd_export, "predict": cmd_predict, "new-plugin": cmd_new_plugin, "plugins": cmd_plugins, "validate": cmd_validate, "summary": cmd_summary, "run": cmd_run,
+COMMANDS = {"export": cmd_export, "predict": cmd_predict, "new-plugin": cmd_new_plugin, "plugins": cmd_plugins,
+            "validate": cmd_validate, "summary": cmd_summary, "run": cmd_run,
             "compare": cmd_compare, "ui": cmd_ui, "data": cmd_data}
 
 

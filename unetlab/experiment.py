@@ -148,7 +148,7 @@ class _Layers:
         if not spec.kind:
             raise ConfigError(f"'{field_path}' is a plain value and has no key '{rest[0]}'", origin.key)
         target: Any = _get(self.config, parts[:used])
-        for i, part in enumerate(rest[:-1]):
+        for part in rest[:-1]:
             target = _step(target, part, origin)
         last = rest[-1]
         if isinstance(target, list):

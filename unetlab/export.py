@@ -64,13 +64,15 @@ def check_export(model: torch.nn.Module, fmt: str, path: str | Path, shapes: lis
     worst = 0.0
     if fmt == "pt2":
         program = torch.export.load(str(path)).module()
-        run = lambda x: program(x)
+        def run(x):
+            return program(x)
     else:
         import onnxruntime
 
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
-        run = lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+        def run(x):
+            return torch.from_numpy(session.run(None, {name: x.numpy()})[0])
     with torch.no_grad():
         for shape in shapes:
             x = torch.randn(*shape)

@@ -89,7 +89,7 @@ def comparison_figure(result: dict[str, Any]):
     fig, (ax_seeds, ax_forest, ax_curve) = plt.subplots(
         1, 3, figsize=(15, max(4.0, 0.45 * len(pairs) + 2)), gridspec_kw={"width_ratios": [1, 1.2, 1]})
     rng = np.random.default_rng(0)  # jitter only
-    for i, (variant, by_seed) in enumerate(result["seed_bests"].items()):
+    for i, by_seed in enumerate(result["seed_bests"].values()):
         values = list(by_seed.values())
         if not values:
             continue
@@ -99,13 +99,15 @@ def comparison_figure(result: dict[str, Any]):
         mean = float(np.mean(values))
         if interval is not None:
             ax_seeds.errorbar([i + 0.3], [mean], yerr=[[mean - interval[0]], [interval[1] - mean]], fmt="o",
-                              color="black", capsize=5, zorder=4, label="mean, 95% t-interval over seeds" if i == 0 else None)
+                              color="black", capsize=5, zorder=4,
+                              label="mean, 95% t-interval over seeds" if i == 0 else None)
         else:
             ax_seeds.plot([i + 0.3], [mean], "o", color="black", zorder=4)
     names = list(result["seed_bests"])
     ax_seeds.set_xticks(range(len(names)), names, rotation=20 if len(names) > 3 else 0)
     ax_seeds.margins(y=0.15)
-    ax_seeds.set(ylabel=f"best {metric}", title=f"best {metric} per seed ({'higher' if result['higher_is_better'] else 'lower'} is better)")
+    better = "higher" if result["higher_is_better"] else "lower"
+    ax_seeds.set(ylabel=f"best {metric}", title=f"best {metric} per seed ({better} is better)")
     ax_seeds.legend(fontsize=8)
 
     margin = result.get("margin")

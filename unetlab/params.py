@@ -139,7 +139,7 @@ def read_params(factory: Callable[..., Any], contract_args: tuple[str, ...]) -> 
     signature = inspect.signature(factory)
     try:
         hints = typing.get_type_hints(target, include_extras=True)  # keep Annotated[..., Range]
-    except Exception:  # unresolvable forward references: fall back to untyped
+    except Exception:  # noqa: BLE001 -- any unresolvable annotation (NameError, TypeError...): untyped
         hints = {}
     params = []
     for p in signature.parameters.values():

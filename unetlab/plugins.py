@@ -58,7 +58,8 @@ def _check_kinds_match_hookspecs() -> None:
     kind_hooks = {kind.hook for kind in KINDS.values()}
     if component_hooks != kind_hooks:
         raise RuntimeError(f"registry.KINDS and hookspecs disagree: hooks without a kind "
-                           f"{sorted(component_hooks - kind_hooks)}, kinds without a hook {sorted(kind_hooks - component_hooks)}")
+                           f"{sorted(component_hooks - kind_hooks)}, "
+                           f"kinds without a hook {sorted(kind_hooks - component_hooks)}")
 
 
 _check_kinds_match_hookspecs()

@@ -53,7 +53,8 @@ def run_experiment(path: str | Path, overrides: Sequence[str] = (), resume: bool
     runs = [r for r in experiment.runs if (not only or any(r.name.startswith(o) for o in only))
             and (not exact or r.name in exact)]
     if not runs:
-        raise UnetlabError(f"--only {' '.join(only)}: matches no run (runs: {', '.join(r.name for r in experiment.runs)})")
+        raise UnetlabError(f"--only {' '.join(only)}: matches no run "
+                           f"(runs: {', '.join(r.name for r in experiment.runs)})")
     if len({r.config["tracking"]["uri"] for r in runs}) > 1:
         raise ConfigError("tracking.uri: every run of one invocation must log to the same store; set it in the base "
                           "config, not in variants or the matrix")
@@ -85,7 +86,8 @@ def run_experiment(path: str | Path, overrides: Sequence[str] = (), resume: bool
         else:
             tracker.reap_orphans()  # runs left RUNNING by a process that is gone (SIGKILL...) become KILLED
         if parent_run_id is None and resume:
-            parents = [r for r in tracker.find_runs("unetlab.invocation", invocation) if r.data.tags.get("unetlab.parent")]
+            parents = [r for r in tracker.find_runs("unetlab.invocation", invocation)
+                       if r.data.tags.get("unetlab.parent")]
             if parents:
                 inv.parent_id = tracker.parent_id = parents[0].info.run_id
                 tracker.reopen(inv.parent_id)

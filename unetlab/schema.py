@@ -84,7 +84,8 @@ SCHEMA: Section = {
         "augment": Field(None, [], "augmentations applied to training batches, in order", kind="augmentation",
                          many=True),
         "patch_size": Field(Optional[list[int]], None, "[H, W]: train on random patches of images of any size "
-                            "(padding gets mask value 255, ignored); validate on whole images (sliding window, as predict)", bounds=Range(1)),
+                            "(padding gets mask value 255, ignored); validate on whole images "
+                            "(sliding window, as predict)", bounds=Range(1)),
         "foreground_oversample": Field(float, 0.33, "with patch_size: share of patches centred on a foreground "
                                        "pixel", bounds=Range(0, 1)),
         "resize": Field(Optional[list[int]], None, "[H, W]: resize every image (bilinear) and mask (nearest)",
@@ -133,7 +134,8 @@ SCHEMA: Section = {
         "val_every": Field(int, 1, "validate every N epochs (and always after the last)", bounds=Range(1, MAX_COUNT)),
         "monitor": Field(str, "val_iou", "metric that picks the best checkpoint and drives early stopping"),
         "monitor_mode": Field(Literal["auto", "max", "min"], "auto",
-                              "whether a larger monitor value is better; auto: the monitored metric's declared direction"),
+                              "whether a larger monitor value is better; "
+                              "auto: the monitored metric's declared direction"),
         "early_stopping": Field(Optional[int], None, "stop after N validations without improvement",
                                 bounds=Range(1, MAX_COUNT)),
         "device": Field(str, "auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps"),

@@ -211,7 +211,8 @@ def check_loss(check: _Checker, build: Callable[..., Any]) -> None:
                 confused = fn(swapped, target).item()
             check.expect(good < confused, "foreground counts",
                          f"a prediction right on the background but with foreground classes 1 and 2 swapped costs "
-                         f"{confused:.4f}, no more than a perfect one ({good:.4f}): is it computed on the background only?")
+                         f"{confused:.4f}, no more than a perfect one ({good:.4f}): "
+                         "is it computed on the background only?")
         with torch.no_grad():
             low = fn(perfect.bfloat16(), target)
         check.expect(isinstance(low, torch.Tensor) and low.dtype == torch.float32, "float32 under bf16",
@@ -290,8 +291,8 @@ def check_metric(check: _Checker, build: Callable[..., Any]) -> None:
                         not (math.isclose(other[k], base[k]) or (math.isnan(other[k]) and math.isnan(base[k])))
                         for k in base)
                     check.expect(changed, "parameters have an effect",
-                                 f"{param.name}={not param.default} gave the same result as {param.name}={param.default} "
-                                 f"on a {num_classes}-class prediction: {base}")
+                                 f"{param.name}={not param.default} gave the same result as "
+                                 f"{param.name}={param.default} on a {num_classes}-class prediction: {base}")
 
 
 def check_dataset(check: _Checker, build: Callable[..., Any]) -> None:
@@ -394,7 +395,8 @@ def components_of(plugin: str | Path, registry: Registry | None = None,
         names = {info.name}
     else:
         names = {i.name for i in host.plugins.values()
-                 if spec in (i.name, i.entry_point) or (i.distribution and _normalise(i.distribution) == _normalise(spec))}
+                 if spec in (i.name, i.entry_point)
+                 or (i.distribution and _normalise(i.distribution) == _normalise(spec))}
     if registry is None:
         registry = host.registry  # builds the registry, running the hooks (a hook may break a plugin)
     broken = [host.plugins[n].error for n in sorted(names) if n in host.plugins and host.plugins[n].broken]

@@ -223,7 +223,8 @@ class Tracker:
         run = prepared.run
         child = self.start_child(run.name, {
             **base_tags, "unetlab.run_key": prepared.key, "unetlab.run_name": run.name,
-            "unetlab.variant": run.variant, "unetlab.seed": str(run.seed), "unetlab.config_hash": config_hash(run.config),
+            "unetlab.variant": run.variant, "unetlab.seed": str(run.seed),
+            "unetlab.config_hash": config_hash(run.config),
             "unetlab.metric_directions": json.dumps(prepared.metric_directions, sort_keys=True),
             **{f"unetlab.matrix.{k}": v if isinstance(v, str) else json.dumps(v) for k, v in run.matrix.items()}})
         child.log_params({**run.flat(), "model.num_params": prepared.params,

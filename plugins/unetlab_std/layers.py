@@ -152,7 +152,9 @@ def bilinear_matmul(x: torch.Tensor, scale: int, align_corners: bool) -> torch.T
 BilinearMethod = Literal["auto", "matmul", "interpolate"]
 
 
-def bilinear_upsample(x: torch.Tensor, scale: int, align_corners: bool, method: BilinearMethod = "auto") -> torch.Tensor:
+def bilinear_upsample(
+    x: torch.Tensor, scale: int, align_corners: bool, method: BilinearMethod = "auto"
+) -> torch.Tensor:
     """x``scale`` bilinear upsampling; ``auto`` picks the fastest implementation that keeps determinism.
 
     ``auto``: the matrix products when deterministic algorithms are on and the tensor is on an

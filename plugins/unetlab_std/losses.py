@@ -74,7 +74,8 @@ class BCELoss(torch.nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         _, truth, valid = _probs_onehot(logits, target, self.ignore_index)
-        pw = None if self.pos_weight is None else torch.tensor(self.pos_weight, device=logits.device, dtype=logits.dtype)
+        pw = (None if self.pos_weight is None
+              else torch.tensor(self.pos_weight, device=logits.device, dtype=logits.dtype))
         per_pixel = F.binary_cross_entropy_with_logits(_f32(logits), truth, reduction="none", pos_weight=pw)
         valid = valid.expand_as(per_pixel).to(per_pixel.dtype)
         return (per_pixel * valid).sum() / valid.sum().clamp_min(1)

@@ -161,8 +161,9 @@ class StripesSource:
                 image = 0.5 + 0.3 * np.sin(2 * np.pi * freq * u) + 0.3 * band + 0.1 * rng.standard_normal(u.shape)
                 images.append(image[None].astype(np.float32))
                 masks.append(band.astype(np.int64))
-            self._data[split] = TensorDataset(torch.from_numpy(np.stack(images)) if n else torch.empty(0, 1, image_size, image_size),
-                                              torch.from_numpy(np.stack(masks)) if n else torch.empty(0, image_size, image_size, dtype=torch.long))
+            self._data[split] = TensorDataset(
+                torch.from_numpy(np.stack(images)) if n else torch.empty(0, 1, image_size, image_size),
+                torch.from_numpy(np.stack(masks)) if n else torch.empty(0, image_size, image_size, dtype=torch.long))
 
     def split(self, name: str):
         return self._data[name]
