@@ -20,6 +20,7 @@ def ddp_experiment(tmp_path, batch: int, epochs: int = 3, extra: str = ""):
     return experiment(tmp_path, epochs=epochs, extra=DDP.replace("BATCH", str(batch)) + extra)
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path):
     ddp_dir, single_dir = tmp_path / "ddp", tmp_path / "single"
     ddp_dir.mkdir(), single_dir.mkdir()
@@ -39,6 +40,7 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path
     assert len(list((ddp_dir / "ckpt").rglob("last.pt"))) == 1  # one writer
 
 
+@pytest.mark.slow
 def test_resume_a_killed_distributed_run(tmp_path):
     (tmp_path / "killer.py").write_text(KILLER)
     path = ddp_experiment(tmp_path, 4, epochs=4, extra="plugins: [killer.py]\nseeds: [5]\n")

@@ -384,10 +384,14 @@ def test_a_run_logs_system_metrics_when_asked(tmp_path):
 
     import mlflow
 
+    # MLflow's monitor logs only samples taken before the run ends: keep this tiny run alive long enough
+    (tmp_path / "slow.py").write_text("import time, unetlab\n\n@unetlab.hookimpl\n"
+                                      "def on_epoch_end(epoch):\n    time.sleep(1.0)\n")
     (tmp_path / "e.yaml").write_text(
+        "plugins: [slow.py]\n"
         "data: {dataset: {name: blobs, image_size: 32, n_train: 8, n_val: 4}, batch_size: 4}\n"
         "model: {encoder: {name: classic, depth: 2, base_channels: 4}}\n"
-        "train: {epochs: 1, device: cpu}\n"
+        "train: {epochs: 2, device: cpu}\n"
         f"tracking: {{uri: 'sqlite:///{tmp_path / 'm.db'}', system_metrics: true, log_model: false, figures: false}}\n")
     env = {**os.environ, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.1"}
     proc = subprocess.run([sys.executable, "-m", "unetlab", "run", "e.yaml", "--quiet"], cwd=tmp_path, env=env,

@@ -50,6 +50,7 @@ def _trainers_of(parent_id: str) -> list[int]:
     return pids
 
 
+@pytest.mark.slow
 def test_ray_runs_finish_with_sequential_metrics_and_a_killed_worker_resumes(tmp_path):
     (tmp_path / "killer.py").write_text(WORKER_KILLER)
     path = experiment(tmp_path, epochs=3, extra=TWO_VARIANTS)
@@ -78,6 +79,7 @@ def test_ray_runs_finish_with_sequential_metrics_and_a_killed_worker_resumes(tmp
             assert child.data.metrics[key] == expected[child.info.run_name][key], (child.info.run_name, key)
 
 
+@pytest.mark.slow
 def test_ctrl_c_cancels_every_task_and_leaves_killed_runs_and_no_process(tmp_path):
     (tmp_path / "killer.py").write_text("")
     path = experiment(tmp_path, epochs=200, extra="""

@@ -126,6 +126,7 @@ def test_end_to_end_two_variants_two_seeds(tmp_path):
     assert child.data.metrics["best_val_iou"] == pytest.approx(best)
 
 
+@pytest.mark.slow
 def test_same_config_and_seed_give_identical_metrics(tmp_path):
     first, second = tmp_path / "a", tmp_path / "b"
     for folder in (first, second):
@@ -182,6 +183,7 @@ def _killed_then_resumed(tmp_path: Path, sig: str, expected_rc: int):
     return path, proc
 
 
+@pytest.mark.slow
 def test_kill_then_resume_matches_an_uninterrupted_run(tmp_path):
     path, _ = _killed_then_resumed(tmp_path, "SIGKILL", -signal.SIGKILL)
     assert (tmp_path / "ckpt").exists()
@@ -299,6 +301,7 @@ def test_against_a_real_mlflow_server(tmp_path):
         server.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_jobs_trains_runs_in_parallel_processes_under_one_parent(tmp_path):
     path = experiment(tmp_path, epochs=2, extra="""
         variants:
