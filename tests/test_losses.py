@@ -143,6 +143,25 @@ def test_ignore_index_pixels_count_nowhere(name):
     assert fn(logits, ignored).item() == pytest.approx(fn(changed_logits, ignored).item(), rel=1e-9)
 
 
+@pytest.mark.parametrize("classes", [1, 4])
+def test_lovasz_with_ignored_pixels_equals_lovasz_on_the_valid_pixels_alone(classes):
+    # Ignored pixels are kept in place (no boolean mask: no GPU sync) yet must count nowhere: the loss equals
+    # that of a batch holding only the valid pixels, with a class absent from them (class 3).
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, classes, 6, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 3 if classes > 1 else 2, (2, 6, 6), generator=g)
+    target[:, :2] = 255
+    valid = target != 255
+    kept_logits = logits.permute(1, 0, 2, 3)[:, valid].reshape(1, classes, 1, -1)
+    kept_target = target[valid].reshape(1, 1, -1)
+    expected = loss("lovasz", max(classes, 2))(kept_logits, kept_target)
+    got = loss("lovasz", max(classes, 2), ignore_index=255)(logits, target)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-12)
+    (grad,) = torch.autograd.grad(got, logits)
+    (expected_grad,) = torch.autograd.grad(expected, logits)
+    assert torch.allclose(grad, expected_grad, atol=1e-12) and (grad[:, :, :2] == 0).all()
+
+
 def test_perfect_and_empty_predictions():
     target = torch.zeros(1, 4, 4, dtype=torch.long)
     target[0, 1:3, 1:3] = 1

@@ -60,12 +60,12 @@ def rot90(p: Probability = 0.75):
         n = images.shape[0]
         turns = torch.randint(1, 4, (n,), generator=generator, device=images.device)
         turns = torch.where(_rand(n, generator, images.device) < p, turns, torch.zeros_like(turns))
-        out_i, out_m = images.clone(), masks.clone()
+        # every turn computed and chosen per image with where: no host read of ``turns`` (a GPU sync per step)
+        out_i, out_m = images, masks
         for k in (1, 2, 3):
-            sel = turns == k
-            if sel.any():
-                out_i[sel] = torch.rot90(images[sel], k, dims=(-2, -1))
-                out_m[sel] = torch.rot90(masks[sel], k, dims=(-2, -1))
+            chosen = turns == k
+            out_i = torch.where(chosen[:, None, None, None], torch.rot90(images, k, dims=(-2, -1)), out_i)
+            out_m = torch.where(chosen[:, None, None], torch.rot90(masks, k, dims=(-2, -1)), out_m)
         return out_i, out_m
     return augment
 
@@ -76,9 +76,15 @@ def crop(size: Annotated[int, Range(1, 65536)]):
         h, w = images.shape[-2:]
         if size > min(h, w):
             raise ValueError(f"crop size {size} is larger than the images ({h}x{w})")
-        top = int(torch.randint(0, h - size + 1, (1,), generator=generator, device=images.device))
-        left = int(torch.randint(0, w - size + 1, (1,), generator=generator, device=images.device))
-        return images[..., top:top + size, left:left + size], masks[..., top:top + size, left:left + size]
+        device = images.device
+        # offsets stay on the device and the window is gathered with index_select: reading them on the
+        # host (int(...)) would make the CPU wait for the GPU at every step
+        top = torch.randint(0, h - size + 1, (1,), generator=generator, device=device)
+        left = torch.randint(0, w - size + 1, (1,), generator=generator, device=device)
+        window = torch.arange(size, device=device)
+        rows, cols = top + window, left + window
+        return (images.index_select(-2, rows).index_select(-1, cols),
+                masks.index_select(-2, rows).index_select(-1, cols))
     return augment
 
 

@@ -20,6 +20,8 @@ Conventions that differ from a peer on purpose:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -29,6 +31,13 @@ import unetlab
 def _f32(x: torch.Tensor) -> torch.Tensor:
     """Upcast half precision to float32 (mixed precision); keep float32/float64 as they are."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+@functools.lru_cache(maxsize=64)
+def _constant(values: tuple[float, ...] | float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A constant tensor made once per device and dtype: building it from host data at every step would
+    copy it to the GPU and make the CPU wait each time."""
+    return torch.tensor(values, device=device, dtype=dtype)
 
 
 def _valid(target: torch.Tensor, ignore_index: int | None) -> torch.Tensor:
@@ -49,7 +58,7 @@ def _probs_onehot(logits: torch.Tensor, target: torch.Tensor, ignore_index: int 
 def _class_mean(values: torch.Tensor, class_weights: list[float] | None) -> torch.Tensor:
     if class_weights is None:
         return values.mean()
-    w = torch.tensor(class_weights, dtype=values.dtype, device=values.device)
+    w = _constant(tuple(class_weights), values.device, values.dtype)
     if w.numel() != values.numel():
         raise ValueError(f"class_weights has {w.numel()} values, the model has {values.numel()} output channel(s)")
     return (values * w).sum() / w.sum()
@@ -75,7 +84,7 @@ class BCELoss(torch.nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         _, truth, valid = _probs_onehot(logits, target, self.ignore_index)
         pw = (None if self.pos_weight is None
-              else torch.tensor(self.pos_weight, device=logits.device, dtype=logits.dtype))
+              else _constant(float(self.pos_weight), logits.device, logits.dtype))
         per_pixel = F.binary_cross_entropy_with_logits(_f32(logits), truth, reduction="none", pos_weight=pw)
         valid = valid.expand_as(per_pixel).to(per_pixel.dtype)
         return (per_pixel * valid).sum() / valid.sum().clamp_min(1)
@@ -93,8 +102,8 @@ class CrossEntropyLoss(torch.nn.Module):
         if logits.shape[1] == 1:
             return BCELoss(2, ignore_index=self.ignore_index)(logits, target)
         logits = _f32(logits)
-        w = None if self.class_weights is None else torch.tensor(self.class_weights, device=logits.device,
-                                                                dtype=logits.dtype)
+        w = None if self.class_weights is None else _constant(tuple(self.class_weights), logits.device,
+                                                              logits.dtype)
         ignore = -100 if self.ignore_index is None else self.ignore_index
         # PyTorch's "mean" divides by the summed weight of the valid pixels, which is 0/0 = NaN when every
         # pixel is ignored; dividing ourselves gives the same mean and 0 for an all-ignored batch.
@@ -200,26 +209,26 @@ class LovaszLoss(torch.nn.Module):
         return self._flat(logits, target)
 
     def _flat(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        # Ignored pixels are not dropped with a boolean mask (a data-dependent size, read on the host: a
+        # GPU sync per step); their errors are made to sort last and count nothing instead.
         valid = _valid(target, self.ignore_index).reshape(-1)
+        labels = torch.where(valid, target.reshape(-1), torch.zeros_like(target.reshape(-1)))
         if logits.shape[1] == 1:
-            z = logits.reshape(-1)[valid]
-            y = (target.reshape(-1)[valid] == 1).to(z.dtype)
-            if z.numel() == 0:
-                return logits.sum() * 0
-            errors = 1 - z * (2 * y - 1)
+            y = ((labels == 1) & valid).to(logits.dtype)
+            errors = 1 - logits.reshape(-1) * (2 * y - 1)
+            errors = torch.where(valid, errors, torch.full_like(errors, float("-inf")))  # relu(-inf) = 0
             errors_sorted, order = torch.sort(errors, descending=True)
             return torch.dot(F.relu(errors_sorted), _lovasz_grad(y[order]))
-        probs = torch.softmax(logits, 1).permute(0, 2, 3, 1).reshape(-1, logits.shape[1])[valid]
-        labels = target.reshape(-1)[valid]
-        losses = []
+        probs = torch.softmax(logits, 1).permute(0, 2, 3, 1).reshape(-1, logits.shape[1])
+        losses, present = [], []
         for c in range(logits.shape[1]):
-            fg = (labels == c).to(probs.dtype)
-            if fg.sum() == 0:  # classes absent from the batch are skipped ("present" classes)
-                continue
-            errors = (fg - probs[:, c]).abs()
+            fg = ((labels == c) & valid).to(probs.dtype)
+            errors = torch.where(valid, (fg - probs[:, c]).abs(), torch.zeros_like(fg))  # 0 error adds 0
             errors_sorted, order = torch.sort(errors, descending=True)
             losses.append(torch.dot(errors_sorted, _lovasz_grad(fg[order])))
-        return torch.stack(losses).mean() if losses else logits.sum() * 0
+            present.append(fg.sum() > 0)  # classes absent from the batch count nowhere ("present" classes)
+        present_mask = torch.stack(present).to(probs.dtype)
+        return (torch.stack(losses) * present_mask).sum() / present_mask.sum().clamp_min(1)
 
 
 @unetlab.hookimpl

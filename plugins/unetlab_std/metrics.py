@@ -39,20 +39,36 @@ class ConfusionMetric:
     def reset(self) -> None:
         """Forget everything accumulated."""
         self.matrix = torch.zeros(self.num_classes, self.num_classes, dtype=torch.float64)
+        self._counts = None  # integer counts on the logits' device, added to ``matrix`` when read
 
     def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
-        """Add one batch (logits N x C x H x W, target N x H x W class indices)."""
+        """Add one batch (logits N x C x H x W, target N x H x W class indices).
+
+        Counts are added on the logits' device with a fixed-size scatter (no boolean mask, no copy to
+        the host), so validating on a GPU never waits for the CPU; ignored pixels go to a spare bin.
+        """
+        k = self.num_classes
         pred = predictions(logits.detach()).reshape(-1)
         truth = target.detach().reshape(-1)
-        keep = (truth >= 0) & (truth < self.num_classes)
+        keep = (truth >= 0) & (truth < k)
         if self.ignore_index is not None:
             keep &= truth != self.ignore_index
-        index = truth[keep] * self.num_classes + pred[keep].clamp(0, self.num_classes - 1)
-        counts = torch.bincount(index, minlength=self.num_classes ** 2)
-        self.matrix += counts.reshape(self.num_classes, self.num_classes).to("cpu", torch.float64)
+        index = torch.where(keep, truth * k + pred.clamp(0, k - 1), torch.full_like(truth, k * k))
+        if self._counts is not None and self._counts.device != index.device:
+            self._flush()
+        if self._counts is None:
+            self._counts = torch.zeros(k * k + 1, dtype=torch.int64, device=index.device)
+        self._counts.scatter_add_(0, index, torch.ones_like(index))
+
+    def _flush(self) -> None:
+        if self._counts is not None:
+            k = self.num_classes
+            self.matrix += self._counts[:k * k].reshape(k, k).to("cpu", torch.float64)
+            self._counts = None
 
     def counts(self):
         """True positives, false positives and false negatives per class."""
+        self._flush()
         tp = self.matrix.diag()
         return tp, self.matrix.sum(0) - tp, self.matrix.sum(1) - tp
 
@@ -128,6 +144,7 @@ class Accuracy(ConfusionMetric):
         super().__init__(num_classes, include_background=True, ignore_index=ignore_index)
 
     def compute(self) -> dict[str, float]:
+        self._flush()
         total = self.matrix.sum().item()
         return {self.key: self.matrix.trace().item() / total if total else 1.0}
 

@@ -1,0 +1,113 @@
+"""A training step must not make the GPU wait for the host: every first-party augmentation, loss (forward and
+backward, after a first step that may make constants) and metric update is run under ``record_host_syncs``
+(on CPU) and, with a GPU, under PyTorch's own ``set_sync_debug_mode("error")``. The recorder itself is
+checked on code that does sync."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import unetlab
+from unetlab.host_sync import record_host_syncs
+
+AUGMENTATIONS = {"hflip": {}, "vflip": {}, "rot90": {}, "crop": {"size": 24}, "affine": {}, "brightness_contrast": {},
+                 "elastic": {}}
+LOSSES = {"bce": {"pos_weight": 2.0}, "cross_entropy": {"class_weights": [1.0, 2.0, 0.5]},
+          "dice": {"class_weights": [1.0, 2.0, 0.5]}, "iou": {}, "bce_iou": {}, "focal": {}, "tversky": {},
+          "lovasz": {}}
+METRICS = ["iou", "dice", "precision", "recall", "accuracy"]  # hd95 runs SciPy on the host by design
+
+
+def batch(device, classes=3, ignore=None):
+    g = torch.Generator(device=device).manual_seed(0)
+    images = torch.rand(4, 3, 32, 32, generator=g, device=device)
+    masks = torch.randint(0, classes, (4, 32, 32), generator=g, device=device)
+    if ignore is not None:
+        masks[:, :4] = ignore
+    return images, masks, g
+
+
+def test_the_recorder_finds_the_usual_host_syncs():
+    x = torch.randn(8)
+    with record_host_syncs() as found:
+        x.sum().item()
+        if x.max() > 0:
+            pass
+        x[x > 0]
+        int(torch.randint(0, 4, (1,)))
+        x.to("cpu")
+        torch.tensor([1.0, 2.0], device=x.device)
+        torch.nonzero(x)
+    assert found == ["item", "__bool__", "__getitem__ with a boolean mask", "__int__", "to(cpu)",
+                     "tensor(..., device=...)", "nonzero"]
+
+
+def test_sync_free_code_records_nothing():
+    x = torch.randn(8)
+    with record_host_syncs() as found:
+        torch.where(x > 0, x, torch.zeros_like(x)).sum()
+        x.index_select(0, torch.arange(3)).to(torch.float64)
+    assert found == []
+
+
+@pytest.mark.parametrize("name", sorted(AUGMENTATIONS))
+def test_augmentations_make_no_host_sync(name):
+    augment = unetlab.create("augmentation", name, **AUGMENTATIONS[name])
+    images, masks, g = batch("cpu")
+    with record_host_syncs() as found:
+        augment(images, masks, g)
+    assert found == []
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("ignore", [None, 2])
+def test_losses_forward_and_backward_make_no_host_sync(name, ignore):
+    classes = 2 if name == "bce" else 3
+    loss = unetlab.create("loss", name, num_classes=classes, ignore_index=ignore, **LOSSES[name])
+    _, masks, g = batch("cpu", classes, ignore=None if ignore is None else 255)
+    if ignore is not None:
+        masks = torch.where(masks == 255, torch.full_like(masks, ignore), masks)
+    logits = torch.randn(4, 1 if name == "bce" else classes, 32, 32, generator=g, requires_grad=True)
+    loss(logits, masks).backward()  # the first step may make its constants (class weights) once
+    with record_host_syncs() as found:
+        loss(logits, masks).backward()
+    assert found == []
+    assert torch.isfinite(logits.grad).all()
+
+
+@pytest.mark.parametrize("name", METRICS)
+def test_metric_updates_make_no_host_sync(name):
+    metric = unetlab.create("metric", name, num_classes=3, ignore_index=255)
+    _, masks, g = batch("cpu", 3, ignore=255)
+    logits = torch.randn(4, 3, 32, 32, generator=g)
+    with record_host_syncs() as found:
+        for _ in range(3):
+            metric.update(logits, masks)
+    assert found == []
+    assert metric.compute()  # reading the result afterwards is the one allowed copy
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@cuda
+def test_components_make_no_cuda_sync_on_a_gpu():
+    images, masks, g = batch("cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for name, params in AUGMENTATIONS.items():
+            unetlab.create("augmentation", name, **params)(images, masks, g)
+        for name, params in LOSSES.items():
+            classes = 2 if name == "bce" else 3
+            logits = torch.randn(4, 1 if name == "bce" else classes, 32, 32, device="cuda", requires_grad=True)
+            loss = unetlab.create("loss", name, num_classes=classes, **params)
+            torch.cuda.set_sync_debug_mode("default")
+            loss(logits, masks % classes).backward()  # the first step makes its constants once
+            torch.cuda.set_sync_debug_mode("error")
+            loss(logits, masks % classes).backward()
+        for name in METRICS:
+            unetlab.create("metric", name, num_classes=3).update(torch.randn(4, 3, 32, 32, device="cuda"), masks)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
