@@ -70,8 +70,10 @@ def test_ray_runs_finish_with_sequential_metrics_and_a_killed_worker_resumes(tmp
     sequential.mkdir()
     (sequential / "killer.py").write_text(WORKER_KILLER)
     seq_path = experiment(sequential, epochs=3, extra=TWO_VARIANTS)
+    # a task's run uses as many threads as the CPUs it reserved (--ray-cpus, default 1): the same here
+    assert all(c.data.params["torch.threads"] == "1" for c in children)
     assert run_cli("run", str(seq_path), "--quiet", cwd=sequential,
-                   env={"KILL_MARKER": str(marker)}).returncode == 0
+                   env={"KILL_MARKER": str(marker), "OMP_NUM_THREADS": "1"}).returncode == 0
     _, seq_children = runs_of(client_for(sequential))
     expected = {c.info.run_name: c.data.metrics for c in seq_children}
     for child in children:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from unetlab.execution import threads_per_job
+
 from conftest import run_cli
 
 TINY = """
@@ -326,7 +328,12 @@ def test_jobs_trains_runs_in_parallel_processes_under_one_parent(tmp_path):
           add: {model.fusion: add}
         seeds: [1, 2]
     """)
-    assert run_cli("run", str(seq_path), "--quiet", cwd=sequential).returncode == 0
+    # each of the 2 jobs gets its share of the cores; on a CPU the thread count changes the numbers, so the
+    # sequential runs use the same count (each run logs it)
+    threads = threads_per_job(2)
+    assert all(c.data.params["torch.threads"] == str(threads) for c in children)
+    assert run_cli("run", str(seq_path), "--quiet", cwd=sequential,
+                   env={"OMP_NUM_THREADS": str(threads)}).returncode == 0
     _, seq_children = runs_of(client_for(sequential))
     by_name = {c.info.run_name: c for c in seq_children}
     for child in children:

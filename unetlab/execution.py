@@ -23,7 +23,7 @@ from .preflight import Prepared, config_hash
 from .report import Reporter
 
 __all__ = ["Interrupted", "Invocation", "checkpoint_dir", "run_parallel", "run_rank", "run_sequential", "run_torchrun",
-           "signals_interrupt", "stop_processes"]
+           "signals_interrupt", "stop_processes", "threads_per_job", "usable_cores"]
 
 
 class Interrupted(KeyboardInterrupt):
@@ -114,7 +114,12 @@ def run_sequential(inv: Invocation) -> int:
     tracker, reporter, ctx = inv.tracker, inv.reporter, inv.ctx
     reporter.emit("start", experiment=inv.experiment.name, runs=len(inv.prepared), tracking_uri=tracker.uri,
                   parent_run_id=inv.parent_id)
-    extra_params = {**_plugin_versions(inv.host), "distributed.world_size": int(os.environ.get("WORLD_SIZE", "1"))}
+    import torch
+
+    # on a CPU the thread count decides the order floating-point sums are taken in, so a run's numbers
+    # depend on it: logged, so a run can be reproduced exactly (OMP_NUM_THREADS)
+    extra_params = {**_plugin_versions(inv.host), "distributed.world_size": int(os.environ.get("WORLD_SIZE", "1")),
+                    "torch.threads": torch.get_num_threads()}
     failed, current = 0, None
     with signals_interrupt():
         try:
@@ -255,6 +260,21 @@ def _train_and_log(inv: Invocation, prep: Prepared, child, ckpt_dir: Path, state
     return "FINISHED", result.message, run_summary(result, run.config["train"]["monitor"])
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity, else all of the machine's)."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def threads_per_job(jobs: int) -> int:
+    """Torch threads for each of ``jobs`` runs trained at once: the cores shared out, at least one."""
+    return max(1, usable_cores() // max(1, jobs))
+
+
 def run_parallel(inv: Invocation, jobs: int) -> int:
     """Train runs in up to ``jobs`` worker processes under one parent run; one GPU per job when there are several.
 
@@ -279,6 +299,8 @@ def run_parallel(inv: Invocation, jobs: int) -> int:
                 while pending and len(active) < jobs:
                     name = pending.pop(0)
                     env = dict(os.environ)
+                    # N runs at once share the cores: each using all of them would oversubscribe the CPU
+                    env.setdefault("OMP_NUM_THREADS", str(threads_per_job(jobs)))
                     if gpus > 1:
                         env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
                     slot += 1

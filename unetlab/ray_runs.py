@@ -125,8 +125,6 @@ def _train_task(command: list[str], env: dict[str, str], tracking_uri: str | Non
     if earlier and "--resume" not in command:
         command = [*command, "--resume"]
     child_env = {**os.environ, **env}
-    if "OMP_NUM_THREADS" not in env:  # Ray sets 1 for its workers; a local run would use every core
-        child_env.pop("OMP_NUM_THREADS", None)
     child_env["UNETLAB_RAY_WORKER_PID"] = str(os.getpid())
     child = subprocess.Popen([sys.executable, *command], env=child_env)
     try:
@@ -173,10 +171,12 @@ def run_on_ray(plan: RayPlan, path: str | Path, overrides: Sequence[str], resume
     """
     import ray
 
-    env = {"MLFLOW_TRACKING_URI": tracker.uri, "UNETLAB_RAY": "1"}
+    env: dict[str, str] = {"MLFLOW_TRACKING_URI": tracker.uri, "UNETLAB_RAY": "1"}
     for name in ("OMP_NUM_THREADS", "UNETLAB_CACHE_DIR", "PYTHONPATH"):  # same numbers as a local run
         if name in os.environ:
             env[name] = os.environ[name]
+    # a run uses the CPUs its task reserved: all of a node's cores for each would oversubscribe it
+    env.setdefault("OMP_NUM_THREADS", str(max(1, int(plan.cpus_per_run))))
     pending: dict = {}
     try:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0

@@ -314,15 +314,15 @@ def _train_epoch(setup: TrainSetup, parts: _Parts, state: TrainState, epoch: int
         state.step += 1
         if state.step % 10 == 0 or batches == steps_per_epoch:  # reading the loss syncs a GPU: not every step
             # every rank sees the same (reduced) value, so all stop together on a non-finite loss
-            total = dist.sum(torch.stack([loss_sum.float(), torch.tensor(float(batches), device=device)]))
+            total = dist.sum(torch.stack([loss_sum.float(), torch.full((), float(batches), device=device)]))
             running = _finite((total[0] / total[1]).item(), epoch, state.step)
             setup.on_progress(epoch=epoch + 1, batch=batches, batches=steps_per_epoch, loss=running)
         if t["max_steps"] is not None and state.step >= t["max_steps"]:
             stop_reason = f"step budget of {t['max_steps']} reached"
             break
     seconds = time.perf_counter() - started
-    totals = dist.sum(torch.stack([loss_sum.float(), torch.tensor(float(batches), device=device),
-                                   torch.tensor(float(images_seen), device=device)]))
+    totals = dist.sum(torch.stack([loss_sum.float(), torch.full((), float(batches), device=device),  # a fill, not
+                                   torch.full((), float(images_seen), device=device)]))      # a host copy
     train_loss = _finite((totals[0] / totals[1].clamp_min(1)).item(), epoch, state.step)
     return {"train_loss": train_loss, "lr": lr, "images_per_s": totals[2].item() / max(seconds, 1e-9)}, stop_reason
 
