@@ -445,7 +445,7 @@ def test_experiments_open_on_the_runs_table_and_runs_show_their_dataset(tmp_path
 def test_the_dataset_digest_changes_with_the_data_and_only_with_it(tmp_path):
     from types import SimpleNamespace
 
-    from unetlab.tracking import dataset_identity
+    from unetlab.dataset_identity import dataset_identity
 
     class Source:
         def __init__(self, root=None):

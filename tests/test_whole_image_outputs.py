@@ -56,10 +56,10 @@ def test_each_fold_of_a_folder_experiment_gets_its_own_source():
 def test_per_image_rows_are_whole_images_by_the_sliding_window_ignoring_255(tmp_path):
     from sklearn.metrics import jaccard_score
 
+    from unetlab.dataset_identity import dataset_identity
     from unetlab.inference import sliding_window_logits
     from unetlab.per_image import validation_per_image
     from unetlab.plugins import default_host
-    from unetlab.tracking import dataset_identity
     from unetlab.trainer import build_loss, build_metrics
     from unetlab.validation import evaluate_whole_images
 

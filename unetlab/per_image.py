@@ -22,7 +22,14 @@ import math
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from .registry import Registry
+    from .tracking import RunTracker
 
 __all__ = [
     "PER_IMAGE_ARTIFACT",
@@ -46,7 +53,7 @@ def _image_ids(dataset: Any) -> list:
     return list(range(len(dataset)))
 
 
-def _model_predict(model) -> Callable:
+def _model_predict(model: torch.nn.Module) -> Callable:
     import torch
 
     def predict(images: torch.Tensor) -> torch.Tensor:
@@ -96,8 +103,8 @@ def per_image_rows(predict_fn: Callable, dataset: Any, metrics: Sequence[Any], l
     return rows
 
 
-def evaluate_per_image(model, dataset: Any, train_config: dict, num_classes: int, registry,
-                       predict_fn: Callable | None = None, batch_size: int = 16,
+def evaluate_per_image(model: torch.nn.Module | None, dataset: Any, train_config: dict, num_classes: int,
+                       registry: Registry, predict_fn: Callable | None = None, batch_size: int = 16,
                        ignore_index: int | None = None) -> list[dict[str, Any]]:
     """Per-image rows for a run's configured metrics and loss (``predict_fn`` defaults to ``model``);
     ``ignore_index``: the dataset's (padding, 255 in masks), given to them as the trainer does."""
@@ -108,8 +115,8 @@ def evaluate_per_image(model, dataset: Any, train_config: dict, num_classes: int
                           build_loss(train_config, num_classes, registry, ignore_index), batch_size)
 
 
-def validation_per_image(model, source: Any, train_config: dict, num_classes: int, registry,
-                         dtype: Any = None) -> list[dict[str, Any]]:
+def validation_per_image(model: torch.nn.Module, source: Any, train_config: dict, num_classes: int,
+                         registry: Registry, dtype: torch.dtype | None = None) -> list[dict[str, Any]]:
     """Per-image rows for the images validation scores on ``source``, predicted as validation predicts
     them (whole images by ``unetlab.validation.whole_image_logits``, autocast ``dtype``), with the
     source's ``ignore_index``."""
@@ -120,7 +127,7 @@ def validation_per_image(model, source: Any, train_config: dict, num_classes: in
     if not getattr(source, "whole_image_validation", False):
         return evaluate_per_image(model, dataset, train_config, num_classes, registry, ignore_index=ignore_index)
 
-    def sliding_window(images):  # a batch of one: whole images differ in size
+    def sliding_window(images: torch.Tensor) -> torch.Tensor:  # a batch of one: whole images differ in size
         model.eval()
         device = next(model.parameters()).device
         return whole_image_logits(model, images[0], device, dtype).cpu()
@@ -128,7 +135,7 @@ def validation_per_image(model, source: Any, train_config: dict, num_classes: in
     return evaluate_per_image(model, dataset, train_config, num_classes, registry, sliding_window, 1, ignore_index)
 
 
-def log_per_image_metrics(tracker, rows: list[dict[str, Any]]) -> None:
+def log_per_image_metrics(tracker: RunTracker, rows: list[dict[str, Any]]) -> None:
     """Log ``rows`` as the run's MLflow table ``per_image_metrics.json`` (``tracker``: a RunTracker)."""
     if not rows:
         return
@@ -137,8 +144,9 @@ def log_per_image_metrics(tracker, rows: list[dict[str, Any]]) -> None:
     tracker.client.log_table(tracker.run_id, data=table, artifact_file=PER_IMAGE_ARTIFACT)
 
 
-def record_per_image_metrics(tracker, model, source: Any, train_config: dict, num_classes: int, registry,
-                             dtype: Any = None) -> list[dict[str, Any]]:
+def record_per_image_metrics(tracker: RunTracker, model: torch.nn.Module, source: Any, train_config: dict,
+                             num_classes: int, registry: Registry,
+                             dtype: torch.dtype | None = None) -> list[dict[str, Any]]:
     """Compute the best model's per-image validation metrics on ``source`` (``validation_per_image``) and
     log them to the run (the runner's call)."""
     rows = validation_per_image(model, source, train_config, num_classes, registry, dtype)
@@ -146,7 +154,7 @@ def record_per_image_metrics(tracker, model, source: Any, train_config: dict, nu
     return rows
 
 
-def load_per_image_metrics(client, run_id: str) -> dict[Any, dict[str, float]] | None:
+def load_per_image_metrics(client: MlflowClient, run_id: str) -> dict[Any, dict[str, float]] | None:
     """A run's table as ``{image id: {key: value}}`` (None when the run has none: an older run)."""
     names = {a.path for a in client.list_artifacts(run_id)}
     if PER_IMAGE_ARTIFACT not in names:

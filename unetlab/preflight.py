@@ -19,7 +19,7 @@ from .data import build_augment, build_source, model_io
 from .data_options import source_key
 from .errors import ConfigError, UnetlabError, did_you_mean
 from .experiment import Run
-from .registry import metric_directions, resolve_monitor_mode
+from .registry import Registry, metric_directions, resolve_monitor_mode
 from .system_metrics import system_metrics_enabled
 
 __all__ = ["ModelCheck", "Prepared", "Runtime", "check_model", "check_processes_per_node", "config_hash", "dataset_key",
@@ -115,12 +115,12 @@ def resolve_runtime(config: dict, world_size: int = 1) -> Runtime:
                    system_metrics=system_metrics_enabled(config["tracking"]["system_metrics"], device.type))
 
 
-def monitor_keys(config: dict, num_classes: int, registry) -> list[str]:
+def monitor_keys(config: dict, num_classes: int, registry: Registry) -> list[str]:
     """Every metric key a run logs per validation (what ``train.monitor`` may name)."""
     return list(metric_directions(config["train"], num_classes, registry))
 
 
-def training_size(config: dict, registry, in_channels: int, size: tuple[int, int]) -> tuple[int, int]:
+def training_size(config: dict, registry: Registry, in_channels: int, size: tuple[int, int]) -> tuple[int, int]:
     """The image size the model sees in training: the configured augmentations run once on a blank batch
     (an augmentation that crops or resizes changes it; the core needs no list of which ones do)."""
     augment = build_augment(config, registry)
@@ -148,7 +148,7 @@ class ModelCheck:
     image_size: tuple[int, int]  # the dataset's (or DEFAULT_SIZE when it does not say)
 
 
-def check_model(run: Run, registry, source: Any = None) -> ModelCheck:
+def check_model(run: Run, registry: Registry, source: Any = None) -> ModelCheck:
     """Build the run's dataset source (unless given: runs with the same dataset config share one) and its
     model; bad data, channels or component parameters raise ``UnetlabError`` here."""
     from .model import build_unet
@@ -163,7 +163,7 @@ def check_model(run: Run, registry, source: Any = None) -> ModelCheck:
     return ModelCheck(source, in_ch, out_ch, num_classes, model, size)
 
 
-def prepare(run: Run, registry, world_size: int = 1, source: Any = None) -> Prepared:
+def prepare(run: Run, registry: Registry, world_size: int = 1, source: Any = None) -> Prepared:
     """Everything that can be checked before training: runtime, data, channels, sizes, the monitored metric.
 
     ``source``: an already built dataset source for this run's dataset config (shared between runs).
@@ -192,7 +192,7 @@ def prepare(run: Run, registry, world_size: int = 1, source: Any = None) -> Prep
                     f"{run.name}@{config_hash(run.config)}", directions)
 
 
-def prepare_all(runs: Sequence[Run], registry, world_size: int = 1) -> list[Prepared]:
+def prepare_all(runs: Sequence[Run], registry: Registry, world_size: int = 1) -> list[Prepared]:
     """``prepare`` every run; runs with the same dataset config share one source (one copy in memory)."""
     sources: dict[str, Any] = {}
     prepared = []

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .preflight import Prepared
 from .trainer import RunResult
 
+if TYPE_CHECKING:
+    import torch
+
+    from .registry import Registry
+    from .tracking import RunTracker
+
 __all__ = ["log_run_outputs", "run_summary"]
 
 
-def log_run_outputs(tracker, result: RunResult, prep: Prepared, registry=None) -> None:
+def log_run_outputs(tracker: RunTracker, result: RunResult, prep: Prepared, registry: Registry | None = None) -> None:
     """Final metrics (training time, best monitored value and epoch), the best model's per-image validation
     metrics (``per_image_metrics.json``, what ``compare`` pairs on), then figures and the model as configured."""
     from .per_image import record_per_image_metrics
@@ -33,7 +39,7 @@ def log_run_outputs(tracker, result: RunResult, prep: Prepared, registry=None) -
         log_model(tracker, result.model, prep)
 
 
-def log_model(tracker, model, prep: Prepared) -> None:
+def log_model(tracker: RunTracker, model: torch.nn.Module, prep: Prepared) -> None:
     """The (best) model as ``unetlab_model/weights.pt`` (weights + identity: what predict and export read,
     never a pickle) and as an MLflow model for MLflow-native users, its URI as the ``unetlab.model_uri`` tag."""
     import torch
@@ -46,7 +52,7 @@ def log_model(tracker, model, prep: Prepared) -> None:
     tracker.set_tags({"unetlab.model_uri": uri})
 
 
-def log_figures(tracker, result: RunResult, prep: Prepared) -> None:
+def log_figures(tracker: RunTracker, result: RunResult, prep: Prepared) -> None:
     """Learning curves and image | truth | prediction for the first (fixed) validation images, predicted
     as validation predicts them (whole images by sliding windows for a patch-trained run)."""
     import matplotlib.pyplot as plt

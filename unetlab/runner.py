@@ -41,7 +41,8 @@ def run_experiment(path: str | Path, overrides: Sequence[str] = (), resume: bool
     from .execution import Invocation, run_parallel, run_rank, run_sequential
     from .preflight import prepare_all
     from .report import Reporter
-    from .tracking import Tracker, git_commit, owner_tags, resolve_tracking_uri
+    from .run_ownership import owner_tags
+    from .tracking import Tracker, git_commit, resolve_tracking_uri
 
     ctx = distributed.current()
     if ctx.enabled and jobs > 1:

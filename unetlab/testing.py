@@ -79,6 +79,9 @@ def _declared(check: _Checker, params: tuple[Param, ...]) -> None:
 
 
 def check_encoder(check: _Checker, build: Callable[..., Any]) -> None:
+    """An encoder, built for 1 and 3 input channels: ``out_channels`` and ``strides`` declared and consistent,
+    'same' or 'valid' padding; for a square and a non-square input, one feature map per level from finest to
+    coarsest at the declared channels and (for 'same' padding) sizes; gradients to every parameter."""
     for in_channels in (1, 3):
         enc = build(in_channels=in_channels)
         channels = getattr(enc, "out_channels", None)
@@ -112,6 +115,8 @@ def check_encoder(check: _Checker, build: Callable[..., Any]) -> None:
 
 
 def check_upsampler(check: _Checker, build: Callable[..., Any]) -> None:
+    """An upsampler doubles the spatial size (odd and non-square inputs too), gives the asked channels, and
+    passes gradients to every parameter."""
     up = build(in_channels=8, out_channels=4, scale=2)
     for h, w in ((5, 5), (6, 9)):
         y = up(torch.randn(2, 8, h, w, requires_grad=True))
@@ -121,6 +126,8 @@ def check_upsampler(check: _Checker, build: Callable[..., Any]) -> None:
 
 
 def check_fusion(check: _Checker, build: Callable[..., Any]) -> None:
+    """A fusion declares ``out_channels`` and returns that many channels at its inputs' size, for skips wider
+    than and as wide as the upsampled path, with gradients to every parameter."""
     for skip_c, up_c in ((6, 4), (4, 4)):
         fusion = build(skip_channels=skip_c, up_channels=up_c)
         out_c = getattr(fusion, "out_channels", None)
@@ -133,6 +140,8 @@ def check_fusion(check: _Checker, build: Callable[..., Any]) -> None:
 
 
 def check_block(check: _Checker, build: Callable[..., Any]) -> None:
+    """A block gives ``out_channels`` at the input's size with ``padding='same'`` (gradients reaching every
+    parameter), and ``out_channels`` at no larger a size with ``padding='valid'``."""
     block = build(in_channels=8, out_channels=4, padding="same")
     y = block(torch.randn(2, 8, 12, 10, requires_grad=True))
     check.expect(tuple(y.shape) == (2, 4, 12, 10), "same padding keeps the size",
@@ -145,6 +154,8 @@ def check_block(check: _Checker, build: Callable[..., Any]) -> None:
 
 
 def check_initializer(check: _Checker, build: Callable[..., Any]) -> None:
+    """An initializer's factory returns a callable that re-initialises a model in place: same parameter
+    shapes, finite values."""
     init = build()
     check.expect(callable(init), "callable", f"the factory must return a callable(model), got {type(init).__name__}")
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ConvTranspose2d(4, 2, 2))
@@ -176,6 +187,9 @@ def _cases(check: _Checker) -> list[tuple[int, int]]:
 
 
 def check_loss(check: _Checker, build: Callable[..., Any]) -> None:
+    """A loss, binary and (unless ``binary_only``) 3-class: a finite scalar with finite gradients that 30 Adam
+    steps on free logits decrease; lower for a perfect prediction than for its inverse and (3 classes) for
+    one with the foreground classes swapped; float32 for bf16 logits."""
     g = torch.Generator().manual_seed(0)
     for channels, num_classes in _cases(check):
         what = "binary (1-channel)" if channels == 1 else f"{num_classes}-class"
@@ -236,6 +250,10 @@ def _better_or_equal(a: float, b: float, direction: str) -> bool:
 
 
 def check_metric(check: _Checker, build: Callable[..., Any]) -> None:
+    """A metric, binary and (unless ``binary_only``) 3-class: a reset/update/compute accumulator whose result
+    over two batches equals the one over the same pixels in one; keys ``<name>`` and ``<name>_c<k>``; a
+    perfect prediction scoring strictly better than its inverse in the declared direction; and every
+    boolean parameter, flipped, changing the result of an imperfect multi-class prediction."""
     direction = check.component.direction or "max"
     for channels, num_classes in _cases(check):
         what = "binary (1-channel)" if channels == 1 else f"{num_classes}-class"
@@ -296,6 +314,9 @@ def check_metric(check: _Checker, build: Callable[..., Any]) -> None:
 
 
 def check_dataset(check: _Checker, build: Callable[..., Any]) -> None:
+    """A dataset source: ``in_channels``, ``num_classes`` (>= 2, background included) and a non-empty
+    ``train`` split of float32 C x H x W images with int64 H x W masks of class indices, the same data
+    when built twice."""
     source = build()
     for attr in ("in_channels", "num_classes", "split"):
         check.expect(hasattr(source, attr), "source", f"the source has no '{attr}'")
@@ -317,6 +338,8 @@ def check_dataset(check: _Checker, build: Callable[..., Any]) -> None:
 
 
 def check_augmentation(check: _Checker, build: Callable[..., Any]) -> None:
+    """An augmentation returns ``(images, masks)`` of matching sizes, masks with no new values, the same
+    result for the same generator seed, and (when it moves pixels) images still aligned with their masks."""
     masks = torch.zeros(4, 24, 24, dtype=torch.long)
     masks[:, 3:15, 5:9] = 1
     masks[:, 3:6, 5:18] = 1

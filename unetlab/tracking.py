@@ -12,9 +12,14 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from .dataset_identity import dataset_identity
 from .errors import UnetlabError, exception_text
+from .run_ownership import (
+    owner_alive,
+    owner_tags,  # noqa: F401 -- re-exported: execution.py imports it from here
+)
 from .store_client import (
     BoundedClient,
     TrackingUnavailable,
@@ -23,8 +28,10 @@ from .store_client import (
     tracking_timeout,
 )
 
-__all__ = ["RunTracker", "Tracker", "TrackingUnavailable", "git_commit", "owner_alive", "owner_tags",
-           "resolve_tracking_uri"]
+if TYPE_CHECKING:
+    from .preflight import Prepared
+
+__all__ = ["RunTracker", "Tracker", "TrackingUnavailable", "git_commit", "resolve_tracking_uri"]
 
 PARENT_TAG = "mlflow.parentRunId"
 # MLflow 3 opens an experiment without a kind on its GenAI overview page; this kind opens the runs table.
@@ -44,44 +51,6 @@ def git_commit(path: Path) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-OWNER_HOST, OWNER_PID, OWNER_STARTED = "unetlab.owner.host", "unetlab.owner.pid", "unetlab.owner.started"
-
-
-def _process_started(pid: int) -> str:
-    """When process ``pid`` started (clock ticks since boot, from /proc), or "" where that cannot be read.
-    With the PID it names one process: a PID reused later by another process has another start time."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return ""
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-def owner_tags() -> dict[str, str]:
-    """Tags naming this process as the owner of a run: host, PID and the PID's start time."""
-    import socket
-
-    return {OWNER_HOST: socket.gethostname(), OWNER_PID: str(os.getpid()), OWNER_STARTED: _process_started(os.getpid())}
-
-
-def owner_alive(tags: dict[str, str]) -> bool:
-    """Whether the process a run's owner tags name may still be running: True for another host (which this
-    process cannot see) and for runs without owner tags; False when the PID is gone or reused."""
-    import socket
-
-    if tags.get(OWNER_HOST) != socket.gethostname() or not tags.get(OWNER_PID, "").isdigit():
-        return True
-    pid = int(tags[OWNER_PID])
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # it exists, owned by another user
-    started = tags.get(OWNER_STARTED, "")
-    return not started or _process_started(pid) in ("", started)
 
 
 class Tracker:
@@ -209,7 +178,8 @@ class Tracker:
             ended.append(run.info.run_id)
         return ended
 
-    def start_prepared_run(self, prepared, base_tags: dict[str, str], extra_params: dict[str, Any]) -> RunTracker:
+    def start_prepared_run(self, prepared: Prepared, base_tags: dict[str, str],
+                           extra_params: dict[str, Any]) -> RunTracker:
         """Create the nested run of a prepared run (``preflight.Prepared``): its identity as tags, its resolved
         config flattened into params (plus ``extra_params``: versions, world size), and ``config.yaml``."""
         import json
@@ -236,32 +206,6 @@ class Tracker:
         child.log_text(yaml.safe_dump(run.config, sort_keys=False), "config.yaml")
         child.log_dataset(*dataset_identity(prepared))
         return child
-
-
-def dataset_identity(prepared) -> tuple[str, str, dict[str, int], str]:
-    """``(name, digest, split sizes, source)`` of a prepared run's data, for ``RunTracker.log_dataset``.
-
-    The digest covers the whole ``data`` section (generator parameters and seed, patches, resizing,
-    normalisation) and, for data read from a folder, every file's path, size and modification time:
-    runs on different data get different digests.
-    """
-    import hashlib
-    import json
-
-    data = prepared.run.config["data"]
-    spec = data["dataset"]
-    ident: dict[str, Any] = {"data": data}
-    root = getattr(prepared.source, "root", None)
-    if root is not None:
-        ident["files"] = sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
-                                for p in Path(root).rglob("*")
-                                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
-    digest = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    from .validation import validation_images  # whole images, not tiles, for a patch-trained run
-
-    splits = {"train": len(prepared.source.split("train")), "val": len(validation_images(prepared.source))}
-    source = str(root) if root is not None else json.dumps(spec, sort_keys=True, default=str)
-    return str(spec["name"]), digest, splits, source
 
 
 class RunTracker:

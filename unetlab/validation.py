@@ -11,7 +11,8 @@ the trainer's validation, the per-image metrics, the run's figures and the logge
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -20,7 +21,7 @@ from .inference import sliding_window_logits
 __all__ = ["evaluate_whole_images", "validation_images", "whole_image_logits"]
 
 
-def validation_images(source):
+def validation_images(source: Any) -> Any:
     """The validation images of ``source`` as validation scores them: whole images of their own size
     when it validates by sliding windows (``whole_image_validation``: training on patches), else its
     ``val`` split (never the tiles of a patch-trained source)."""
@@ -40,7 +41,8 @@ def whole_image_logits(model: torch.nn.Module, image: torch.Tensor, device: torc
 
 
 @torch.no_grad()
-def evaluate_whole_images(model: torch.nn.Module, dataset, loss_fn: Callable, metrics: list, device: torch.device,
+def evaluate_whole_images(model: torch.nn.Module, dataset: Any, loss_fn: Callable, metrics: Sequence[Any],
+                          device: torch.device,
                           dtype: torch.dtype | None = None, tile: int | None = None,
                           overlap: int = 32) -> dict[str, float]:
     """``val_loss`` and every metric over ``dataset`` (items: image C x H x W, mask H x W of any size)."""
