@@ -108,7 +108,7 @@ def run_sequential(inv: Invocation) -> int:
     """Train every prepared run here, one after another (rank 0 of a distributed job too)."""
     import os
 
-    from .tracking import owner_tags
+    from .run_ownership import owner_tags
     from .trainer import mark_finished
 
     tracker, reporter, ctx = inv.tracker, inv.reporter, inv.ctx

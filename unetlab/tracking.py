@@ -16,10 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from .dataset_identity import dataset_identity
 from .errors import UnetlabError, exception_text
-from .run_ownership import (
-    owner_alive,
-    owner_tags,  # noqa: F401 -- re-exported: execution.py imports it from here
-)
+from .run_ownership import owner_alive
 from .store_client import (
     BoundedClient,
     TrackingUnavailable,
