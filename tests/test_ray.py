@@ -16,6 +16,8 @@ from test_run import client_for, experiment, runs_of
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'unetlab[ray]')")
 
+pytestmark = pytest.mark.xdist_group("ray")  # under pytest -n, one worker runs these: one local Ray instance at a time
+
 # Kills the Ray worker that runs the task (the trainer's parent process) once, at the end of an epoch.
 WORKER_KILLER = '''
 import os, signal, unetlab

@@ -330,7 +330,7 @@ def test_jobs_trains_runs_in_parallel_processes_under_one_parent(tmp_path):
     """)
     # each of the 2 jobs gets its share of the cores; on a CPU the thread count changes the numbers, so the
     # sequential runs use the same count (each run logs it)
-    threads = threads_per_job(2)
+    threads = int(os.environ.get("OMP_NUM_THREADS") or threads_per_job(2))
     assert all(c.data.params["torch.threads"] == str(threads) for c in children)
     assert run_cli("run", str(seq_path), "--quiet", cwd=sequential,
                    env={"OMP_NUM_THREADS": str(threads)}).returncode == 0
