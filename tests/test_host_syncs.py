@@ -1,7 +1,7 @@
-"""A training step must not make the GPU wait for the host: every first-party augmentation, loss (forward and
-backward, after a first step that may make constants) and metric update is run under ``record_host_syncs``
-(on CPU) and, with a GPU, under PyTorch's own ``set_sync_debug_mode("error")``. The recorder itself is
-checked on code that does sync."""
+"""A training step must not make the GPU wait for the host: every first-party augmentation, loss (after a first
+step that may make constants; the recorder sees the forward, autograd runs the backward in C++) and metric update
+is run under ``record_host_syncs`` (on CPU) and, with a GPU, under PyTorch's own ``set_sync_debug_mode("error")``
+(forward and backward). The recorder itself is checked on code that does sync."""
 
 from __future__ import annotations
 
@@ -39,8 +39,13 @@ def test_the_recorder_finds_the_usual_host_syncs():
         x.to("cpu")
         torch.tensor([1.0, 2.0], device=x.device)
         torch.nonzero(x)
+        torch.where(x > 0)
+        torch.nn.functional.one_hot(torch.arange(3))
+        x.to("cpu:0")
+        x.new_tensor([1.0])
     assert found == ["item", "__bool__", "__getitem__ with a boolean mask", "__int__", "to(cpu)",
-                     "tensor(..., device=...)", "nonzero"]
+                     "tensor(..., device=...)", "nonzero", "where(condition)", "one_hot without num_classes",
+                     "to(cpu)", "new_tensor"]
 
 
 def test_sync_free_code_records_nothing():
@@ -48,6 +53,8 @@ def test_sync_free_code_records_nothing():
     with record_host_syncs() as found:
         torch.where(x > 0, x, torch.zeros_like(x)).sum()
         x.index_select(0, torch.arange(3)).to(torch.float64)
+        torch.as_tensor(x, device=x.device)  # already a tensor: no host data
+        torch.nn.functional.one_hot(torch.arange(3), 4)
     assert found == []
 
 

@@ -213,3 +213,15 @@ def test_cross_entropy_with_ignored_pixels_matches_pytorch(smoothing):
                                                  ignore_index=255, label_smoothing=smoothing)
     got = loss("cross_entropy", 4, class_weights=w, ignore_index=255, label_smoothing=smoothing)(logits, target)
     assert got.item() == pytest.approx(expected.item(), rel=1e-12)
+
+
+def test_class_weights_first_used_under_inference_mode_still_train():
+    # the weight tensor is made once per device and kept: made under inference mode (a validation sanity check
+    # before training), it must still be usable in a loss that is differentiated afterwards
+    fn = loss("cross_entropy", 3, class_weights=[1.0, 2.0, 0.5])
+    logits, target = multi_case(8, k=3)
+    with torch.inference_mode():
+        fn(logits.float(), target)
+    trainable = logits.float().requires_grad_()
+    fn(trainable, target).backward()
+    assert torch.isfinite(trainable.grad).all()

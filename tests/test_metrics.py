@@ -180,3 +180,13 @@ def test_per_image_rows_are_each_metric_on_one_image():
         bce = -(m * np.log(p) + (1 - m) * np.log(1 - p)).mean()
         assert row["val_loss"] == pytest.approx(bce, rel=1e-6)  # float32 logits
     assert rows[3]["val_iou"] == 1.0
+
+
+def test_uint8_masks_with_many_classes_count_like_int64_masks():
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(2, 20, 8, 8, generator=g)
+    target = torch.randint(0, 20, (2, 8, 8), generator=g)
+    wide, narrow = metric("iou", 20), metric("iou", 20)
+    wide.update(logits, target)
+    narrow.update(logits, target.to(torch.uint8))
+    assert narrow.compute() == wide.compute()

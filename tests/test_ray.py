@@ -57,7 +57,10 @@ def test_ray_runs_finish_with_sequential_metrics_and_a_killed_worker_resumes(tmp
     (tmp_path / "killer.py").write_text(WORKER_KILLER)
     path = experiment(tmp_path, epochs=3, extra=TWO_VARIANTS)
     marker = tmp_path / "killed"
-    proc = run_cli("run", str(path), "--ray", "--quiet", cwd=tmp_path, env={"KILL_MARKER": str(marker)}, timeout=600)
+    # --ray-cpus 1 (the default) gives each task's run 1 thread; pinned here too, since an OMP_NUM_THREADS in the
+    # environment (pytest -n sets one) would be passed on to the tasks
+    proc = run_cli("run", str(path), "--ray", "--quiet", cwd=tmp_path,
+                   env={"KILL_MARKER": str(marker), "OMP_NUM_THREADS": "1"}, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert marker.exists(), "the worker of add/seed=0 was never killed"
     assert "[2/2]" in proc.stdout

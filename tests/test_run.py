@@ -177,10 +177,10 @@ def test_nan_loss_fails_that_run_and_the_others_go_on(tmp_path):
     assert parents[0].info.status == "FAILED"
 
 
-def _killed_then_resumed(tmp_path: Path, sig: str, expected_rc: int):
+def _killed_then_resumed(tmp_path: Path, sig: str, expected_rc: int, env: dict | None = None):
     (tmp_path / "killer.py").write_text(KILLER)
     path = experiment(tmp_path, epochs=4, extra="plugins: [killer.py]\nseeds: [5]\n")
-    proc = run_cli("run", str(path), "--quiet", cwd=tmp_path, env={"KILL_AT": f"base/seed=5:2:{sig}"})
+    proc = run_cli("run", str(path), "--quiet", cwd=tmp_path, env={"KILL_AT": f"base/seed=5:2:{sig}", **(env or {})})
     assert proc.returncode == expected_rc, (proc.returncode, proc.stderr)
     return path, proc
 
@@ -225,6 +225,14 @@ def test_interrupt_marks_killed_and_keeps_checkpoint(tmp_path, sig, rc):
     import torch
 
     assert torch.load(ckpts[0], weights_only=True)["epoch"] == 1
+
+
+def test_resuming_with_another_thread_count_says_so(tmp_path):
+    path, _ = _killed_then_resumed(tmp_path, "SIGTERM", 128 + signal.SIGTERM, env={"OMP_NUM_THREADS": "1"})
+    proc = run_cli("run", str(path), "--quiet", "--resume", cwd=tmp_path, env={"OMP_NUM_THREADS": "2"})
+    assert proc.returncode == 0, proc.stderr
+    assert ("unetlab: warning: run 'base/seed=5' was trained with 1 torch thread(s) and resumes with 2; on a CPU its "
+            "numbers will differ from an uninterrupted run (OMP_NUM_THREADS=1 matches it)") in proc.stderr
 
 
 def test_lifecycle_hook_logs_an_extra_metric(tmp_path):

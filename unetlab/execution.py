@@ -137,6 +137,7 @@ def run_sequential(inv: Invocation) -> int:
                     for stale in ("last.pt", "best.pt"):
                         (ckpt_dir / stale).unlink(missing_ok=True)
                 if found:  # --resume continues in the same MLflow run, from its checkpoint or from the start
+                    _warn_if_threads_differ(run.name, found[0], extra_params["torch.threads"])
                     child = current = tracker.child(found[0].info.run_id)  # in charge before it is RUNNING again
                     tracker.reopen(child.run_id)
                     child.set_tags(owner_tags())
@@ -178,6 +179,16 @@ def run_sequential(inv: Invocation) -> int:
     if failed:
         print(f"unetlab: {failed} run(s) FAILED (see above and the runs' 'unetlab.error' tag)", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _warn_if_threads_differ(name: str, earlier_run, threads: int) -> None:
+    """One line when a run resumes with another torch thread count than it was trained with (on a CPU that
+    changes its numbers, so it will not end as an uninterrupted run would)."""
+    earlier = earlier_run.data.params.get("torch.threads")
+    if earlier is not None and earlier != str(threads):
+        print(f"unetlab: warning: run '{name}' was trained with {earlier} torch thread(s) and resumes with {threads}; "
+              f"on a CPU its numbers will differ from an uninterrupted run (OMP_NUM_THREADS={earlier} matches it)",
+              file=sys.stderr)
 
 
 def _resumable_state(ckpt_dir: Path) -> dict | None:
@@ -290,6 +301,7 @@ def run_parallel(inv: Invocation, jobs: int) -> int:
 
     gpus = torch.cuda.device_count()
     pending = [p.run.name for p in inv.prepared]
+    threads = threads_per_job(min(jobs, len(pending)))  # 2 runs under --jobs 4 share the cores 2 ways
     active: dict[subprocess.Popen, str] = {}
     codes: dict[str, int] = {}
     slot = 0
@@ -300,7 +312,7 @@ def run_parallel(inv: Invocation, jobs: int) -> int:
                     name = pending.pop(0)
                     env = dict(os.environ)
                     # N runs at once share the cores: each using all of them would oversubscribe the CPU
-                    env.setdefault("OMP_NUM_THREADS", str(threads_per_job(jobs)))
+                    env.setdefault("OMP_NUM_THREADS", str(threads))
                     if gpus > 1:
                         env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
                     slot += 1

@@ -7,6 +7,11 @@ step that leaves the GPU idle between steps. PyTorch's ``torch.cuda.set_sync_deb
 but only on a GPU. ``record_host_syncs`` finds the same operations by watching the torch calls made,
 so a CPU test can prove that a component's step has none (the first-party augmentations, losses and
 metrics are tested this way, and a plugin's tests can do the same).
+
+What it sees: the torch calls made from Python while it is active. Not seen: the backward pass (run by
+autograd's engine in C++, so a custom ``autograd.Function`` whose backward reads a value escapes it; the
+built-in ops' backward kernels read nothing on the host), and calls made inside a torch function that
+is itself implemented in Python after dispatch.
 """
 
 from __future__ import annotations
@@ -26,15 +31,38 @@ _READS = {"item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__inde
 _FROM_HOST = {"tensor", "as_tensor"}
 
 
-def _is_bool_index(index) -> bool:
+def _is_mask_index(index) -> bool:
     items = index if isinstance(index, tuple) else (index,)
-    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items)
+    return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in items)
+
+
+def _is_cpu(target) -> bool:
+    return (isinstance(target, str) and target.split(":")[0] == "cpu") or \
+        (isinstance(target, torch.device) and target.type == "cpu")
 
 
 def _to_host(args, kwargs) -> bool:
     """Whether a ``Tensor.to`` call copies to the CPU."""
-    targets = [*args[1:], kwargs.get("device")]
-    return any(t == "cpu" or (isinstance(t, torch.device) and t.type == "cpu") for t in targets)
+    return any(_is_cpu(t) for t in [*args[1:], kwargs.get("device")])
+
+
+def _sync_of(name: str, args, kwargs) -> str | None:
+    """What makes this call a host sync, or None."""
+    if name in _READS:
+        return name
+    if name in _FROM_HOST and kwargs.get("device") is not None and not (args and isinstance(args[0], torch.Tensor)):
+        return f"{name}(..., device=...)"
+    if name == "new_tensor":
+        return "new_tensor"
+    if name in ("__getitem__", "__setitem__") and len(args) > 1 and _is_mask_index(args[1]):
+        return f"{name} with a boolean mask"
+    if name == "to" and _to_host(args, kwargs):
+        return "to(cpu)"
+    if name == "where" and len(args) + len(kwargs) == 1:
+        return "where(condition)"
+    if name == "one_hot" and (args[1] if len(args) > 1 else kwargs.get("num_classes", -1)) == -1:
+        return "one_hot without num_classes"  # the class count is read from the data
+    return None
 
 
 class HostSyncRecorder(TorchFunctionMode):
@@ -46,15 +74,9 @@ class HostSyncRecorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        name = getattr(func, "__name__", str(func))
-        if name in _READS:
-            self.found.append(name)
-        elif name in _FROM_HOST and kwargs.get("device") is not None:
-            self.found.append(f"{name}(..., device=...)")
-        elif name in ("__getitem__", "__setitem__") and len(args) > 1 and _is_bool_index(args[1]):
-            self.found.append(f"{name} with a boolean mask")
-        elif name == "to" and _to_host(args, kwargs):
-            self.found.append("to(cpu)")
+        found = _sync_of(getattr(func, "__name__", str(func)), args, kwargs)
+        if found is not None:
+            self.found.append(found)
         return func(*args, **kwargs)
 
 

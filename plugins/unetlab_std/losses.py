@@ -37,7 +37,8 @@ def _f32(x: torch.Tensor) -> torch.Tensor:
 def _constant(values: tuple[float, ...] | float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """A constant tensor made once per device and dtype: building it from host data at every step would
     copy it to the GPU and make the CPU wait each time."""
-    return torch.tensor(values, device=device, dtype=dtype)
+    with torch.inference_mode(False):  # made under inference mode, it could never be used in training after
+        return torch.tensor(values, device=device, dtype=dtype)
 
 
 def _valid(target: torch.Tensor, ignore_index: int | None) -> torch.Tensor:

@@ -49,7 +49,7 @@ class ConfusionMetric:
         """
         k = self.num_classes
         pred = predictions(logits.detach()).reshape(-1)
-        truth = target.detach().reshape(-1)
+        truth = target.detach().reshape(-1).long()  # a uint8 mask would overflow in truth * k
         keep = (truth >= 0) & (truth < k)
         if self.ignore_index is not None:
             keep &= truth != self.ignore_index
