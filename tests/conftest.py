@@ -22,10 +22,19 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
-    """Generated datasets go to a per-session cache, never the user's home."""
+    """Generated datasets go to a per-session cache, never the user's home; module-scoped fixtures run in a
+    scratch folder (tests get their own, below), so nothing lands in the repository's working directory."""
     os.environ["UNETLAB_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    os.chdir(tmp_path_factory.mktemp("cwd"))
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
     yield
+
+
+@pytest.fixture(autouse=True)
+def _in_a_scratch_folder(tmp_path, monkeypatch):
+    """Each test runs in its own folder: whatever it writes relative to the working directory (MLflow's
+    default ./mlruns artifact root, checkpoints) lands there, never in the repository."""
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture(autouse=True)
