@@ -108,14 +108,14 @@ def run_sequential(inv: Invocation) -> int:
     """Train every prepared run here, one after another (rank 0 of a distributed job too)."""
     import os
 
+    import torch
+
     from .run_ownership import owner_tags
     from .trainer import mark_finished
 
     tracker, reporter, ctx = inv.tracker, inv.reporter, inv.ctx
     reporter.emit("start", experiment=inv.experiment.name, runs=len(inv.prepared), tracking_uri=tracker.uri,
                   parent_run_id=inv.parent_id)
-    import torch
-
     # on a CPU the thread count decides the order floating-point sums are taken in, so a run's numbers
     # depend on it: logged, so a run can be reproduced exactly (OMP_NUM_THREADS)
     extra_params = {**_plugin_versions(inv.host), "distributed.world_size": int(os.environ.get("WORLD_SIZE", "1")),

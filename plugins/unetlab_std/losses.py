@@ -211,9 +211,9 @@ class LovaszLoss(torch.nn.Module):
 
     def _flat(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         # Ignored pixels are not dropped with a boolean mask (a data-dependent size, read on the host: a
-        # GPU sync per step); their errors are made to sort last and count nothing instead.
+        # GPU sync per step); they stay in place as background with errors that add nothing instead.
         valid = _valid(target, self.ignore_index).reshape(-1)
-        labels = torch.where(valid, target.reshape(-1), torch.zeros_like(target.reshape(-1)))
+        labels = target.reshape(-1)
         if logits.shape[1] == 1:
             y = ((labels == 1) & valid).to(logits.dtype)
             errors = 1 - logits.reshape(-1) * (2 * y - 1)

@@ -66,11 +66,16 @@ class ConfusionMetric:
             self.matrix += self._counts[:k * k].reshape(k, k).to("cpu", torch.float64)
             self._counts = None
 
+    def confusion(self) -> torch.Tensor:
+        """The K x K confusion matrix of everything added so far (on the CPU, float64)."""
+        self._flush()
+        return self.matrix
+
     def counts(self):
         """True positives, false positives and false negatives per class."""
-        self._flush()
-        tp = self.matrix.diag()
-        return tp, self.matrix.sum(0) - tp, self.matrix.sum(1) - tp
+        matrix = self.confusion()
+        tp = matrix.diag()
+        return tp, matrix.sum(0) - tp, matrix.sum(1) - tp
 
     def per_class(self) -> torch.Tensor:  # overridden
         raise NotImplementedError
@@ -144,9 +149,9 @@ class Accuracy(ConfusionMetric):
         super().__init__(num_classes, include_background=True, ignore_index=ignore_index)
 
     def compute(self) -> dict[str, float]:
-        self._flush()
-        total = self.matrix.sum().item()
-        return {self.key: self.matrix.trace().item() / total if total else 1.0}
+        matrix = self.confusion()
+        total = matrix.sum().item()
+        return {self.key: matrix.trace().item() / total if total else 1.0}
 
 
 def _surface_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
