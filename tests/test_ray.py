@@ -119,6 +119,16 @@ def test_ctrl_c_cancels_every_task_and_leaves_killed_runs_and_no_process(tmp_pat
     assert not _trainers_of(parents[0].info.run_id)
 
 
+def test_a_task_runs_with_as_many_threads_as_the_cpus_it_reserved(monkeypatch):
+    from unetlab.ray_runs import RayPlan, task_env
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert task_env(RayPlan(None, cpus_per_run=3), "http://h:5000")["OMP_NUM_THREADS"] == "3"
+    assert task_env(RayPlan(None, cpus_per_run=0.5), "http://h:5000")["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")  # the user's setting wins
+    assert task_env(RayPlan(None, cpus_per_run=3), "http://h:5000")["OMP_NUM_THREADS"] == "5"
+
+
 @pytest.mark.parametrize("settings, message", [
     ([], "cannot reach the local store"),
     (["--set", "tracking.uri=http://127.0.0.1:9"], "tracking.checkpoint_dir 'ckpt-relative' is a local relative path"),

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from .tracking import Tracker
 
 __all__ = ["RayPlan", "check_ray_settings", "connect", "die_with_ray_worker", "disconnect", "parse_address",
-           "run_on_ray"]
+           "run_on_ray", "task_env"]
 
 INSTALL_HINT = "--ray needs Ray: pip install 'unetlab[ray]'"
 # How long cancelled tasks get to mark their runs KILLED before they are force-cancelled.
@@ -161,6 +161,18 @@ def disconnect() -> None:
         ray.shutdown()
 
 
+def task_env(plan: RayPlan, tracking_uri: str) -> dict[str, str]:
+    """The environment a task's run gets besides its Ray worker's: where to log, the driver's cache and
+    import path, and as many torch threads as the CPUs the task reserved (``OMP_NUM_THREADS`` if set)."""
+    env = {"MLFLOW_TRACKING_URI": tracking_uri, "UNETLAB_RAY": "1"}
+    for name in ("OMP_NUM_THREADS", "UNETLAB_CACHE_DIR", "PYTHONPATH"):  # same numbers as a local run
+        if name in os.environ:
+            env[name] = os.environ[name]
+    # all of a node's cores for each run would oversubscribe it
+    env.setdefault("OMP_NUM_THREADS", str(max(1, int(plan.cpus_per_run))))
+    return env
+
+
 def run_on_ray(plan: RayPlan, path: str | Path, overrides: Sequence[str], resume: bool, runs: Sequence[tuple[str, str]],
                tracker: Tracker, parent_id: str, say: Callable[[str], None] = print) -> int:
     """Submit one task per run (``runs``: (name, run_key) pairs), report each as it ends; return the exit code.
@@ -171,12 +183,7 @@ def run_on_ray(plan: RayPlan, path: str | Path, overrides: Sequence[str], resume
     """
     import ray
 
-    env: dict[str, str] = {"MLFLOW_TRACKING_URI": tracker.uri, "UNETLAB_RAY": "1"}
-    for name in ("OMP_NUM_THREADS", "UNETLAB_CACHE_DIR", "PYTHONPATH"):  # same numbers as a local run
-        if name in os.environ:
-            env[name] = os.environ[name]
-    # a run uses the CPUs its task reserved: all of a node's cores for each would oversubscribe it
-    env.setdefault("OMP_NUM_THREADS", str(max(1, int(plan.cpus_per_run))))
+    env = task_env(plan, tracker.uri)
     pending: dict = {}
     try:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
