@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from .data import EpochSampler
 from .folder_cache import Entry
-from .normalization import apply_normalization
+from .normalization import apply_normalization, image_spec, per_image
 
 __all__ = [
     "IGNORE_INDEX",
@@ -66,6 +66,7 @@ class SampleStore:
                  foreground_values: list[int], in_memory: bool) -> None:
         self.images, self.masks, self.lut, self.spec = images, masks, lut, spec
         self.in_memory = in_memory
+        self._image_specs: dict[int, dict] = {}
         self._arrays: list[tuple[np.ndarray, np.ndarray]] | None = None
         if in_memory:
             self._arrays = [(i.load(mmap=False), m.load(mmap=False)) for i, m in zip(images, masks)]
@@ -92,6 +93,16 @@ class SampleStore:
             return self._arrays[index]
         return self.images[index].load(), self.masks[index].load()
 
+    def image_spec(self, index: int) -> dict:
+        """The normalisation of sample ``index``: the dataset's spec, or with ``scope: image`` the spec with
+        the statistics of the WHOLE image (computed once per process), so every patch, tile and sliding
+        window of an image is normalised alike, as ``predict`` normalises the whole file."""
+        if not per_image(self.spec):
+            return self.spec
+        if index not in self._image_specs:
+            self._image_specs[index] = image_spec(self.spec, self.raw(index)[0])
+        return self._image_specs[index]
+
     def read(self, index: int, top: int = 0, left: int = 0, size: tuple[int, int] | None = None
              ) -> tuple[torch.Tensor, torch.Tensor]:
         """Window ``size`` at (top, left) (may reach outside: padded), normalised; whole image when no size."""
@@ -102,7 +113,7 @@ class SampleStore:
         ph, pw = size
         y0, y1 = max(top, 0), min(top + ph, height)
         x0, x1 = max(left, 0), min(left + pw, width)
-        crop = apply_normalization(image[y0:y1, x0:x1], self.spec)
+        crop = apply_normalization(image[y0:y1, x0:x1], self.image_spec(index))
         classes = self.lut[mask[y0:y1, x0:x1]]
         if (y1 - y0, x1 - x0) == (ph, pw):
             return torch.from_numpy(crop), torch.from_numpy(classes)

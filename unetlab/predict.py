@@ -28,6 +28,7 @@ import torch
 from .errors import UnetlabError, exception_text
 from .inference import check_tiling, minimum_input_size, sliding_window_logits
 from .model_store import TrainedModel, load_model
+from .normalization import check_stored_spec
 
 __all__ = ["load_model", "predict_files", "predict_probabilities", "read_image"]
 
@@ -66,8 +67,9 @@ def read_image(path: Path, channels: int, normalization: dict | None = None,
     The steps are training's own (``unetlab.folder_cache``): the same reader (alpha dropped, 1-bit
     images as 0/255), the same grey conversion, the same resize (``resize``: the run's data.resize),
     then ``unetlab.normalization.apply_normalization`` with the dataset's spec stored with the model
-    (without one, integers scale by their type's range: uint8 /255, uint16 /65535). Multi-page TIFFs
-    are refused.
+    (without one, integers scale by their type's range: uint8 /255, uint16 /65535; a per-image spec
+    takes its statistics from this whole file, as training takes them from the whole image). Multi-page
+    TIFFs are refused.
     """
     return _model_input(_decode(path, channels), normalization, resize)
 
@@ -156,6 +158,7 @@ def _check_inputs(files: list[Path], model: torch.nn.Module, trained: TrainedMod
             raise UnetlabError(f"'{path}' is {size}: this model needs images of at least "
                                f"{minimum}x{minimum} pixels")
 
+    check_stored_spec(trained.normalization, trained.source)
 
 def predict_files(model_spec: str, inputs: list[str], out_dir: str, tile: int | None, overlap: int, tta: bool,
                   overlay: bool, tracking_uri: str | None = None) -> list[Path]:

@@ -91,7 +91,8 @@ SCHEMA: Section = {
         "resize": Field(Optional[list[int]], None, "[H, W]: resize every image (bilinear) and mask (nearest)",
                         bounds=Range(1)),
         "normalize": Field(Optional[dict], None, "null: scale by the dtype (uint8 /255, uint16 /65535); "
-                           "{mode: zscore, percentile or fixed, ...}: per dataset, from the training split"),
+                           "{mode: zscore, percentile or fixed, ...}: per dataset, from the training split; "
+                           "scope: image (zscore, percentile): statistics of each whole image"),
         "folds": Field(Optional[int], None, "K-fold cross-validation of the training pool (seeded by the "
                        "dataset's seed)", bounds=Range(2, 100)),
         "fold": Field(int, 0, "the fold used for validation (0..folds-1)", bounds=Range(0, 99)),
