@@ -227,24 +227,6 @@ def test_unmarked_module_functions_named_like_hooks_are_registered(tmp_path):
     assert host.registry.get("fusion", "max").plugin == info.name
 
 
-def test_metric_must_declare_its_direction():
-    host = PluginHost(autoload=False)
-
-    class Score:
-        """A score."""
-
-        def __init__(self, num_classes: int):
-            pass
-
-    host.register(module_from_functions("undirected", register_metrics=lambda register: register("score", Score)))
-    host.register(module_from_functions("directed", register_metrics=lambda register: register(
-        "lower", Score, direction="min")))
-    broken = {info.name: info.error for info in host.broken()}
-    assert list(broken) == ["undirected"]
-    assert "metric 'score' must declare which way is better" in broken["undirected"]
-    assert host.registry.get("metric", "lower").direction == "min"
-
-
 RAISING_HOOK = '''
 import unetlab
 

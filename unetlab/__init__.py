@@ -15,22 +15,28 @@ This module imports neither torch nor mlflow, so ``unetlab --help`` starts fast.
 
 from __future__ import annotations
 
+import importlib.metadata
 from collections.abc import Mapping
 from typing import Any
 
 from .errors import ConfigError, PluginError, UnetlabError
 from .experiment import Experiment, Run, load_experiment
-from .hookspecs import hookimpl
+from .hookspecs import PLUGIN_API_VERSION, hookimpl
 from .plugins import PluginHost, default_host
-from .registry import KINDS, Component, Registry
+from .registry import KINDS, Component, PluginDeprecationWarning, Registry
 
-__version__ = "0.1.0"
+try:  # one home for the version: pyproject.toml, read back from the installed distribution's metadata
+    __version__ = importlib.metadata.version("unetlab")
+except importlib.metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "KINDS",
+    "PLUGIN_API_VERSION",
     "Component",
     "ConfigError",
     "Experiment",
+    "PluginDeprecationWarning",
     "PluginError",
     "PluginHost",
     "Run",

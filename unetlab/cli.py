@@ -82,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run each run as a Ray task (extra unetlab[ray]): no ADDRESS starts a local Ray instance; "
                         "'auto' or ray://HOST:PORT joins a cluster (needs an http:// tracking server and an absolute, "
                         "shared tracking.checkpoint_dir)")
-    p.add_argument("--ray-cpus", type=float, default=1.0, metavar="N",
-                   help="CPUs each Ray task asks for (default 1; a task gets 1 GPU when the cluster has GPUs)")
+    p.add_argument("--ray-cpus", type=float, default=None, metavar="N",
+                   help="CPUs each Ray task asks for (default: its run's train.threads; a task gets 1 GPU when the "
+                        "cluster has GPUs)")
     p.add_argument("--ray-retries", type=int, default=3, metavar="N",
                    help="times a task whose worker died is retried, resuming from its last checkpoint (default 3)")
     p.add_argument("--parent-run-id", default=None, help=argparse.SUPPRESS)  # set by --jobs for its workers
@@ -127,9 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="plugin name: lowercase letters, digits and _ (project unetlab-NAME)")
     p.add_argument("--dir", default=".", help="where to create the project (default: here)")
 
-    p = sub.add_parser("ui", help="start the MLflow UI on the store unetlab logs to")
-    p.add_argument("file", nargs="?", help="an experiment file whose tracking.uri to use")
-    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1)")
+    p = sub.add_parser("ui", help="start the MLflow UI on the store unetlab logs to",
+                       description="Start the MLflow UI on the store unetlab logs to and print the URL of the "
+                                   "latest comparison's training runs, grouped by variant (with FILE: that "
+                                   "experiment's). It listens on 127.0.0.1 only unless --expose is given.")
+    p.add_argument("file", nargs="?", help="an experiment file whose tracking.uri and experiment to use")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to listen on (default: 127.0.0.1; any other than loopback needs --expose)")
+    p.add_argument("--expose", action="store_true",
+                   help="allow a non-loopback --host: the store is then readable AND writable by anyone who can "
+                        "reach the port, without authentication (MLflow's own login: mlflow server --app-name "
+                        "basic-auth)")
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--workers", type=int, default=1,
                    help="server worker processes (default: 1, enough for one person; mlflow's own default is 4)")
@@ -170,8 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _warn_broken(host) -> None:
-    for info in host.broken():
-        print(f"unetlab: warning: {info.error} (skipped; see 'unetlab plugins')", file=sys.stderr)
+    for line in host.problem_lines():
+        print(f"unetlab: warning: {line}", file=sys.stderr)
 
 
 def _jsonable(value: Any) -> Any:
@@ -208,7 +217,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         report.append({
             "name": info.name, "distribution": info.distribution, "version": info.version,
             "source": info.source, "first_party": info.first_party, "hooks": info.hooks,
-            "broken": info.broken, "error": info.error,
+            "broken": info.broken, "error": info.error, "refused": info.refused, "warnings": info.warnings,
             "components": [{
                 "kind": c.kind, "name": c.name, "description": c.description, "direction": c.direction,
                 "binary_only": c.binary_only,
@@ -226,6 +235,10 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         print(f"{plugin['name']}  ({origin}; {plugin['source']}){tag}{status}")
         if plugin["broken"]:
             print(f"    error: {plugin['error']}")
+        for text in plugin["refused"]:
+            print(f"    refused: {text}")
+        for text in plugin["warnings"]:
+            print(f"    deprecated: {text}")
         for c in plugin["components"]:
             notes = "".join([f" [{c['direction']} is better]" if c["direction"] else "",
                              " [binary only]" if c["binary_only"] else ""])
@@ -349,12 +362,24 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
     from .tracking import resolve_tracking_uri
 
-    uri = args.tracking_uri
-    if uri is None and args.file:
+    exposed = _check_ui_host(args.host, args.expose)  # before anything is read or started
+    uri, experiment_name = args.tracking_uri, None
+    if args.file:
         from .experiment import load_experiment
 
-        uri = load_experiment(args.file).runs[0].config["tracking"]["uri"]
+        experiment = load_experiment(args.file)
+        experiment_name = experiment.name
+        uri = uri or experiment.runs[0].config["tracking"]["uri"]
     uri = resolve_tracking_uri(uri) if args.tracking_uri is None else uri
+    if exposed:
+        print(f"unetlab: warning: --expose: the MLflow UI on {args.host}:{args.port} serves the tracking store "
+              f"{uri or './mlruns (MLflow default)'} to every host that can reach it, readable and writable (runs, "
+              "artifacts, models can be created, changed and deleted) with no authentication; for logins use "
+              "MLflow's own: mlflow server --app-name basic-auth", file=sys.stderr)
+    from .dashboard import ui_urls
+
+    for line in ui_urls(uri, experiment_name, args.host, args.port):
+        print(line, flush=True)
     # The MLflow of unetlab's own interpreter: the venv need not be activated for this to work.
     command = [sys.executable, "-m", "mlflow", "ui", "--host", args.host, "--port", str(args.port),
                "--workers", str(args.workers)]
@@ -388,6 +413,24 @@ def cmd_ui(args: argparse.Namespace) -> int:
     if received:
         return 128 + received[0]
     return code if code >= 0 else 128 - code
+
+
+def _check_ui_host(host: str, expose: bool) -> bool:
+    """True when ``host`` is not a loopback address (and ``--expose`` allows it); a ``UnetlabError`` when it
+    is not loopback and ``--expose`` was not given: ``mlflow ui`` has no authentication."""
+    import ipaddress
+
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        loopback = False
+    if loopback:
+        return False
+    if not expose:
+        raise UnetlabError(f"--host {host}: not a loopback address; the MLflow UI would serve the tracking store to "
+                           "the network, writable and without authentication. Add --expose to do it anyway "
+                           "(or keep the default 127.0.0.1)")
+    return True
 
 
 def _stop_process_group(pgid: int, grace_s: float = 10.0) -> None:

@@ -32,6 +32,16 @@ import pluggy
 hookspec = pluggy.HookspecMarker("unetlab")
 hookimpl = pluggy.HookimplMarker("unetlab")
 
+#: The version of the contract between unetlab and its plugins (hooks, ``register()`` keywords, component
+#: contracts). It goes up when a plugin written for the previous version could break; every change is in
+#: CHANGELOG.md. 1: unetlab 0.1. 2: unetlab 0.2 (metrics declare a direction; undeclared is deprecated).
+#: A plugin module may state the versions it supports as a module attribute, a PEP 440 specifier:
+#: ``UNETLAB_PLUGIN_API = ">=2,<3"``; a unetlab outside that range marks the plugin broken, naming both.
+PLUGIN_API_VERSION = 2
+
+#: The module attribute a plugin uses to state the plugin API versions it supports.
+PLUGIN_API_ATTRIBUTE = "UNETLAB_PLUGIN_API"
+
 
 # --- component hooks: one per kind --------------------------------------------------------------
 

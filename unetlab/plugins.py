@@ -36,7 +36,7 @@ import pluggy
 
 from . import hookspecs
 from .errors import PluginError, did_you_mean, exception_text, known_list
-from .registry import KINDS, Registry, check_registration
+from .registry import KINDS, DuplicateComponentError, Registry, check_registration, undirected_metric_warning
 
 __all__ = ["ENTRY_POINT_GROUP", "FIRST_PARTY_DISTRIBUTION", "PluginHost", "PluginInfo", "default_host"]
 
@@ -91,6 +91,10 @@ class PluginInfo:
     error: str | None = None
     hooks: list[str] = field(default_factory=list)
     entry_point: str | None = None
+    #: components refused alone (a bad ``register()`` call, an unreadable factory), one line each
+    refused: list[str] = field(default_factory=list)
+    #: deprecation warnings: what still works but will be refused by a later plugin API
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def broken(self) -> bool:
@@ -196,6 +200,9 @@ class PluginHost:
         return info
 
     def _register(self, plugin: Any, info: PluginInfo) -> None:
+        info.error = plugin_api_mismatch(plugin, info.name)
+        if info.error:
+            return
         try:
             self.pm.register(plugin, name=info.name)
         except Exception as exc:  # noqa: BLE001 - pluggy rejects an implementation with arguments its spec lacks
@@ -237,9 +244,17 @@ class PluginHost:
                     continue
 
                 def register(name: str, factory: Any, description: str | None = None, direction: str | None = None,
-                             binary_only: bool = False, _plugin: str = info.name, _kind: str = kind.name) -> None:
-                    check_registration(_kind, name, direction, binary_only)
-                    pending.append((_plugin, _kind, name, factory, description, direction, binary_only))
+                             binary_only: bool = False, _info: PluginInfo = info, _kind: str = kind.name) -> None:
+                    # A component that breaks its contract is refused alone: the plugin's others still load.
+                    try:
+                        check_registration(_kind, name, direction, binary_only)
+                    except PluginError as exc:
+                        _info.refused.append(f"plugin '{_info.name}': {exception_text(exc)}")
+                        return
+                    if direction is None and _kind == "metric":
+                        _info.warnings.append(undirected_metric_warning(_info.name, name))
+                        direction = "max"
+                    pending.append((_info.name, _kind, name, factory, description, direction, binary_only))
 
                 try:
                     impl.function(**{arg: register for arg in impl.argnames})
@@ -248,10 +263,31 @@ class PluginHost:
                     self.pm.unregister(name=info.name)  # a broken plugin gets no lifecycle calls either
         registry = Registry()
         for plugin, kind_name, name, factory, description, direction, binary_only in pending:
-            if not self.plugins[plugin].broken:
+            info = self.plugins[plugin]
+            if info.broken:
+                continue
+            try:
                 registry.add(kind_name, name, factory, description, plugin, direction, binary_only)
+            except DuplicateComponentError:
+                raise  # two plugins claim one name: no choice is right, so the command stops and names both
+            except PluginError as exc:
+                info.refused.append(exception_text(exc))
         registry.broken_plugins = [i.name for i in self.plugins.values() if i.broken]
         return registry
+
+    def problem_lines(self) -> list[str]:
+        """One warning line per broken plugin, refused component and deprecation (builds the registry first).
+
+        The one text every command prints before its work, so that a plugin problem reads the same everywhere.
+        """
+        _ = self.registry
+        lines = []
+        for info in self.plugins.values():
+            if info.broken:
+                lines.append(f"{info.error} (skipped; see 'unetlab plugins')")
+            lines += [f"{text} (refused; the plugin's other components load)" for text in info.refused]
+            lines += info.warnings
+        return lines
 
     def broken(self) -> list[PluginInfo]:
         """Plugins that failed to import or raised in a hook (builds the registry first)."""
@@ -272,6 +308,29 @@ class PluginHost:
                 origin = _origin(info) if info else ""
                 raise PluginError(f"plugin '{impl.plugin_name}'{origin} raised in {hook}: "
                                   f"{exception_text(exc)}") from exc
+
+
+def plugin_api_mismatch(plugin: Any, name: str) -> str | None:
+    """Why ``plugin`` cannot load with this plugin API version (``None`` when it can or states no range).
+
+    The range is the plugin's ``UNETLAB_PLUGIN_API`` attribute, a PEP 440 specifier such as ``">=2,<3"``.
+    """
+    from packaging.specifiers import InvalidSpecifier, SpecifierSet
+
+    stated = getattr(plugin, hookspecs.PLUGIN_API_ATTRIBUTE, None)
+    if stated is None:
+        return None
+    try:
+        supported = SpecifierSet(str(stated))
+    except InvalidSpecifier:
+        return (f"plugin '{name}': {hookspecs.PLUGIN_API_ATTRIBUTE} = {stated!r} is not a version specifier "
+                f"(e.g. '>=2,<3')")
+    if str(hookspecs.PLUGIN_API_VERSION) in supported:
+        return None
+    from . import __version__
+
+    return (f"plugin '{name}' supports unetlab plugin API {stated}, but this unetlab ({__version__}) has plugin "
+            f"API {hookspecs.PLUGIN_API_VERSION}: install a version of the plugin made for it")
 
 
 def _origin(info: PluginInfo) -> str:

@@ -9,6 +9,7 @@ schema's component fields name kinds from here; ``tests/test_docs.py`` checks th
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,12 +21,15 @@ __all__ = [
     "DIRECTIONS",
     "KINDS",
     "Component",
+    "DuplicateComponentError",
     "Kind",
+    "PluginDeprecationWarning",
     "Registry",
     "check_registration",
     "component_params",
     "metric_directions",
     "resolve_monitor_mode",
+    "undirected_metric_warning",
 ]
 
 DIRECTIONS = ("max", "min")
@@ -71,15 +75,31 @@ def component_params(spec: Mapping[str, Any], *drop: str) -> dict[str, Any]:
     return {k: v for k, v in spec.items() if k != "name" and k not in drop}
 
 
+class DuplicateComponentError(PluginError):
+    """Two plugins registered the same kind and name: neither can be chosen, so the command stops."""
+
+
+class PluginDeprecationWarning(FutureWarning):
+    """A plugin uses something the plugin API still accepts but will refuse in a later version.
+
+    A ``FutureWarning`` so that Python shows it by default: its reader is the plugin's author.
+    """
+
+
+def undirected_metric_warning(plugin: str, name: str) -> str:
+    """The deprecation message for a metric registered without ``direction=`` (plugin API 1 allowed it)."""
+    return (f"plugin '{plugin}': metric '{name}' declares no direction; treated as higher-is-better. "
+            f"Deprecated since plugin API 2 (unetlab 0.2): register('{name}', factory, direction='max') "
+            f"or direction='min'")
+
+
 def check_registration(kind: str, name: Any, direction: str | None, binary_only: Any) -> None:
     """Check the keywords of one ``register(...)`` call; a bad one is a ``PluginError`` naming the component.
 
-    A metric must say which way is better (``direction="max"`` or ``"min"``); any other kind may
-    declare a direction too (a loss: ``"min"``). ``binary_only`` must be a bool.
+    A metric should say which way is better (``direction="max"`` or ``"min"``); one that does not is
+    accepted as higher-is-better with a deprecation warning (see ``undirected_metric_warning``). Any
+    other kind may declare a direction too (a loss: ``"min"``). ``binary_only`` must be a bool.
     """
-    if direction is None and kind == "metric":
-        raise PluginError(f"metric '{name}' must declare which way is better: "
-                          f"register('{name}', factory, direction='max') or direction='min'")
     if direction is not None and direction not in DIRECTIONS:
         raise PluginError(f"{kind} '{name}': direction must be 'max' or 'min', got {direction!r}"
                           f"{did_you_mean(str(direction), DIRECTIONS)}")
@@ -91,7 +111,7 @@ def check_registration(kind: str, name: Any, direction: str | None, binary_only:
 class Component:
     """A registered component: kind, name, factory, description, parameters and the plugin it came from.
 
-    ``direction``: which way is better, ``"max"`` or ``"min"`` (required for metrics, else optional).
+    ``direction``: which way is better, ``"max"`` or ``"min"`` (always set for metrics, else optional).
     ``binary_only``: the component accepts only one-channel (binary) logits; the conformance kit then
     skips its multi-class checks and experiments should use it only for binary tasks.
     """
@@ -168,15 +188,22 @@ class Registry:
             raise PluginError(f"plugin '{plugin}': {kind} '{name}' has a factory that is not callable")
         existing = self.components[kind].get(name)
         if existing is not None:
-            raise PluginError(
+            raise DuplicateComponentError(
                 f"{kind} '{name}' is registered twice: by plugin '{existing.plugin}' and by plugin '{plugin}'"
             )
         if description is None:
             doc = (getattr(factory, "__doc__", None) or "").strip()
             description = doc.splitlines()[0] if doc else ""
         check_registration(kind, name, direction, binary_only)
-        component = Component(kind, name, factory, description,
-                              read_params(factory, KINDS[kind].contract_args), plugin, direction, binary_only)
+        if direction is None and kind == "metric":
+            warnings.warn(undirected_metric_warning(plugin, name), PluginDeprecationWarning, stacklevel=2)
+            direction = "max"
+        try:
+            params = read_params(factory, KINDS[kind].contract_args)
+        except (TypeError, ValueError) as exc:  # inspect.signature of a builtin or a broken __signature__
+            raise PluginError(f"plugin '{plugin}': {kind} '{name}': its parameters cannot be read from the "
+                              f"factory's signature ({exc})") from None
+        component = Component(kind, name, factory, description, params, plugin, direction, binary_only)
         self.components[kind][name] = component
         return component
 

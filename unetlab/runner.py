@@ -38,7 +38,7 @@ def run_experiment(path: str | Path, overrides: Sequence[str] = (), resume: bool
     which parent to log under and which run to train. ``ray`` submits each run as a Ray task instead.
     """
     from . import __version__, distributed
-    from .execution import Invocation, run_parallel, run_rank, run_sequential
+    from .execution import Invocation, run_parallel, run_rank, run_sequential, warn_if_omp_threads_ignored
     from .preflight import prepare_all
     from .report import Reporter
     from .run_ownership import owner_tags
@@ -49,8 +49,8 @@ def run_experiment(path: str | Path, overrides: Sequence[str] = (), resume: bool
         raise UnetlabError("--jobs and several processes per run (--nproc-per-node, torchrun) do not combine")
     host = default_host()
     experiment = load_experiment(path, overrides, host=host)
-    for info in host.broken() if ctx.is_main else []:
-        print(f"unetlab: warning: {info.error} (skipped; see 'unetlab plugins')", file=sys.stderr)
+    for line in host.problem_lines() if ctx.is_main else []:
+        print(f"unetlab: warning: {line}", file=sys.stderr)
     runs = [r for r in experiment.runs if (not only or any(r.name.startswith(o) for o in only))
             and (not exact or r.name in exact)]
     if not runs:
@@ -79,7 +79,11 @@ def run_experiment(path: str | Path, overrides: Sequence[str] = (), resume: bool
                                         experiment_file=path)
         invocation = hashlib.sha256("\n".join(p.key for p in prepared).encode()).hexdigest()[:16]
         commit = git_commit(Path(path).resolve())
+        from .dashboard import factor_keys
+
+        factors = factor_keys(experiment.runs)  # what differs between the variants: a param to group by
         inv.base_tags = {"unetlab.experiment_file": str(Path(path).resolve()), "unetlab.invocation": invocation,
+                         **({"unetlab.factor": ", ".join(factors)[:500]} if factors else {}),
                          "unetlab.version": __version__, **({"mlflow.source.git.commit": commit} if commit else {})}
         inv.parent_id, inv.owns_parent = parent_run_id, parent_run_id is None
         if parent_run_id is not None:  # a worker of --jobs: the parent belongs to the process that started us
@@ -101,16 +105,27 @@ def run_experiment(path: str | Path, overrides: Sequence[str] = (), resume: bool
         if parent_run_id is None:
             reporter.info(f"{experiment.name}: {len(prepared)} run(s), tracking at {tracker.uri} "
                           f"(experiment '{experiment.name}', parent run {inv.parent_id})")
+            if not ctx.enabled:  # torchrun sets OMP_NUM_THREADS=1 for its ranks itself
+                warn_if_omp_threads_ignored({p.run.config["train"]["threads"] for p in prepared})
         if ray is not None:
             from .execution import signals_interrupt
             from .ray_runs import run_on_ray
 
             with signals_interrupt():
-                return run_on_ray(ray, path, overrides, resume, [(p.run.name, p.key) for p in prepared], tracker,
+                code = run_on_ray(ray, path, overrides, resume,
+                                  [(p.run.name, p.key, p.run.config["train"]["threads"]) for p in prepared], tracker,
                                   inv.parent_id, say=reporter.line)
-        if jobs > 1 and len(prepared) > 1:
-            return run_parallel(inv, jobs)
-        return run_sequential(inv)
+        elif jobs > 1 and len(prepared) > 1:
+            code = run_parallel(inv, jobs)
+        else:
+            code = run_sequential(inv)
+        if parent_run_id is None and code in (0, 1):  # the parent carries the comparison; not after an interrupt
+            from .compare import margin_from_file
+            from .dashboard import report_dashboard
+
+            report_dashboard(tracker.client, tracker.experiment_id, inv.parent_id, runs[0].config["train"]["monitor"],
+                             margin_from_file(path), factors, tracker.uri, str(path), reporter.info)
+        return code
     finally:
         distributed.shutdown(ctx)
         if ray is not None:

@@ -18,7 +18,7 @@ name = "{dist}"
 version = "0.1.0"
 description = "A unetlab plugin"
 requires-python = ">=3.10"
-dependencies = ["unetlab"]
+dependencies = ["{requirement}"]  # the unetlab minor versions this plugin was written for
 
 [project.optional-dependencies]
 test = ["pytest"]
@@ -55,6 +55,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import unetlab
+
+# The unetlab plugin API versions this plugin was written for: a unetlab outside them refuses it with one line.
+UNETLAB_PLUGIN_API = "{api_range}"
 
 
 class Encoder(nn.Module):
@@ -254,7 +257,13 @@ def scaffold_plugin(name: str, directory: str | Path = ".") -> Path:
     root = Path(directory) / dist
     if root.exists():
         raise UnetlabError(f"new-plugin: '{root}' already exists; choose another name or directory")
-    values = {"name": name, "dist": dist, "module": module}
+    from . import __version__
+    from .hookspecs import PLUGIN_API_VERSION
+
+    major, minor = (int(part) for part in re.findall(r"\d+", __version__)[:2] or (0, 0))
+    values = {"name": name, "dist": dist, "module": module,
+              "requirement": f"unetlab>={major}.{minor},<{major}.{minor + 1}",
+              "api_range": f">={PLUGIN_API_VERSION},<{PLUGIN_API_VERSION + 1}"}
     files = {root / "pyproject.toml": PYPROJECT, root / "README.md": README, root / module / "__init__.py": MODULE,
              root / "tests" / "test_conformance.py": TEST}
     for path, template in files.items():
