@@ -1,18 +1,27 @@
 """``unetlab compare``: variants side by side, and for each pair whether and by how much they differ.
 
 Rows come from the nested runs of one parent run (the latest with a finished child by default),
-grouped by variant (the run name without its ``/seed=N`` part): best and final value of each logged
-metric as mean +- std over seeds, parameters, GFLOPs, training time.
+grouped by variant (the run name without its ``seed=N`` and ``fold=K`` parts): best and final value of
+each logged metric as mean +- std over the variant's *replicates*, parameters, GFLOPs, training time.
+A replicate is one (fold, seed): cross-validation folds are replicates, as seeds are (the fold comes
+from the run's ``unetlab.matrix.data.fold`` tag, its ``fold=K`` name part, or its ``data.fold`` param
+when ``data.folds`` is set).
 
-Pairs. Two variants are paired on the same seeds and the same validation images, using each run's
-per-image table of its best checkpoint (``per_image_metrics.json``, see ``unetlab.per_image``):
+Pairs. Two variants are paired on the same replicates (fold and seed) and the same validation images,
+using each run's per-image table of its best checkpoint (``per_image_metrics.json``, see
+``unetlab.per_image``); with K folds every image of the training pool is paired once per seed:
 
 1. the primary line: the mean per-image difference A - B with a 95% interval from a hierarchical
-   bootstrap (seeds, then images), the Wilcoxon signed-rank test across images on the differences
+   bootstrap (replicates, then images), the Wilcoxon signed-rank test across images on the differences
    averaged over seeds (Holm-corrected when there are more than two variants), effect sizes, and a
    verdict: "A better", "B better", "equivalent within +-margin" or "not resolved" with the seeds
    or images that would resolve it (``unetlab.paired_stats`` has the exact rules);
-2. a second line: the seed-level Welch t-test on the per-seed best values (whole-set metric).
+2. a second line: the replicate-level Welch t-test on the per-replicate best values (whole-set metric;
+   "seed-level" when there are no folds).
+
+With folds, each variant also gets its cross-validation estimate: the mean per-image value over all
+replicates and images, the std of the replicate means, and a 95% hierarchical bootstrap interval; a
+fold-only experiment (one variant) prints that and no pairs.
 
 Runs without per-image tables (logged before they existed) get the seed-level line only, and say so.
 Which way is better comes from the runs' ``unetlab.metric_directions`` tag, never from the name.
@@ -56,8 +65,15 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.mean(clean), (statistics.stdev(clean) if len(clean) > 1 else None)
 
 
-def _variant(run_name: str) -> str:
-    return re.sub(r"/?seed=[^/]*$", "", run_name) or run_name
+_FOLD_PART = re.compile(r"^(?:data\.)?fold=(.*)$")
+FOLD_TAG = "unetlab.matrix.data.fold"
+
+
+def _variant(run) -> str:
+    """The run's variant: its name without the ``seed=`` and ``fold=`` parts (replicates, not variants)."""
+    name = run.info.run_name or ""
+    parts = [p for p in name.split("/") if not p.startswith("seed=") and not _FOLD_PART.match(p)]
+    return "/".join(parts) or run.data.tags.get("unetlab.variant") or name or run.info.run_id
 
 
 def _seed(run) -> str:
@@ -66,6 +82,25 @@ def _seed(run) -> str:
         return tag
     found = re.search(r"seed=([^/]*)$", run.info.run_name or "")
     return found.group(1) if found else run.info.run_id
+
+
+def _fold(run) -> str | None:
+    """The run's cross-validation fold, or None when it is not part of a K-fold comparison."""
+    tag = run.data.tags.get(FOLD_TAG)
+    if tag is not None:
+        return tag
+    for part in (run.info.run_name or "").split("/"):
+        found = _FOLD_PART.match(part)
+        if found:
+            return found.group(1)
+    if run.data.params.get("data.folds", "None") not in ("None", "", "null"):
+        return run.data.params.get("data.fold", "0")
+    return None
+
+
+def _replicate(run, folds: bool) -> str:
+    """The run's replicate label: its seed, or ``fold=K/seed=N`` when the runs are cross-validated."""
+    return f"fold={_fold(run)}/seed={_seed(run)}" if folds else _seed(run)
 
 
 def _directions(runs) -> dict[str, str]:
@@ -92,20 +127,35 @@ def _find_parent(client, experiment_id: str) -> str:
     raise UnetlabError("no finished runs to compare in this experiment (run 'unetlab run' first)")
 
 
-def _difference_matrix(tables_a: dict, tables_b: dict, metric: str):
-    """seeds x images matrix of A - B on the seeds and images both variants have (finite values only)."""
-    import numpy as np
+def _paired_groups(tables_a: dict, tables_b: dict, metric: str) -> list[tuple[str, list, list[float]]]:
+    """Per replicate both variants have: (replicate, image ids, A - B) on the images both have (finite only)."""
+    groups = []
+    for replicate, table_a in tables_a.items():
+        table_b = tables_b.get(replicate)
+        if table_a is None or table_b is None:
+            continue
+        images = [i for i in table_a if i in table_b and metric in table_a[i] and metric in table_b[i]
+                  and math.isfinite(table_a[i][metric]) and math.isfinite(table_b[i][metric])]
+        if images:
+            groups.append((replicate, images, [table_a[i][metric] - table_b[i][metric] for i in images]))
+    return groups
 
-    seeds = [s for s in tables_a if s in tables_b and tables_a[s] is not None and tables_b[s] is not None]
-    if not seeds:
-        return None, [], 0
-    tables = [tables_a[s] for s in seeds] + [tables_b[s] for s in seeds]
-    images = [i for i in tables[0] if all(i in t for t in tables)]
-    images = [i for i in images if all(metric in t[i] and math.isfinite(t[i][metric]) for t in tables)]
-    if not images:
-        return None, seeds, 0
-    diffs = np.array([[tables_a[s][i][metric] - tables_b[s][i][metric] for i in images] for s in seeds])
-    return diffs, seeds, len(images)
+
+def _cv_estimate(tables: dict, bests: list[float], metric: str) -> dict[str, Any] | None:
+    """A variant's cross-validation estimate from its per-image tables (else from its best values)."""
+    from . import paired_stats
+
+    groups = [[t[i][metric] for i in t if metric in t[i] and math.isfinite(t[i][metric])]
+              for t in tables.values() if t is not None]
+    groups = [g for g in groups if g]
+    if groups:
+        return {**paired_stats.cv_estimate(groups), "source": f"per-image {metric} of each replicate's best checkpoint"}
+    if len(bests) < 2:
+        return None
+    low, high = paired_stats.t_interval(bests)
+    return {"mean": statistics.mean(bests), "std": statistics.stdev(bests), "ci_low": low, "ci_high": high,
+            "n_replicates": len(bests), "n_values": len(bests), "interval": "95% t-interval over replicates",
+            "source": f"best whole-set {metric} of each replicate (no per-image tables)"}
 
 
 def compare_runs(client, experiment_id: str, metric: str | None, parent_id: str | None,
@@ -141,15 +191,22 @@ def compare_runs(client, experiment_id: str, metric: str | None, parent_id: str 
     directions[metric] = direction
     higher = direction == "max"
 
+    fold_of = {c.info.run_id: _fold(c) for c in finished}
+    folds = sorted({f for f in fold_of.values() if f is not None}, key=lambda f: (len(f), f))
+    cross_validated = bool(folds)
     per_epoch = sorted({k for k in available if k.startswith("val_") or k == "train_loss"})
     groups: dict[str, list] = {}
     for c in sorted(finished, key=lambda c: c.info.start_time):  # the experiment file's order
-        groups.setdefault(_variant(c.info.run_name), []).append(c)
-    rows, curves, bests, seed_bests = [], {}, {}, {}
+        groups.setdefault(_variant(c), []).append(c)
+    tables = {v: {_replicate(r, cross_validated): load_per_image_metrics(client, r.info.run_id) for r in runs}
+              for v, runs in groups.items()}
+    fold_seed = {_replicate(r, cross_validated): (fold_of[r.info.run_id], _seed(r)) for r in finished}
+    rows, curves, bests, seed_bests, cv = [], {}, {}, {}, {}
     for variant, runs in groups.items():
-        row: dict[str, Any] = {"variant": variant, "seeds": len(runs)}
+        row: dict[str, Any] = {"variant": variant, "seeds": len({_seed(r) for r in runs}),
+                               "folds": len({fold_of[r.info.run_id] for r in runs}), "replicates": len(runs)}
         for key in per_epoch:
-            best_values, final_values, by_seed = [], [], {}
+            best_values, final_values, by_replicate = [], [], {}
             for run in runs:
                 history = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
                 if not history:
@@ -158,62 +215,75 @@ def compare_runs(client, experiment_id: str, metric: str | None, parent_id: str 
                 if key in directions:  # no direction known: no "best" (final only)
                     best = max(values) if directions[key] == "max" else min(values)
                     best_values.append(best)
-                    by_seed[_seed(run)] = best
+                    by_replicate[_replicate(run, cross_validated)] = best
                 final_values.append(values[-1])
                 if key == metric:
                     curves.setdefault(variant, []).append([(m.step, m.value) for m in history])
             row[f"best_{key}_mean"], row[f"best_{key}_std"] = _mean_std(best_values)
             row[f"final_{key}_mean"], row[f"final_{key}_std"] = _mean_std(final_values)
             if key == metric:
-                bests[variant], seed_bests[variant] = best_values, by_seed
+                bests[variant], seed_bests[variant] = best_values, by_replicate
         row["params"] = int(runs[0].data.params.get("model.num_params", 0))
         row["gflops"] = float(runs[0].data.params.get("model.gflops_per_image", "nan"))
         row["train_time_s_mean"], row["train_time_s_std"] = _mean_std(
             [r.data.metrics.get("train_time_s") for r in runs])
         rows.append(row)
+        if cross_validated:
+            cv[variant] = _cv_estimate(tables[variant], bests.get(variant, []), metric)
 
-    tables = {v: {_seed(r): load_per_image_metrics(client, r.info.run_id) for r in runs} for v, runs in groups.items()}
+    level = "replicate" if cross_validated else "seed"
     pairs = []
     for a, b in combinations(groups, 2):
         pair: dict[str, Any] = {"a": a, "b": b}
         p = welch(bests.get(a, []), bests.get(b, []))
         pair["seed_level"] = {
-            "test": "Welch t-test on per-seed best values (whole-set metric)",
+            "test": f"Welch t-test on per-{level} best values (whole-set metric)",
             "difference": (statistics.mean(bests[a]) - statistics.mean(bests[b])
                            if bests.get(a) and bests.get(b) else None),
-            "p_value": p}
-        diffs, seeds, _ = _difference_matrix(tables[a], tables[b], metric)
-        if diffs is None:
+            "p_value": p, "replicates": [len(bests.get(a, [])), len(bests.get(b, []))]}
+        paired_groups = _paired_groups(tables[a], tables[b], metric)
+        if not paired_groups:
             missing = [v for v in (a, b) if not any(t is not None for t in tables[v].values())]
             pair["paired"] = None
             pair["note"] = (f"no per-image tables for {', '.join(missing)} (runs logged before per-image metrics)"
-                            if missing else f"no common seeds and images with a per-image {metric}")
-            pair["verdict"] = "seed-level only: " + pair["note"]
+                            if missing else f"no common {level}s and images with a per-image {metric}")
+            pair["verdict"] = f"{level}-level only: " + pair["note"]
         else:
-            result = paired_stats.paired_comparison(diffs, margin)
+            replicates = [g[0] for g in paired_groups]
+            result = paired_stats.paired_comparison(  # an image's unit is (fold, image): folds validate apart
+                [g[2] for g in paired_groups], margin,
+                image_ids=[[(fold_seed[r][0], i) for i in images] for r, images, _ in paired_groups],
+                n_seeds=len({fold_seed[r][1] for r in replicates}),
+                n_folds=len({fold_seed[r][0] for r in replicates}))
             pair["paired"] = result.as_dict()
-            pair["seeds_paired"] = seeds
+            pair["seeds_paired"] = replicates
         pairs.append(pair)
     paired = [p for p in pairs if p["paired"] is not None]
     adjusted = paired_stats.holm([p["paired"]["wilcoxon_p"] for p in paired]) if len(paired) > 1 else \
         [p["paired"]["wilcoxon_p"] for p in paired]
+    fields = set(paired_stats.PairedResult.__dataclass_fields__)
     for pair, p_adj in zip(paired, adjusted):
         pair["paired"]["wilcoxon_p_holm"] = p_adj if len(paired) > 1 else None
-        stats_obj = paired_stats.PairedResult(**{k: v for k, v in pair["paired"].items()
-                                                 if k != "wilcoxon_p_holm"})
+        stats_obj = paired_stats.PairedResult(**{k: v for k, v in pair["paired"].items() if k in fields})
         pair["verdict"] = paired_stats.verdict(stats_obj, p_adj, higher, margin, pair["a"], pair["b"])
     failed = [c.info.run_name for c in children if c.info.status != "FINISHED"]
     return {"metric": metric, "direction": direction, "direction_source": direction_source,
             "higher_is_better": higher, "margin": margin, "parent_run_id": parent_id, "rows": rows,
             "pairs": pairs, "curves": curves, "seed_bests": seed_bests, "not_finished": failed,
-            "warnings": warnings,
+            "warnings": warnings, "cross_validated": cross_validated, "folds": folds, "cv": cv,
             "tests": {
-                "paired": (f"per-image {metric} of each run's best checkpoint, paired by seed and image: mean "
+                "paired": (f"per-image {metric} of each run's best checkpoint, paired by "
+                           + ("fold, seed" if cross_validated else "seed") + " and image: mean "
                            f"difference A - B with a 95% hierarchical bootstrap CI ({paired_stats.RESAMPLES} "
-                           f"resamples of seeds, then images; RNG seed {paired_stats.BOOTSTRAP_SEED}); Wilcoxon "
+                           f"resamples of " + ("fold x seed replicates" if cross_validated else "seeds")
+                           + f", then images; RNG seed {paired_stats.BOOTSTRAP_SEED}); Wilcoxon "
                            "signed-rank test across images on the differences averaged over seeds"
                            + (", Holm-corrected over the pairs" if len(paired) > 1 else "")),
-                "seed_level": "two-sided Welch t-test on the per-seed best values (whole-set metric)"}}
+                "seed_level": f"two-sided Welch t-test on the per-{level} best values (whole-set metric)"
+                              + (" over fold x seed replicates" if cross_validated else ""),
+                **({"cv": f"cross-validation estimate: mean per-image {metric} over all fold x seed replicates "
+                          "and their images, std of the replicate means, 95% hierarchical bootstrap CI "
+                          "(replicates, then images)"} if cross_validated else {})}}
 
 
 def _pm(mean, std, digits=4) -> str:
@@ -222,23 +292,35 @@ def _pm(mean, std, digits=4) -> str:
     return f"{mean:.{digits}f}" + (f" +- {std:.{digits}f}" if std is not None else "")
 
 
-def _pair_lines(pair: dict[str, Any]) -> list[str]:
+def _pair_lines(pair: dict[str, Any], cross_validated: bool = False) -> list[str]:
     lines = [f"{pair['a']} vs {pair['b']}: {pair['verdict']}"]
     s = pair["paired"]
     if s is not None:
         holm_text = f", Holm-adjusted {s['wilcoxon_p_holm']:.3g}" if s.get("wilcoxon_p_holm") is not None else ""
         dz = "n/a" if s["effect_size_dz"] is None else f"{s['effect_size_dz']:+.2f}"
-        lines.append(f"  paired (per image, {s['n_images']} images x {s['n_seeds']} seeds): difference "
+        n = (f"{s['n_images']} images in {s['n_folds']} folds x {s['n_seeds']} seeds = {s['n_replicates']} "
+             "replicates" if cross_validated else f"{s['n_images']} images x {s['n_seeds']} seeds")
+        lines.append(f"  paired (per image, {n}): difference "
                      f"{s['difference']:+.4f}, 95% CI [{s['ci_low']:+.4f}, {s['ci_high']:+.4f}]; Wilcoxon "
                      f"signed-rank p = {s['wilcoxon_p']:.3g}{holm_text}; effect size d_z = {dz}, rank-biserial "
                      f"r = {s['rank_biserial']:+.2f}")
     level = pair["seed_level"]
+    name = ("replicate-level (Welch t-test on per-replicate (fold x seed) best values)" if cross_validated else
+            "seed-level (Welch t-test on per-seed best values)")
     if level["p_value"] is None:
-        lines.append("  seed-level (Welch t-test on per-seed best values): n/a (needs >= 2 seeds per variant)")
+        lines.append(f"  {name}: n/a (needs >= 2 {'replicates' if cross_validated else 'seeds'} per variant)")
     else:
-        lines.append(f"  seed-level (Welch t-test on per-seed best values): difference {level['difference']:+.4f}, "
-                     f"p = {level['p_value']:.3g}")
+        lines.append(f"  {name}: difference {level['difference']:+.4f}, p = {level['p_value']:.3g}")
     return lines
+
+
+def _cv_line(variant: str, cv: dict[str, Any] | None, metric: str) -> str:
+    if cv is None:
+        return f"cross-validation estimate of {metric} for {variant}: n/a (needs per-image tables or >= 2 replicates)"
+    std = "" if cv["std"] is None else f" +- {cv['std']:.4f} (std over {cv['n_replicates']} fold x seed replicates)"
+    return (f"cross-validation estimate of {metric} for {variant}: {cv['mean']:.4f}{std}, "
+            f"95% CI [{cv['ci_low']:.4f}, {cv['ci_high']:.4f}] ({cv['interval']}; {cv['n_values']} values: "
+            f"{cv['source']})")
 
 
 def render(result: dict[str, Any], fmt: str) -> str:
@@ -252,8 +334,11 @@ def render(result: dict[str, Any], fmt: str) -> str:
         writer.writeheader()
         writer.writerows(result["rows"])
         return out.getvalue()
-    header = ["variant", "seeds", f"best {metric}", f"final {metric}", "params", "GFLOPs", "train s"]
-    lines = [[r["variant"], str(r["seeds"]), _pm(r[f"best_{metric}_mean"], r[f"best_{metric}_std"]),
+    cross_validated = result.get("cross_validated", False)
+    header = ["variant", "folds x seeds" if cross_validated else "seeds", f"best {metric}", f"final {metric}",
+              "params", "GFLOPs", "train s"]
+    lines = [[r["variant"], f"{r['folds']} x {r['seeds']}" if cross_validated else str(r["seeds"]),
+              _pm(r[f"best_{metric}_mean"], r[f"best_{metric}_std"]),
               _pm(r[f"final_{metric}_mean"], r[f"final_{metric}_std"]), f"{r['params']:,}", f"{r['gflops']:.3f}",
               _pm(r["train_time_s_mean"], r["train_time_s_std"], 1)] for r in result["rows"]]
     if fmt == "md":
@@ -266,9 +351,12 @@ def render(result: dict[str, Any], fmt: str) -> str:
     better = "higher" if result["higher_is_better"] else "lower"
     margin = f"; margin ±{result['margin']:g}" if result["margin"] is not None else ""
     text += ["", f"{better} is better ({result['direction_source']}){margin}.",
-             f"paired test: {result['tests']['paired']}.", f"seed-level test: {result['tests']['seed_level']}."]
+             f"paired test: {result['tests']['paired']}.",
+             f"{'replicate' if cross_validated else 'seed'}-level test: {result['tests']['seed_level']}."]
+    for variant, cv in result.get("cv", {}).items():
+        text.append(_cv_line(variant, cv, metric))
     for pair in result["pairs"]:
-        text += _pair_lines(pair)
+        text += _pair_lines(pair, cross_validated)
     if result["not_finished"]:
         text.append(f"not included (not FINISHED): {', '.join(result['not_finished'])}")
     return "\n".join(text)
@@ -325,6 +413,7 @@ def compare_command(target: str, metric: str | None, fmt: str, out: str | None, 
     figure = comparison_figure(result)
     path = Path(out or f"compare-{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.png")
     figure.savefig(path, dpi=110)
-    client.log_figure(result["parent_run_id"], figure, f"compare_{result['metric']}.png")
-    print(f"figure: {path} (also logged to parent run {result['parent_run_id']})", file=sys.stderr)
+    from .dashboard import log_comparison
+
+    print(f"figure: {path}; {log_comparison(client, result, figure)}", file=sys.stderr)
     return 0
