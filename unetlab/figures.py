@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["comparison_figure", "learning_curves", "prediction_figure"]
+__all__ = ["comparison_figure", "foreground_iou", "learning_curves", "prediction_figure"]
 
 
 def _plt():
@@ -37,30 +37,76 @@ def learning_curves(history: list[dict[str, float]], monitor: str):
     return fig
 
 
+TRUTH_COLOUR, PREDICTION_COLOUR = "#00d000", "#ff00ff"  # green and magenta: apart for most colour vision
+
+
+def _class_colours(num_classes: int) -> np.ndarray:
+    """RGB per class index: background black, class k the k-th tab10 colour (white past the palette)."""
+    plt = _plt()
+    cmap = plt.get_cmap("tab10")
+    colours = [(0.0, 0.0, 0.0)] + [cmap((k - 1) % 10)[:3] for k in range(1, max(num_classes, 2))]
+    return np.array(colours)
+
+
+def _paint(mask: np.ndarray, colours: np.ndarray) -> np.ndarray:
+    """A class-index mask as an RGB image; indices outside the classes (ignored pixels) are white."""
+    out = np.ones((*mask.shape, 3))
+    known = (mask >= 0) & (mask < len(colours))
+    out[known] = colours[mask[known]]
+    return out
+
+
+def foreground_iou(truth: np.ndarray, prediction: np.ndarray, num_classes: int) -> float | None:
+    """IoU of foreground (any class > 0) between two masks, over the pixels whose truth is a class
+    (ignored pixels left out); None when neither mask has foreground there."""
+    valid = (truth >= 0) & (truth < max(num_classes, 2))
+    t, p = (truth > 0) & valid, (prediction > 0) & valid
+    union = int(np.count_nonzero(t | p))
+    return None if union == 0 else int(np.count_nonzero(t & p)) / union
+
+
+def _outline(ax, mask: np.ndarray, colour, style: str) -> None:
+    """The boundary of a boolean mask, at half a pixel outside its pixels (matplotlib's contour at 0.5)."""
+    if mask.any() and not mask.all():
+        ax.contour(mask.astype(np.float32), levels=[0.5], colors=[colour], linewidths=1.6, linestyles=style)
+
+
 def prediction_figure(images: np.ndarray, truths: np.ndarray, predictions: np.ndarray, num_classes: int):
-    """One row per image: image | truth | prediction overlaid on the image (classes coloured)."""
+    """One row per image: image | truth | prediction (solid masks in the same class colours, the
+    prediction titled with its foreground IoU) | outlines of truth (solid) and prediction (dashed) drawn
+    over the image: green and magenta for a binary task, the class colours otherwise."""
+    from matplotlib.lines import Line2D
+
     from .model import center_crop
 
     plt = _plt()
     n = len(images)
-    fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.5 * n), squeeze=False)
-    cmap = plt.get_cmap("tab10")
+    fig, axes = plt.subplots(n, 4, figsize=(10, 2.6 * n), squeeze=False)
+    colours = _class_colours(num_classes)
+    binary = num_classes <= 2
     for row, (image, truth, pred) in enumerate(zip(images, truths, predictions)):
         shown = image.transpose(1, 2, 0) if image.shape[0] == 3 else image[0]
         shown = (shown - shown.min()) / (np.ptp(shown) + 1e-8)
         h, w = truth.shape
         crop = center_crop(shown.T, w, h).T  # .T puts H and W last (H x W or H x W x 3) and back
-        overlay = np.dstack([crop] * 3) if crop.ndim == 2 else crop.copy()
-        for k in range(1, max(num_classes, 2)):
-            overlay[pred == k] = 0.5 * overlay[pred == k] + 0.5 * np.array(cmap(k - 1)[:3])
         axes[row, 0].imshow(shown, cmap="gray")
-        axes[row, 1].imshow(truth, cmap="tab10", vmin=0, vmax=9, interpolation="nearest")
-        axes[row, 2].imshow(overlay)
-        for col, title in enumerate(("image", "truth", "prediction")):
+        axes[row, 1].imshow(_paint(truth, colours), interpolation="nearest")
+        axes[row, 2].imshow(_paint(pred, colours), interpolation="nearest")
+        iou = foreground_iou(truth, pred, num_classes)
+        axes[row, 2].set_title("prediction" + ("" if iou is None else f" (IoU {iou:.2f})"), fontsize=9)
+        axes[row, 3].imshow(crop, cmap="gray" if crop.ndim == 2 else None)
+        for k in range(1, max(num_classes, 2)):
+            _outline(axes[row, 3], truth == k, TRUTH_COLOUR if binary else colours[k], "solid")
+            _outline(axes[row, 3], pred == k, PREDICTION_COLOUR if binary else colours[k], "dashed")
+        for col in range(4):
             axes[row, col].set_axis_off()
-            if row == 0:
-                axes[row, col].set_title(title)
-    fig.tight_layout()
+        if row == 0:
+            for col, title in ((0, "image"), (1, "truth"), (3, "outlines over the image")):
+                axes[row, col].set_title(title, fontsize=9)
+    handles = [Line2D([], [], color=TRUTH_COLOUR if binary else "0.3", lw=1.6, ls="solid", label="truth"),
+               Line2D([], [], color=PREDICTION_COLOUR if binary else "0.3", lw=1.6, ls="dashed", label="prediction")]
+    fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.04 if n > 1 else 0.08, 1, 1))
     return fig
 
 
