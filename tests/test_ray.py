@@ -53,14 +53,13 @@ def _trainers_of(parent_id: str) -> list[int]:
 
 
 @pytest.mark.slow
-def test_ray_runs_finish_with_sequential_metrics_and_a_killed_worker_resumes(tmp_path):
+def test_ray_runs_finish_with_sequential_metrics_and_a_killed_worker_resumes(tmp_path, monkeypatch):
+    # no OMP_NUM_THREADS (pytest -n sets one): a run's thread count is its train.threads wherever it runs
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     (tmp_path / "killer.py").write_text(WORKER_KILLER)
     path = experiment(tmp_path, epochs=3, extra=TWO_VARIANTS)
     marker = tmp_path / "killed"
-    # --ray-cpus 1 (the default) gives each task's run 1 thread; pinned here too, since an OMP_NUM_THREADS in the
-    # environment (pytest -n sets one) would be passed on to the tasks
-    proc = run_cli("run", str(path), "--ray", "--quiet", cwd=tmp_path,
-                   env={"KILL_MARKER": str(marker), "OMP_NUM_THREADS": "1"}, timeout=600)
+    proc = run_cli("run", str(path), "--ray", "--quiet", cwd=tmp_path, env={"KILL_MARKER": str(marker)}, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert marker.exists(), "the worker of add/seed=0 was never killed"
     assert "[2/2]" in proc.stdout
@@ -75,10 +74,9 @@ def test_ray_runs_finish_with_sequential_metrics_and_a_killed_worker_resumes(tmp
     sequential.mkdir()
     (sequential / "killer.py").write_text(WORKER_KILLER)
     seq_path = experiment(sequential, epochs=3, extra=TWO_VARIANTS)
-    # a task's run uses as many threads as the CPUs it reserved (--ray-cpus, default 1): the same here
-    assert all(c.data.params["torch.threads"] == "1" for c in children)
-    assert run_cli("run", str(seq_path), "--quiet", cwd=sequential,
-                   env={"KILL_MARKER": str(marker), "OMP_NUM_THREADS": "1"}).returncode == 0
+    # a task reserves its run's train.threads (default 2) and the run uses exactly that many
+    assert all(c.data.params["train.threads"] == c.data.params["torch.threads"] == "2" for c in children)
+    assert run_cli("run", str(seq_path), "--quiet", cwd=sequential, env={"KILL_MARKER": str(marker)}).returncode == 0
     _, seq_children = runs_of(client_for(sequential))
     expected = {c.info.run_name: c.data.metrics for c in seq_children}
     for child in children:
@@ -119,14 +117,13 @@ def test_ctrl_c_cancels_every_task_and_leaves_killed_runs_and_no_process(tmp_pat
     assert not _trainers_of(parents[0].info.run_id)
 
 
-def test_a_task_runs_with_as_many_threads_as_the_cpus_it_reserved(monkeypatch):
-    from unetlab.ray_runs import RayPlan, task_env
+def test_a_tasks_environment_does_not_set_its_thread_count(monkeypatch):
+    from unetlab.ray_runs import task_env
 
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    assert task_env(RayPlan(None, cpus_per_run=3), "http://h:5000")["OMP_NUM_THREADS"] == "3"
-    assert task_env(RayPlan(None, cpus_per_run=0.5), "http://h:5000")["OMP_NUM_THREADS"] == "1"
-    monkeypatch.setenv("OMP_NUM_THREADS", "5")  # the user's setting wins
-    assert task_env(RayPlan(None, cpus_per_run=3), "http://h:5000")["OMP_NUM_THREADS"] == "5"
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    monkeypatch.setenv("UNETLAB_CACHE_DIR", "/cache")
+    env = task_env("http://h:5000")
+    assert "OMP_NUM_THREADS" not in env and env["UNETLAB_CACHE_DIR"] == "/cache"
 
 
 @pytest.mark.parametrize("settings, message", [

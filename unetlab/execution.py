@@ -22,8 +22,9 @@ from .plugins import PluginHost
 from .preflight import Prepared, config_hash
 from .report import Reporter
 
-__all__ = ["Interrupted", "Invocation", "checkpoint_dir", "run_parallel", "run_rank", "run_sequential", "run_torchrun",
-           "signals_interrupt", "stop_processes", "threads_per_job", "usable_cores"]
+__all__ = ["Interrupted", "Invocation", "checkpoint_dir", "jobs_at_once", "run_parallel", "run_rank", "run_sequential",
+           "run_torchrun", "signals_interrupt", "stop_processes", "torch_threads", "usable_cores",
+           "warn_if_omp_threads_ignored"]
 
 
 class Interrupted(KeyboardInterrupt):
@@ -60,6 +61,32 @@ def checkpoint_dir(experiment: Experiment, run: Run) -> Path:
     """Where a run's last/best checkpoints live: keyed by its config, so --resume finds them."""
     return (Path(run.config["tracking"]["checkpoint_dir"]) / _safe(experiment.name) /
             f"{_safe(run.name)}-{config_hash(run.config)[:12]}")
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int):
+    """While inside, torch computes with ``threads`` intra-op threads (a run's ``train.threads``); the count
+    before is restored after, so a run trained through the API leaves the caller's setting as it was."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def warn_if_omp_threads_ignored(threads: set[int]) -> None:
+    """One line when ``OMP_NUM_THREADS`` is set to another count than the runs' ``train.threads``: it used
+    to decide a run's thread count (and so its numbers on a CPU) and no longer does."""
+    import os
+
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if value and {value} != {str(t) for t in threads}:
+        print(f"unetlab: warning: OMP_NUM_THREADS={value} is ignored for training: each run uses its train.threads "
+              f"({', '.join(str(t) for t in sorted(threads))}), which is part of its config (--set train.threads=N "
+              "to change it)", file=sys.stderr)
 
 
 @contextlib.contextmanager
@@ -108,18 +135,13 @@ def run_sequential(inv: Invocation) -> int:
     """Train every prepared run here, one after another (rank 0 of a distributed job too)."""
     import os
 
-    import torch
-
     from .run_ownership import owner_tags
     from .trainer import mark_finished
 
     tracker, reporter, ctx = inv.tracker, inv.reporter, inv.ctx
     reporter.emit("start", experiment=inv.experiment.name, runs=len(inv.prepared), tracking_uri=tracker.uri,
                   parent_run_id=inv.parent_id)
-    # on a CPU the thread count decides the order floating-point sums are taken in, so a run's numbers
-    # depend on it: logged, so a run can be reproduced exactly (OMP_NUM_THREADS)
-    extra_params = {**_plugin_versions(inv.host), "distributed.world_size": int(os.environ.get("WORLD_SIZE", "1")),
-                    "torch.threads": torch.get_num_threads()}
+    extra_params = {**_plugin_versions(inv.host), "distributed.world_size": int(os.environ.get("WORLD_SIZE", "1"))}
     failed, current = 0, None
     with signals_interrupt():
         try:
@@ -137,15 +159,18 @@ def run_sequential(inv: Invocation) -> int:
                     for stale in ("last.pt", "best.pt"):
                         (ckpt_dir / stale).unlink(missing_ok=True)
                 if found:  # --resume continues in the same MLflow run, from its checkpoint or from the start
-                    _warn_if_threads_differ(run.name, found[0], extra_params["torch.threads"])
                     child = current = tracker.child(found[0].info.run_id)  # in charge before it is RUNNING again
                     tracker.reopen(child.run_id)
                     child.set_tags(owner_tags())
                 else:
-                    child = tracker.start_prepared_run(prep, {**(inv.base_tags or {}), **owner_tags()}, extra_params)
+                    # torch.threads (= train.threads): the param runs of older versions logged their count in
+                    threads = {"torch.threads": run.config["train"]["threads"]}
+                    child = tracker.start_prepared_run(prep, {**(inv.base_tags or {}), **owner_tags()},
+                                                       {**extra_params, **threads})
                 current = child
                 reporter.run_start(run.name, run.config["train"]["epochs"], index, len(inv.prepared))
-                status, message, summary = _train_one(inv, prep, child, ckpt_dir, state)
+                with torch_threads(run.config["train"]["threads"]):
+                    status, message, summary = _train_one(inv, prep, child, ckpt_dir, state)
                 if status == "FINISHED":
                     mark_finished(ckpt_dir)
                 else:
@@ -179,16 +204,6 @@ def run_sequential(inv: Invocation) -> int:
     if failed:
         print(f"unetlab: {failed} run(s) FAILED (see above and the runs' 'unetlab.error' tag)", file=sys.stderr)
     return 1 if failed else 0
-
-
-def _warn_if_threads_differ(name: str, earlier_run, threads: int) -> None:
-    """One line when a run resumes with another torch thread count than it was trained with (on a CPU that
-    changes its numbers, so it will not end as an uninterrupted run would)."""
-    earlier = earlier_run.data.params.get("torch.threads")
-    if earlier is not None and earlier != str(threads):
-        print(f"unetlab: warning: run '{name}' was trained with {earlier} torch thread(s) and resumes with {threads}; "
-              f"on a CPU its numbers will differ from an uninterrupted run (OMP_NUM_THREADS={earlier} matches it)",
-              file=sys.stderr)
 
 
 def _resumable_state(ckpt_dir: Path) -> dict | None:
@@ -281,13 +296,34 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def threads_per_job(jobs: int) -> int:
-    """Torch threads for each of ``jobs`` runs trained at once: the cores shared out, at least one."""
-    return max(1, usable_cores() // max(1, jobs))
+def jobs_at_once(jobs: int, threads: list[int], cores: int) -> int:
+    """How many of the runs (``threads``: each one's ``train.threads``, in start order) ``--jobs N`` trains at
+    once when each reserves as many cores as it has threads: at most N, at least one."""
+    running, free = 0, cores
+    for need in threads[:jobs]:
+        if running and need > free:
+            break
+        running, free = running + 1, free - need
+    return max(1, running)
+
+
+def _serialising_note(jobs: int, threads: list[int], cores: int) -> str | None:
+    """The line that says ``--jobs N`` trains fewer runs at once than asked, and why; None when it does not."""
+    wanted = min(jobs, len(threads))
+    fits = jobs_at_once(jobs, threads, cores)
+    if fits >= wanted:
+        return None
+    per_run = "/".join(str(t) for t in sorted(set(threads)))
+    return (f"unetlab: --jobs {jobs}: each run reserves its train.threads ({per_run}) of this machine's {cores} "
+            f"core(s), so {fits} run(s) train at once; a smaller train.threads trains more at once (and changes "
+            "the numbers on a CPU)")
 
 
 def run_parallel(inv: Invocation, jobs: int) -> int:
     """Train runs in up to ``jobs`` worker processes under one parent run; one GPU per job when there are several.
+
+    Each run reserves as many cores as its ``train.threads``: a run starts when that many are free (or when
+    nothing else trains), so ``--jobs`` never changes a run's thread count, and so never its numbers.
 
     Signals: the handlers are in place before the first worker starts. Workers run in their own sessions
     (a terminal's Ctrl-C reaches only this process), and on SIGINT or SIGTERM each is sent SIGTERM once,
@@ -300,19 +336,21 @@ def run_parallel(inv: Invocation, jobs: int) -> int:
     import torch
 
     gpus = torch.cuda.device_count()
-    pending = [p.run.name for p in inv.prepared]
-    threads = threads_per_job(min(jobs, len(pending)))  # 2 runs under --jobs 4 share the cores 2 ways
-    active: dict[subprocess.Popen, str] = {}
+    pending = [(p.run.name, p.run.config["train"]["threads"]) for p in inv.prepared]
+    cores = usable_cores()
+    note = _serialising_note(jobs, [t for _, t in pending], cores)
+    if note:
+        print(note, file=sys.stderr)
+    active: dict[subprocess.Popen, tuple[str, int]] = {}
     codes: dict[str, int] = {}
     slot = 0
     with signals_interrupt():
         try:
             while pending or active:
-                while pending and len(active) < jobs:
-                    name = pending.pop(0)
+                while pending and len(active) < jobs and (
+                        not active or pending[0][1] <= cores - sum(t for _, t in active.values())):
+                    name, threads = pending.pop(0)
                     env = dict(os.environ)
-                    # N runs at once share the cores: each using all of them would oversubscribe the CPU
-                    env.setdefault("OMP_NUM_THREADS", str(threads))
                     if gpus > 1:
                         env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
                     slot += 1
@@ -320,10 +358,10 @@ def run_parallel(inv: Invocation, jobs: int) -> int:
                                inv.parent_id, "--run-name", name, *[a for s in inv.overrides for a in ("--set", s)]]
                     if inv.resume:
                         command.append("--resume")
-                    active[subprocess.Popen(command, env=env, start_new_session=True)] = name
+                    active[subprocess.Popen(command, env=env, start_new_session=True)] = (name, threads)
                 time.sleep(0.2)
                 for proc in [p for p in active if p.poll() is not None]:
-                    codes[active.pop(proc)] = proc.returncode
+                    codes[active.pop(proc)[0]] = proc.returncode
         except KeyboardInterrupt as exc:
             signum = int(getattr(exc, "signum", signal.SIGINT))
             stop_processes(list(active))
@@ -373,8 +411,9 @@ def run_rank(inv: Invocation) -> int:
             continue
         state = load_checkpoint(ckpt_dir / "last.pt") if plan["resume"] else None
         try:
-            train_run(TrainSetup(prepared=prep, registry=inv.host.registry, checkpoint_dir=ckpt_dir, resume=state,
-                                 dist=inv.ctx))
+            with torch_threads(prep.run.config["train"]["threads"]):
+                train_run(TrainSetup(prepared=prep, registry=inv.host.registry, checkpoint_dir=ckpt_dir,
+                                     resume=state, dist=inv.ctx))
         except RunFailed:
             pass  # rank 0 saw the same reduced loss and marks the run FAILED
     return 0

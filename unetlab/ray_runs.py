@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from .tracking import Tracker
 
 __all__ = ["RayPlan", "check_ray_settings", "connect", "die_with_ray_worker", "disconnect", "parse_address",
-           "run_on_ray", "task_env"]
+           "reservations", "run_on_ray", "task_env"]
 
 INSTALL_HINT = "--ray needs Ray: pip install 'unetlab[ray]'"
 # How long cancelled tasks get to mark their runs KILLED before they are force-cancelled.
@@ -44,10 +44,11 @@ CANCEL_GRACE_S = 20.0
 
 @dataclass(frozen=True)
 class RayPlan:
-    """Where and how the runs go: the cluster address (None: a local instance) and each task's resources."""
+    """Where and how the runs go: the cluster address (None: a local instance), the CPUs each task reserves
+    (None: its run's ``train.threads``) and how often a task whose worker died is retried."""
 
     address: str | None
-    cpus_per_run: float = 1.0
+    cpus_per_run: float | None = None
     max_retries: int = 3
 
 
@@ -71,7 +72,7 @@ def check_ray_settings(plan: RayPlan, tracking_uri: str | None, checkpoint_dirs:
         import ray  # noqa: F401
     except ImportError:
         raise UnetlabError(INSTALL_HINT) from None
-    if plan.cpus_per_run <= 0:
+    if plan.cpus_per_run is not None and plan.cpus_per_run <= 0:
         raise UnetlabError(f"--ray-cpus must be > 0, got {plan.cpus_per_run:g}")
     if plan.address is None:
         return
@@ -161,21 +162,42 @@ def disconnect() -> None:
         ray.shutdown()
 
 
-def task_env(plan: RayPlan, tracking_uri: str) -> dict[str, str]:
+def task_env(tracking_uri: str) -> dict[str, str]:
     """The environment a task's run gets besides its Ray worker's: where to log, the driver's cache and
-    import path, and as many torch threads as the CPUs the task reserved (``OMP_NUM_THREADS`` if set)."""
+    import path. Its thread count is not in it: the run sets its own ``train.threads``, as it does anywhere."""
     env = {"MLFLOW_TRACKING_URI": tracking_uri, "UNETLAB_RAY": "1"}
-    for name in ("OMP_NUM_THREADS", "UNETLAB_CACHE_DIR", "PYTHONPATH"):  # same numbers as a local run
+    for name in ("UNETLAB_CACHE_DIR", "PYTHONPATH"):  # the same data and plugins as a local run
         if name in os.environ:
             env[name] = os.environ[name]
-    # all of a node's cores for each run would oversubscribe it
-    env.setdefault("OMP_NUM_THREADS", str(max(1, int(plan.cpus_per_run))))
     return env
 
 
-def run_on_ray(plan: RayPlan, path: str | Path, overrides: Sequence[str], resume: bool, runs: Sequence[tuple[str, str]],
-               tracker: Tracker, parent_id: str, say: Callable[[str], None] = print) -> int:
-    """Submit one task per run (``runs``: (name, run_key) pairs), report each as it ends; return the exit code.
+def reservations(plan: RayPlan, threads: Sequence[int], cluster_cpus: float) -> tuple[list[float], str | None]:
+    """The CPUs each run's task asks Ray for (``--ray-cpus``, else the run's ``train.threads``), and the line
+    that says so when fewer runs than submitted can train at once. A reservation is capped at the cluster's
+    CPUs: a task asking for more would wait forever; its run still uses its ``train.threads``."""
+    total = max(cluster_cpus, 1.0)
+    asked = [float(plan.cpus_per_run if plan.cpus_per_run is not None else t) for t in threads]
+    cpus = [min(a, total) for a in asked]
+    at_once, free = 0, total
+    for need in cpus:
+        if need > free + 1e-9:
+            break
+        at_once, free = at_once + 1, free - need
+    note = None
+    if at_once < len(cpus):
+        per_run = "/".join(f"{c:g}" for c in sorted(set(cpus)))
+        source = "--ray-cpus" if plan.cpus_per_run is not None else "their train.threads"
+        note = (f"runs reserve {per_run} CPU(s) each ({source}) of the cluster's {total:g}: Ray trains "
+                f"{max(at_once, 1)} at once")
+    return cpus, note
+
+
+def run_on_ray(plan: RayPlan, path: str | Path, overrides: Sequence[str], resume: bool,
+               runs: Sequence[tuple[str, str, int]], tracker: Tracker, parent_id: str,
+               say: Callable[[str], None] = print) -> int:
+    """Submit one task per run (``runs``: (name, run_key, train.threads)), report each as it ends; return the
+    exit code.
 
     Call ``connect`` first. ``tracker`` is the driver's Tracker: it ends the parent run and sweeps up
     runs left RUNNING by tasks that could not end them (a worker that died on its last retry). Whatever
@@ -183,17 +205,23 @@ def run_on_ray(plan: RayPlan, path: str | Path, overrides: Sequence[str], resume
     """
     import ray
 
-    env = task_env(plan, tracker.uri)
+    env = task_env(tracker.uri)
     pending: dict = {}
     try:
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-        task = ray.remote(num_cpus=plan.cpus_per_run, num_gpus=gpus, max_retries=plan.max_retries)(_train_task)
+        resources = ray.cluster_resources()
+        gpus = 1 if resources.get("GPU", 0) >= 1 else 0
+        cpus, note = reservations(plan, [threads for _, _, threads in runs], resources.get("CPU", 1.0))
+        task = ray.remote(num_gpus=gpus, max_retries=plan.max_retries)(_train_task)
         base = ["-m", "unetlab", "run", str(Path(path).resolve()), "--quiet", "--parent-run-id", parent_id,
                 *[a for s in overrides for a in ("--set", s)], *(["--resume"] if resume else [])]
-        pending = {task.remote([*base, "--run-name", name], env, tracker.uri, parent_id, key): name
-                   for name, key in runs}
+        # each task reserves as many CPUs as its run has threads: Ray never changes a run's thread count
+        pending = {task.options(num_cpus=need).remote([*base, "--run-name", name], env, tracker.uri, parent_id, key):
+                   name for (name, key, _), need in zip(runs, cpus)}
+        shown = "/".join(f"{c:g}" for c in sorted(set(cpus)))
         say(f"submitted {len(pending)} run(s) to Ray ({plan.address or 'local instance'}; "
-            f"{plan.cpus_per_run:g} CPU{' + 1 GPU' if gpus else ''} per run)")
+            f"{shown} CPU{' + 1 GPU' if gpus else ''} per run)")
+        if note:
+            say(note)
         failed: list[str] = []
         done = 0
         while pending:

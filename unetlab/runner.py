@@ -64,7 +64,9 @@ def run_experiment(path: str | Path, overrides: Sequence[str] = (), resume: bool
 
         check_ray_settings(ray, resolve_tracking_uri(runs[0].config["tracking"]["uri"]),
                            [r.config["tracking"]["checkpoint_dir"] for r in runs])
-    prepared = prepare_all(runs, host.registry, ctx.world_size)  # bad input stops here: nothing written yet
+    # bad input stops here: nothing written yet (--resume: a pretrained encoder's file or cache is not
+    # required, the runs continue from their own checkpoints)
+    prepared = prepare_all(runs, host.registry, ctx.world_size, pretrained="skip" if resume else "check")
     if ray is not None:  # before any MLflow run: a cluster that cannot be reached is one line
         from .ray_runs import connect
 

@@ -140,6 +140,9 @@ SCHEMA: Section = {
         "early_stopping": Field(Optional[int], None, "stop after N validations without improvement",
                                 bounds=Range(1, MAX_COUNT)),
         "device": Field(str, "auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps"),
+        "threads": Field(int, 2, "CPU threads the run trains with (torch intra-op); on a CPU they change the "
+                         "numbers, so they are part of the run's config, never of how runs are scheduled: "
+                         "--jobs and --ray reserve this many cores per run", bounds=Range(1, 1024)),
         "amp": Field(Literal["auto", "off", "bf16", "fp16"], "auto",
                      "mixed precision; auto: bf16 on CUDA when supported, else fp16 with a grad scaler; off on CPU"),
         "channels_last": Field(Union[bool, Auto], "auto", "channels_last memory format; auto: on for CUDA"),
