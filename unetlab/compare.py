@@ -15,7 +15,9 @@ using each run's per-image table of its best checkpoint (``per_image_metrics.jso
    bootstrap (replicates, then images), the Wilcoxon signed-rank test across images on the differences
    averaged over seeds (Holm-corrected when there are more than two variants), effect sizes, and a
    verdict: "A better", "B better", "equivalent within +-margin" or "not resolved" with the seeds
-   or images that would resolve it (``unetlab.paired_stats`` has the exact rules);
+   or images that would resolve it (``unetlab.paired_stats`` has the exact rules), and a warning when
+   the verdict is fragile (an interval bound within 10% of the margin of 0 or +-margin) saying what
+   would settle it;
 2. a second line: the replicate-level Welch t-test on the per-replicate best values (whole-set metric;
    "seed-level" when there are no folds).
 
@@ -266,6 +268,9 @@ def compare_runs(client, experiment_id: str, metric: str | None, parent_id: str 
         pair["paired"]["wilcoxon_p_holm"] = p_adj if len(paired) > 1 else None
         stats_obj = paired_stats.PairedResult(**{k: v for k, v in pair["paired"].items() if k in fields})
         pair["verdict"] = paired_stats.verdict(stats_obj, p_adj, higher, margin, pair["a"], pair["b"])
+        pair["fragile"] = stats_obj.fragile
+        pair["fragile_text"] = (paired_stats.fragile_text(stats_obj.fragile, stats_obj.n_folds)
+                                if stats_obj.fragile else None)
     failed = [c.info.run_name for c in children if c.info.status != "FINISHED"]
     return {"metric": metric, "direction": direction, "direction_source": direction_source,
             "higher_is_better": higher, "margin": margin, "parent_run_id": parent_id, "rows": rows,
@@ -304,6 +309,8 @@ def _pair_lines(pair: dict[str, Any], cross_validated: bool = False) -> list[str
                      f"{s['difference']:+.4f}, 95% CI [{s['ci_low']:+.4f}, {s['ci_high']:+.4f}]; Wilcoxon "
                      f"signed-rank p = {s['wilcoxon_p']:.3g}{holm_text}; effect size d_z = {dz}, rank-biserial "
                      f"r = {s['rank_biserial']:+.2f}")
+    if pair.get("fragile_text"):
+        lines.append(f"  warning: {pair['fragile_text']}")
     level = pair["seed_level"]
     name = ("replicate-level (Welch t-test on per-replicate (fold x seed) best values)" if cross_validated else
             "seed-level (Welch t-test on per-seed best values)")
