@@ -5,6 +5,10 @@ so a changed file gets a new entry: a stale decode is never served. Entries are 
 temporary file and renamed, array first and its ``.json`` metadata last; an entry counts only when
 its metadata exists, so a run killed mid-write leaves nothing that is read back.
 
+The key decides only *where* an entry lives, never what it holds: nothing in an entry depends on the
+file's path or modification time (the foreground positions are drawn with a seed taken from the mask's
+content), so a dataset copied elsewhere trains on exactly the same patches.
+
 Images decode to H x W x C in their own dtype (uint8, uint16, float): normalisation happens later,
 per dataset. Masks decode to H x W raw values (palette PNGs: the palette indices, not colours), and
 their metadata records which values occur, how often, and a few pixel positions of each value (for
@@ -26,10 +30,10 @@ import numpy as np
 
 from .errors import UnetlabError, exception_text
 
-__all__ = ["Entry", "cache_home", "decode_cached", "decode_many", "read_image_file", "read_mask_file",
-           "remove_stale_temporaries_once", "resize_image", "to_grayscale"]
+__all__ = ["Entry", "cache_home", "content_seed", "decode_cached", "decode_many", "read_image_file",
+           "read_mask_file", "remove_stale_temporaries_once", "resize_image", "to_grayscale"]
 
-DECODER_VERSION = 1
+DECODER_VERSION = 2  # 2: foreground positions drawn with a content seed
 COORDS_PER_VALUE = 256  # pixel positions kept per mask value: enough to centre patches on foreground
 OPEN_MAPS = 64  # memory maps kept open per process (opening one costs more than reading a patch from it)
 _open_maps: dict[Path, np.ndarray] = {}  # insertion order = least recently used first
@@ -185,14 +189,22 @@ def _resize(array: np.ndarray, size: tuple[int, int], nearest: bool) -> np.ndarr
     return out.astype(array.dtype)
 
 
-def _mask_meta(mask: np.ndarray, key: str) -> dict:
+def content_seed(array: np.ndarray) -> int:
+    """A seed taken from an array's content (shape, dtype, bytes) only: the same pixels give the same seed
+    wherever the file lies and whenever it was written."""
+    digest = hashlib.sha256(f"{array.shape}{array.dtype.str}".encode())
+    digest.update(np.ascontiguousarray(array).data)
+    return int.from_bytes(digest.digest()[:8], "little")
+
+
+def _mask_meta(mask: np.ndarray) -> dict:
     counts = np.bincount(mask.ravel(), minlength=1)
     values = np.flatnonzero(counts)
-    rng = np.random.default_rng(int(key[:8], 16))
+    rng = np.random.default_rng(content_seed(mask))  # never the cache key: that holds the path and mtime
     coords: dict[str, list] = {}
     for v in values.tolist():
         ys, xs = np.nonzero(mask == v)
-        pick = rng.choice(len(ys), size=min(COORDS_PER_VALUE, len(ys)), replace=False)
+        pick = np.sort(rng.choice(len(ys), size=min(COORDS_PER_VALUE, len(ys)), replace=False))
         coords[str(v)] = np.stack([ys[pick], xs[pick]], 1).tolist()
     return {"values": values.tolist(), "counts": counts[values].tolist(), "coords": coords}
 
@@ -233,7 +245,7 @@ def decode_cached(path: Path, kind: str, grayscale: bool = False, resize: tuple[
         source_shape = list(array.shape[:2])
         if resize:
             array = _resize(array, resize, nearest=True)
-        meta = {"palette": palette, **_mask_meta(array, key)}
+        meta = {"palette": palette, **_mask_meta(array)}
     meta = {"shape": list(array.shape), "source_shape": source_shape, "dtype": array.dtype.name, **meta}
     folder.mkdir(parents=True, exist_ok=True)
     suffix = f".{os.getpid()}.{threading.get_ident()}.tmp"
