@@ -9,10 +9,13 @@ The key decides only *where* an entry lives, never what it holds: nothing in an 
 file's path or modification time (the foreground positions are drawn with a seed taken from the mask's
 content), so a dataset copied elsewhere trains on exactly the same patches.
 
-Images decode to H x W x C in their own dtype (uint8, uint16, float): normalisation happens later,
-per dataset. Masks decode to H x W raw values (palette PNGs: the palette indices, not colours), and
-their metadata records which values occur, how often, and a few pixel positions of each value (for
-foreground-centred patch sampling without reading the mask again).
+Images decode to H x W x C in their own dtype (uint8, uint16, float) through one reader,
+``read_image_file``, which ``unetlab data``, training and ``unetlab predict`` all use: every channel is
+kept except an alpha the format declares as such; a multi-page file is refused in one line.
+Normalisation happens later, per dataset. Masks decode to H x W raw values (palette PNGs: the palette
+indices, not colours), and their metadata records which values occur, how often, and a few pixel
+positions of each value (for foreground-centred patch sampling without reading the mask again).
+
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from .errors import UnetlabError, exception_text
 __all__ = ["Entry", "cache_home", "content_seed", "decode_cached", "decode_many", "read_image_file",
            "read_mask_file", "remove_stale_temporaries_once", "resize_image", "to_grayscale"]
 
-DECODER_VERSION = 2  # 2: foreground positions drawn with a content seed
+DECODER_VERSION = 3  # 2: foreground positions drawn with a content seed; 3: every channel kept
 COORDS_PER_VALUE = 256  # pixel positions kept per mask value: enough to centre patches on foreground
 OPEN_MAPS = 64  # memory maps kept open per process (opening one costs more than reading a patch from it)
 _open_maps: dict[Path, np.ndarray] = {}  # insertion order = least recently used first
@@ -95,43 +98,88 @@ class Entry:
         return int(np.prod(self.meta["shape"])) * np.dtype(self.meta["dtype"]).itemsize
 
 
+# PIL modes whose last band the format declares as alpha (or padding, RGBX): the bands to keep
+_PIL_ALPHA = {"LA": 1, "La": 1, "PA": 1, "RGBA": 3, "RGBa": 3, "RGBX": 3}
+_TIFF_ALPHA = (1, 2)  # ExtraSamples: associated (premultiplied) and unassociated alpha; 0 = unspecified data
+
+
 def _pil_array(path: Path, mask: bool) -> tuple[np.ndarray, bool]:
     from PIL import Image
 
     with Image.open(path) as img:
-        palette = img.mode == "P"
+        frames = getattr(img, "n_frames", 1)
+        if frames > 1:
+            raise UnetlabError(f"'{path}' holds {frames} frames: unetlab reads one image per file; save each frame "
+                               "as its own file")
+        palette = img.mode in ("P", "PA")
         if palette and not mask:
-            img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+            img = img.convert("RGBA" if "transparency" in img.info or img.mode == "PA" else "RGB")
         elif img.mode == "1":
             img = img.convert("L")
+        keep = _PIL_ALPHA.get(img.mode)
         array = np.asarray(img)
+    if keep is not None:  # a declared alpha: not data
+        array = array[..., :keep]
     if array.dtype == np.int32 and array.size and array.min() >= 0 and array.max() <= 65535:
         array = array.astype(np.uint16)  # 16-bit PNGs opened as 32-bit integer images
     return array, palette
 
 
 def _tiff_array(path: Path) -> np.ndarray:
+    """H x W (x C) from a TIFF. Channels are the page's samples (contiguous or planar) or an ImageJ / OME
+    channel axis; only samples that ExtraSamples declares as alpha are dropped. Any other page axis
+    (a stack, a time series, several images) is refused: which page would be meant is not known."""
     import tifffile
 
-    array = tifffile.imread(path)
-    array = np.squeeze(array)
-    if array.ndim == 3 and array.shape[0] <= 4 < array.shape[2]:  # planar (C, H, W) -> (H, W, C)
-        array = np.moveaxis(array, 0, -1)
+    with tifffile.TiffFile(path) as tif:
+        pages, series = len(tif.pages), tif.series
+        if not series:
+            raise UnetlabError(f"'{path}' holds no image")
+        axes, shape, keyframe = series[0].axes, series[0].shape, series[0].keyframe
+        kept = [(a, n) for a, n in zip(axes, shape) if n > 1 or a in "YX"]
+        layout = "".join(a for a, _ in kept)
+        if len(series) > 1 or set(layout) - set("YXSC") or ("S" in layout and "C" in layout) or \
+                not {"Y", "X"} <= set(layout):
+            raise UnetlabError(
+                f"'{path}' is a multi-page TIFF ({pages} pages) of shape {'x'.join(map(str, shape))} ({axes}): "
+                "unetlab reads one image per file; save each page as its own file, or channels as samples of one page "
+                "(tifffile.imwrite(path, image_hwc, photometric='minisblack', planarconfig='contig'))")
+        samples, extras = int(keyframe.samplesperpixel), tuple(int(e) for e in keyframe.extrasamples)
+        array = series[0].asarray().reshape([n for _, n in kept])
+    for channel_axis in "SC":
+        if channel_axis in layout:
+            array = np.moveaxis(array, layout.index(channel_axis), -1)
+    if "S" in layout and extras:
+        alpha = {samples - len(extras) + i for i, e in enumerate(extras) if e in _TIFF_ALPHA}
+        if alpha:
+            array = array[..., [c for c in range(array.shape[-1]) if c not in alpha]]
     return array
 
 
-def read_image_file(path: Path) -> np.ndarray:
-    """An image as H x W x C in its own dtype (alpha dropped); raises ``UnetlabError`` naming the file."""
+def _read(path: Path, mask: bool) -> tuple[np.ndarray, bool]:
+    """The file's pixels (H x W or H x W x C, alpha dropped) and whether it is a palette image."""
     try:
-        array = _tiff_array(path) if path.suffix.lower() in (".tif", ".tiff") else _pil_array(path, mask=False)[0]
+        if path.suffix.lower() in (".tif", ".tiff"):
+            return _tiff_array(path), False
+        return _pil_array(path, mask)
+    except UnetlabError:
+        raise
     except Exception as exc:  # noqa: BLE001 - a broken file makes decoders raise anything
         raise UnetlabError(f"cannot read '{path}': {exception_text(exc)}") from None
+
+
+def read_image_file(path: Path) -> np.ndarray:
+    """An image as H x W x C in its own dtype: the one reader of ``unetlab data``, training and ``predict``.
+
+    Every channel is kept (2- and 4-channel images too) except an alpha that the format declares (PIL
+    modes LA, RGBA, PA..., TIFF ExtraSamples = alpha); a multi-page TIFF or multi-frame file is refused.
+    Raises ``UnetlabError`` naming the file.
+    """
+    array = _read(path, mask=False)[0]
     if array.ndim == 2:
         array = array[..., None]
     if array.ndim != 3:
         raise UnetlabError(f"'{path}' has shape {array.shape}: expected a 2-D image (H x W or H x W x C)")
-    if array.shape[2] in (2, 4):  # grey + alpha, RGB + alpha
-        array = array[..., : array.shape[2] - 1]
     if array.dtype == np.bool_:
         array = array.astype(np.uint8) * 255
     return np.ascontiguousarray(array)
@@ -139,16 +187,8 @@ def read_image_file(path: Path) -> np.ndarray:
 
 def read_mask_file(path: Path) -> tuple[np.ndarray, bool]:
     """A mask as H x W raw values and whether it is a palette image; raises ``UnetlabError`` naming the file."""
-    try:
-        if path.suffix.lower() in (".tif", ".tiff"):
-            array, palette = _tiff_array(path), False
-        else:
-            array, palette = _pil_array(path, mask=True)
-    except Exception as exc:  # noqa: BLE001 - a broken file makes decoders raise anything
-        raise UnetlabError(f"cannot read '{path}': {exception_text(exc)}") from None
+    array, palette = _read(path, mask=True)
     if array.ndim == 3:
-        if array.shape[2] in (2, 4):
-            array = array[..., : array.shape[2] - 1]
         if not (array == array[..., :1]).all():
             raise UnetlabError(f"mask '{path}' is a colour image with differing channels: save masks as class "
                                "indices (one channel) or as a palette PNG")

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import UnetlabError, exception_text
+from .errors import UnetlabError
 from .inference import check_tiling, minimum_input_size, sliding_window_logits
 from .model_store import TrainedModel, load_model
 from .normalization import check_stored_spec
@@ -64,8 +64,8 @@ def read_image(path: Path, channels: int, normalization: dict | None = None,
                resize: tuple[int, int] | None = None) -> torch.Tensor:
     """One image file as the float32 C x H x W tensor the model was trained on.
 
-    The steps are training's own (``unetlab.folder_cache``): the same reader (alpha dropped, 1-bit
-    images as 0/255), the same grey conversion, the same resize (``resize``: the run's data.resize),
+    The steps are training's own (``unetlab.folder_cache``): the same reader (channels kept but a
+    declared alpha, 1-bit images as 0/255), the same grey conversion, the same resize (``resize``: data.resize),
     then ``unetlab.normalization.apply_normalization`` with the dataset's spec stored with the model
     (without one, integers scale by their type's range: uint8 /255, uint16 /65535; a per-image spec
     takes its statistics from this whole file, as training takes them from the whole image). Multi-page
@@ -78,8 +78,7 @@ def _decode(path: Path, channels: int) -> np.ndarray:
     """The pixels of ``path`` as H x W x ``channels`` in their own dtype, read as training reads them."""
     from .folder_cache import read_image_file, to_grayscale
 
-    _refuse_stacks(path)
-    raw = read_image_file(path)
+    raw = read_image_file(path)  # the reader of training and 'unetlab data': it refuses multi-page files
     if raw.shape[2] == channels:
         return raw
     if channels == 1:
@@ -97,22 +96,6 @@ def _model_input(raw: np.ndarray, normalization: dict | None, resize: tuple[int,
         raw = resize_image(raw, resize)
     spec = normalization if normalization is not None else dtype_spec(raw.dtype, raw.shape[2])
     return torch.from_numpy(apply_normalization(raw, spec))
-
-
-def _refuse_stacks(path: Path) -> None:
-    """A multi-page TIFF would decode as one image of stacked pages: refuse it in one line."""
-    if path.suffix.lower() not in (".tif", ".tiff"):
-        return
-    try:
-        import tifffile
-
-        with tifffile.TiffFile(path) as tif:
-            pages = len(tif.pages)
-    except Exception as exc:  # noqa: BLE001 -- any library error becomes one line
-        raise UnetlabError(f"cannot read '{path}': {exception_text(exc)}") from None
-    if pages > 1:
-        raise UnetlabError(f"'{path}' is a multi-page TIFF ({pages} pages): predict reads single images; save "
-                           "each page as its own file")
 
 
 def _inputs(paths: Iterable[str]) -> list[Path]:
