@@ -3,7 +3,10 @@
 An entry is keyed by the file's absolute path, size and modification time (and how it was decoded),
 so a changed file gets a new entry: a stale decode is never served. Entries are written to a
 temporary file and renamed, array first and its ``.json`` metadata last; an entry counts only when
-its metadata exists, so a run killed mid-write leaves nothing that is read back.
+its metadata exists, so a run killed mid-write leaves nothing that is read back. What is read back is
+checked before use (``_check_entry``: the metadata's schema, the array file's header, size and a
+fingerprint of sampled blocks); a damaged entry is decoded again with one warning line. A cache
+folder that cannot be written is one ``UnetlabError`` line naming it and ``UNETLAB_CACHE_DIR``.
 
 The key decides only *where* an entry lives, never what it holds: nothing in an entry depends on the
 file's path or modification time (the foreground positions are drawn with a seed taken from the mask's
@@ -15,14 +18,15 @@ kept except an alpha the format declares as such; a multi-page file is refused i
 Normalisation happens later, per dataset. Masks decode to H x W raw values (palette PNGs: the palette
 indices, not colours), and their metadata records which values occur, how often, and a few pixel
 positions of each value (for foreground-centred patch sampling without reading the mask again).
-
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,10 +37,10 @@ import numpy as np
 
 from .errors import UnetlabError, exception_text
 
-__all__ = ["Entry", "cache_home", "content_seed", "decode_cached", "decode_many", "read_image_file",
-           "read_mask_file", "remove_stale_temporaries_once", "resize_image", "to_grayscale"]
+__all__ = ["CacheUnusable", "Entry", "cache_home", "content_seed", "decode_cached", "decode_many", "fingerprint",
+           "read_image_file", "read_mask_file", "remove_stale_temporaries_once", "resize_image", "to_grayscale"]
 
-DECODER_VERSION = 3  # 2: foreground positions drawn with a content seed; 3: every channel kept
+DECODER_VERSION = 4  # 2: content-seeded foreground positions; 3: every channel kept; 4: checked entries
 COORDS_PER_VALUE = 256  # pixel positions kept per mask value: enough to centre patches on foreground
 OPEN_MAPS = 64  # memory maps kept open per process (opening one costs more than reading a patch from it)
 _open_maps: dict[Path, np.ndarray] = {}  # insertion order = least recently used first
@@ -256,22 +260,142 @@ def _key(path: Path, kind: str, options: dict) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
 
 
+class CacheUnusable(UnetlabError):
+    """The decode cache folder cannot be written (read-only, full, not a folder)."""
+
+
+def _unusable(root: Path, exc: OSError) -> CacheUnusable:
+    return CacheUnusable(f"decode cache folder '{root}' cannot be written ({exception_text(exc)}): free space "
+                         "there or set UNETLAB_CACHE_DIR to a writable folder")
+
+
+FINGERPRINT_BLOCK = 4096
+FINGERPRINT_BLOCKS = 16  # besides the first and the last: evenly spaced through the file
+
+
+def fingerprint(path: Path) -> str:
+    """A cheap checksum of a cache array file: its size and a hash of its first and last 64 KiB and of
+    16 evenly spaced 4 KiB blocks (a few reads per file whatever its size; a full hash of every
+    decoded set at each run start would cost seconds)."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        digest.update(size.to_bytes(8, "little"))
+        head, tail = 16 * FINGERPRINT_BLOCK, 16 * FINGERPRINT_BLOCK
+        offsets = [(0, head), (max(size - tail, 0), tail)]
+        offsets += [(size * (k + 1) // (FINGERPRINT_BLOCKS + 1), FINGERPRINT_BLOCK) for k in range(FINGERPRINT_BLOCKS)]
+        for offset, length in offsets:
+            digest.update(os.pread(f.fileno(), length, offset))
+    return digest.hexdigest()
+
+
+def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, data offset) from a ``.npy`` file's header."""
+    from numpy.lib import format as npy
+
+    with open(path, "rb") as f:
+        version = npy.read_magic(f)
+        read = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+        shape, fortran, dtype = read(f)
+        if fortran:
+            raise ValueError("Fortran-ordered array")
+        return tuple(shape), dtype, f.tell()
+
+
+def _ints(value: Any, length: int | None = None, low: int = 0) -> bool:
+    return isinstance(value, list) and (length is None or len(value) == length) and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= low for v in value)
+
+
+def _check_meta(meta: Any, kind: str) -> str | None:
+    """Why the metadata of a ``kind`` entry is unusable, or None: every field the readers use, typed."""
+    if not isinstance(meta, dict):
+        return f"metadata is {type(meta).__name__}, not an object"
+    if meta.get("version") != DECODER_VERSION or meta.get("kind") != kind:
+        return f"metadata of decoder {meta.get('version')!r} / kind {meta.get('kind')!r}"
+    shape = meta.get("shape")
+    if not _ints(shape, 3 if kind == "image" else 2, 1) or not _ints(meta.get("source_shape"), 2, 1):
+        return f"bad shape {shape!r} / source_shape {meta.get('source_shape')!r}"
+    if meta.get("dtype") not in ("uint8", "uint16", "uint32", "int8", "int16", "int32", "float16", "float32",
+                                 "float64") or (kind == "mask" and meta["dtype"] not in ("uint8", "uint16")):
+        return f"bad dtype {meta.get('dtype')!r}"
+    if not isinstance(meta.get("size"), int) or not isinstance(meta.get("fingerprint"), str):
+        return "no size or fingerprint"
+    if kind == "mask":
+        values, counts, coords = meta.get("values"), meta.get("counts"), meta.get("coords")
+        if not isinstance(meta.get("palette"), bool) or not _ints(values) or not values or \
+                values != sorted(set(values)) or not _ints(counts, len(values), 1) or \
+                sum(counts) != shape[0] * shape[1] or not isinstance(coords, dict) or \
+                set(coords) != {str(v) for v in values}:
+            return "bad mask values, counts or positions"
+        for v, count in zip(values, counts):
+            points = coords[str(v)]
+            if not isinstance(points, list) or len(points) != min(COORDS_PER_VALUE, count) or not all(
+                    _ints(p, 2) and p[0] < shape[0] and p[1] < shape[1] for p in points):
+                return f"bad positions of mask value {v}"
+    return None
+
+
+def _check_entry(array_path: Path, meta_path: Path, kind: str) -> tuple[dict | None, str]:
+    """The entry's metadata when the entry is sound, else (None, why not)."""
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError, RecursionError) as exc:
+        return None, f"unreadable metadata ({exception_text(exc)})"
+    problem = _check_meta(meta, kind)
+    if problem:
+        return None, problem
+    try:
+        shape, dtype, offset = _npy_header(array_path)
+        size = array_path.stat().st_size
+        if list(shape) != meta["shape"] or dtype.name != meta["dtype"] or dtype.hasobject:
+            return None, f"array is {dtype.name} {shape}, metadata says {meta['dtype']} {tuple(meta['shape'])}"
+        if size != meta["size"] or size != offset + int(np.prod(shape)) * dtype.itemsize:
+            return None, f"array file has {size} bytes, expected {meta['size']}"
+        if fingerprint(array_path) != meta["fingerprint"]:
+            return None, "array content differs from when it was written (fingerprint)"
+    except (OSError, ValueError) as exc:
+        return None, f"unreadable array ({exception_text(exc)})"
+    return meta, ""
+
+
+def _write_npy(path: Path, array: np.ndarray) -> None:
+    """``np.save`` that fails on a short write: ``np.save`` writes the data with ``ndarray.tofile``, which
+    leaves a truncated file without an error when the disk fills up."""
+    from numpy.lib import format as npy
+
+    array = np.ascontiguousarray(array)
+    with open(path, "wb") as f:
+        npy.write_array_header_1_0(f, npy.header_data_from_array_1_0(array))
+        f.write(array.data)
+        expected = f.tell()
+    if path.stat().st_size != expected:
+        raise OSError(f"wrote {path.stat().st_size} of {expected} bytes of '{path}'")
+
+
 def decode_cached(path: Path, kind: str, grayscale: bool = False, resize: tuple[int, int] | None = None,
                   root: Path | None = None) -> Entry:
-    """The cache entry of ``path`` decoded as ``kind`` (``image`` or ``mask``), decoding it if needed."""
+    """The cache entry of ``path`` decoded as ``kind`` (``image`` or ``mask``), decoding it if needed.
+
+    An existing entry is checked first (``_check_entry``); a damaged one is decoded again with one warning
+    line. Raises ``UnetlabError`` for an unreadable file, ``CacheUnusable`` when the cache cannot be written.
+    """
     options: dict[str, Any] = {"grayscale": grayscale and kind == "image", "resize": list(resize) if resize else None}
     try:
         key = _key(path, kind, options)
     except OSError as exc:
         raise UnetlabError(f"cannot read '{path}': {exception_text(exc)}") from None
-    remove_stale_temporaries_once(root or cache_home() / "decoded", subfolders=True)
-    folder = (root or cache_home() / "decoded") / key[:2]
+    home = root or cache_home() / "decoded"
+    remove_stale_temporaries_once(home, subfolders=True)
+    folder = home / key[:2]
     array_path, meta_path = folder / f"{key}.npy", folder / f"{key}.json"
-    if meta_path.exists() and array_path.exists():
-        try:
-            return Entry(path, array_path, _compact(json.loads(meta_path.read_text())))
-        except (OSError, ValueError):
-            pass  # unreadable metadata: decode again
+    if meta_path.exists():
+        meta, problem = _check_entry(array_path, meta_path, kind)
+        if meta is not None:
+            return Entry(path, array_path, _compact(meta))
+        print(f"unetlab: warning: decode cache entry '{meta_path.with_suffix('')}' of '{path}' is damaged "
+              f"({problem}): decoding the file again", file=sys.stderr)
+        _open_maps.pop(array_path, None)  # a map of the damaged file must not be served
     if kind == "image":
         array = read_image_file(path)
         source_shape = list(array.shape[:2])
@@ -286,15 +410,22 @@ def decode_cached(path: Path, kind: str, grayscale: bool = False, resize: tuple[
         if resize:
             array = _resize(array, resize, nearest=True)
         meta = {"palette": palette, **_mask_meta(array)}
-    meta = {"shape": list(array.shape), "source_shape": source_shape, "dtype": array.dtype.name, **meta}
-    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"version": DECODER_VERSION, "kind": kind, "shape": list(array.shape), "source_shape": source_shape,
+            "dtype": array.dtype.name, **meta}
     suffix = f".{os.getpid()}.{threading.get_ident()}.tmp"
     tmp_array, tmp_meta = folder / f"{key}{suffix}.npy", folder / f"{key}{suffix}.json"
-    with open(tmp_array, "wb") as f:
-        np.save(f, array)
-    tmp_meta.write_text(json.dumps(meta))
-    os.replace(tmp_array, array_path)
-    os.replace(tmp_meta, meta_path)  # last: the entry exists only once its array is complete
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_npy(tmp_array, array)
+        meta.update(size=tmp_array.stat().st_size, fingerprint=fingerprint(tmp_array))
+        tmp_meta.write_text(json.dumps(meta))
+        os.replace(tmp_array, array_path)
+        os.replace(tmp_meta, meta_path)  # last: the entry exists only once its array is complete
+    except OSError as exc:
+        for tmp in (tmp_array, tmp_meta):  # nothing half-written stays behind
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+        raise _unusable(home, exc) from None
     return Entry(path, array_path, _compact(meta))
 
 
@@ -310,11 +441,13 @@ def decode_many(jobs: list[tuple[Path, str]], grayscale: bool = False, resize: t
     """Decode ``(path, kind)`` jobs in threads (decoders release the GIL); return entries and problems.
 
     A file that cannot be decoded gives ``None`` and one problem line naming it; the others go on, so
-    that every problem of a dataset is found in one pass.
+    that every problem of a dataset is found in one pass. An unusable cache folder raises ``CacheUnusable``.
     """
     def one(job: tuple[Path, str]) -> tuple[Entry | None, str | None]:
         try:
             return decode_cached(job[0], job[1], grayscale, resize), None
+        except CacheUnusable:
+            raise  # the cache as a whole, not this file: one line, not one problem per file
         except UnetlabError as exc:
             return None, str(exc)
 
