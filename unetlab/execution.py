@@ -11,7 +11,7 @@ import signal
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,16 +51,24 @@ class Invocation:
     parent_id: str | None = None
     owns_parent: bool = True     # False in a --jobs worker: the parent belongs to the process that started it
     base_tags: dict[str, str] | None = None
+    claimed: dict[str, Any] = field(default_factory=dict)  # run id -> RunLock taken before the parent reopened
+
+
+# A --jobs worker or a Ray retry may start while the process before it on the same run is still ending
+# (marking it KILLED after SIGTERM): it waits this long for that one's folder lock.
+CLAIM_WAIT_S = 60.0
 
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", name)
 
 
-def checkpoint_dir(experiment: Experiment, run: Run) -> Path:
-    """Where a run's last/best checkpoints live: keyed by its config, so --resume finds them."""
+def checkpoint_dir(experiment: Experiment, run: Run, run_id: str) -> Path:
+    """Where a run's last/best checkpoints live: a folder of its own MLflow run (``run_id``), under one per
+    config. Two runs of one config never share a file, so starting the same command twice cannot delete
+    or overwrite the first one's checkpoints, and --resume finds the run's folder by its run id."""
     return (Path(run.config["tracking"]["checkpoint_dir"]) / _safe(experiment.name) /
-            f"{_safe(run.name)}-{config_hash(run.config)[:12]}")
+            f"{_safe(run.name)}-{config_hash(run.config)[:12]}" / _safe(run_id))
 
 
 @contextlib.contextmanager
@@ -135,39 +143,46 @@ def run_sequential(inv: Invocation) -> int:
     """Train every prepared run here, one after another (rank 0 of a distributed job too)."""
     import os
 
-    from .run_ownership import owner_tags
+    from .run_ownership import RunBusy, claim_run_folder, owner_tags
     from .trainer import mark_finished
 
     tracker, reporter, ctx = inv.tracker, inv.reporter, inv.ctx
     reporter.emit("start", experiment=inv.experiment.name, runs=len(inv.prepared), tracking_uri=tracker.uri,
                   parent_run_id=inv.parent_id)
     extra_params = {**_plugin_versions(inv.host), "distributed.world_size": int(os.environ.get("WORLD_SIZE", "1"))}
-    failed, current = 0, None
+    failed, current, lock = 0, None, None
     with signals_interrupt():
         try:
             for index, prep in enumerate(inv.prepared, 1):
                 run = prep.run
-                ckpt_dir = checkpoint_dir(inv.experiment, run)
                 found = tracker.find_runs("unetlab.run_key", prep.key) if inv.resume else []
                 if found and found[0].info.status == "FINISHED":
                     ctx.broadcast({"skip": True, "resume": False})  # the other ranks follow rank 0's plan
                     reporter.run_end(run.name, "SKIPPED", {}, "finished in an earlier invocation")
                     continue
-                state = _resumable_state(ckpt_dir) if found else None
-                ctx.broadcast({"skip": False, "resume": state is not None})
-                if state is None:  # from epoch 1: old checkpoints of the same config must not leak in
-                    for stale in ("last.pt", "best.pt"):
-                        (ckpt_dir / stale).unlink(missing_ok=True)
                 if found:  # --resume continues in the same MLflow run, from its checkpoint or from the start
+                    ckpt_dir = checkpoint_dir(inv.experiment, run, found[0].info.run_id)
+                    try:  # before the run is touched: a second process resuming it at the same moment stops here
+                        lock = _claim(inv, run.name, found[0], ckpt_dir)
+                    except RunBusy as exc:  # not ours: nothing of it is touched, not even its status
+                        print(f"unetlab: error: {exc}", file=sys.stderr)
+                        failed += 1
+                        continue
                     child = current = tracker.child(found[0].info.run_id)  # in charge before it is RUNNING again
                     tracker.reopen(child.run_id)
                     child.set_tags(owner_tags())
+                    state = _resumable_state(ckpt_dir)
                 else:
                     # torch.threads (= train.threads): the param runs of older versions logged their count in
                     threads = {"torch.threads": run.config["train"]["threads"]}
-                    child = tracker.start_prepared_run(prep, {**(inv.base_tags or {}), **owner_tags()},
-                                                       {**extra_params, **threads})
-                current = child
+                    tags = {**(inv.base_tags or {}), **owner_tags()}
+                    child = current = tracker.start_prepared_run(prep, tags, {**extra_params, **threads})
+                    ckpt_dir = checkpoint_dir(inv.experiment, run, child.run_id)
+                    lock, state = claim_run_folder(ckpt_dir, run.name), None
+                ctx.broadcast({"skip": False, "resume": state is not None, "dir": str(ckpt_dir)})
+                if state is None:  # from epoch 1: what an earlier attempt of this run left must not leak in
+                    for stale in ("last.pt", "best.pt"):
+                        (ckpt_dir / stale).unlink(missing_ok=True)
                 reporter.run_start(run.name, run.config["train"]["epochs"], index, len(inv.prepared))
                 with torch_threads(run.config["train"]["threads"]):
                     status, message, summary = _train_one(inv, prep, child, ckpt_dir, state)
@@ -177,6 +192,7 @@ def run_sequential(inv: Invocation) -> int:
                     failed += 1
                 current = None  # first: a signal while ending must not turn a FINISHED run KILLED (the sweep
                 tracker.end(child.run_id, status)  # of the parent's RUNNING children catches it instead)
+                lock.release()
                 reporter.run_end(run.name, status, summary, message)
             if inv.owns_parent:
                 tracker.end(inv.parent_id, "FAILED" if failed else "FINISHED")
@@ -200,10 +216,62 @@ def run_sequential(inv: Invocation) -> int:
             if inv.owns_parent:
                 _end_quietly(tracker, inv.parent_id, "FAILED")
             raise
+        finally:
+            for held in [lock, *inv.claimed.values()]:
+                if held is not None:
+                    held.release()
     reporter.emit("end", failed=failed, parent_run_id=inv.parent_id)
     if failed:
         print(f"unetlab: {failed} run(s) FAILED (see above and the runs' 'unetlab.error' tag)", file=sys.stderr)
     return 1 if failed else 0
+
+
+def check_not_trained_elsewhere(name: str, run) -> None:
+    """Refuse (``RunBusy``, one line naming the owner) to resume a run that a live process on this host is
+    training: RUNNING, and its owner tags name a process that is still there."""
+    from .run_ownership import RunBusy, describe_owner, live_owner_here
+
+    if run.info.status == "RUNNING" and live_owner_here(run.data.tags):
+        raise RunBusy(f"run '{name}' (MLflow run {run.info.run_id}) is being trained by "
+                      f"{describe_owner(run.data.tags)}; not resuming it (wait for it, or stop it first)")
+
+
+def _claim(inv: Invocation, name: str, run, ckpt_dir: Path):
+    """The folder lock of a run to resume: taken already (``claim_resumed_runs``), or taken now. A ``--jobs``
+    worker or a Ray retry waits a little for a predecessor on the same run that is still ending."""
+    from .run_ownership import claim_run_folder
+
+    held = inv.claimed.pop(run.info.run_id, None)
+    if held is not None:
+        return held
+    worker = not inv.owns_parent
+    if not worker:
+        check_not_trained_elsewhere(name, run)
+    return claim_run_folder(ckpt_dir, name, wait_s=CLAIM_WAIT_S if worker else 0.0)
+
+
+def claim_resumed_runs(inv: Invocation, lock: bool) -> None:
+    """For ``--resume``, before the parent run is reopened, refuse in one line a run to be continued that a
+    live process trains; with ``lock`` (this process trains them) take each such run's folder lock now
+    (``inv.claimed``), so that of two ``--resume`` started together the second changes nothing."""
+    from .run_ownership import claim_run_folder
+
+    for prep in inv.prepared:
+        found = inv.tracker.find_runs("unetlab.run_key", prep.key)
+        if not found or found[0].info.status == "FINISHED":
+            continue
+        check_not_trained_elsewhere(prep.run.name, found[0])
+        if lock:
+            run_id = found[0].info.run_id
+            try:
+                inv.claimed[run_id] = claim_run_folder(checkpoint_dir(inv.experiment, prep.run, run_id),
+                                                       prep.run.name)
+            except BaseException:
+                for held in inv.claimed.values():
+                    held.release()
+                inv.claimed.clear()
+                raise
+
 
 
 def _resumable_state(ckpt_dir: Path) -> dict | None:
@@ -405,10 +473,10 @@ def run_rank(inv: Invocation) -> int:
     from .trainer import RunFailed, TrainSetup, train_run
 
     for prep in inv.prepared:
-        ckpt_dir = checkpoint_dir(inv.experiment, prep.run)
         plan = inv.ctx.broadcast(None)
         if plan["skip"]:
             continue
+        ckpt_dir = Path(plan["dir"])  # rank 0's run folder (keyed by its MLflow run id)
         state = load_checkpoint(ckpt_dir / "last.pt") if plan["resume"] else None
         try:
             with torch_threads(prep.run.config["train"]["threads"]):

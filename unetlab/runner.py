@@ -38,7 +38,14 @@ def run_experiment(path: str | Path, overrides: Sequence[str] = (), resume: bool
     which parent to log under and which run to train. ``ray`` submits each run as a Ray task instead.
     """
     from . import __version__, distributed
-    from .execution import Invocation, run_parallel, run_rank, run_sequential, warn_if_omp_threads_ignored
+    from .execution import (
+        Invocation,
+        claim_resumed_runs,
+        run_parallel,
+        run_rank,
+        run_sequential,
+        warn_if_omp_threads_ignored,
+    )
     from .preflight import prepare_all
     from .report import Reporter
     from .run_ownership import owner_tags
@@ -93,6 +100,9 @@ def run_experiment(path: str | Path, overrides: Sequence[str] = (), resume: bool
         else:
             tracker.reap_orphans()  # runs left RUNNING by a process that is gone (SIGKILL...) become KILLED
         if parent_run_id is None and resume:
+            # a run another live process trains is refused here, before anything is reopened; when this
+            # process trains the runs itself it also takes their folder locks now (workers take their own)
+            claim_resumed_runs(inv, lock=ray is None and not (jobs > 1 and len(prepared) > 1))
             parents = [r for r in tracker.find_runs("unetlab.invocation", invocation)
                        if r.data.tags.get("unetlab.parent")]
             if parents:
