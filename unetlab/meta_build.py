@@ -60,7 +60,7 @@ def build_run_on_meta(config: Mapping[str, Any], registry: Registry, source: Any
     in_channels, out_channels, num_classes = model_io(dict(config), source)
     train = config["train"]
     with torch.device("meta"):
-        build_unet(config["model"], in_channels, out_channels, registry, initialise=False)
+        build_unet(config["model"], in_channels, out_channels, registry, initialise=False, pretrained="check")
         for i, spec in enumerate(train["loss"]):
             _create(registry, "loss", spec, f"train.loss[{i}]", "weight", num_classes=num_classes)
         for i, spec in enumerate(train["metrics"]):

@@ -8,14 +8,23 @@ The builder knows only the contracts (see ``docs/plugins.md``), never a concrete
   decoder channels and doubles the size; the skip and the upsampled map are aligned (``same``: the
   upsampled map is zero-padded to the skip's size, as the seed blog's ``F.pad``; ``valid``: the skip
   is centre-cropped, the paper's "copy and crop"); the fusion combines them; the block refines;
-- a 1x1 conv head gives ``out_channels`` logits (1: binary, sigmoid; >1: classes, softmax).
+- a 1x1 conv head gives ``out_channels`` logits (1: binary, sigmoid; >1: classes, softmax);
+- with ``model.deep_supervision`` (nnU-Net's scheme), 1x1 auxiliary heads on the decoder levels between
+  the coarsest and the finest: used only in training (``return_auxiliary``), never at inference or export.
+
+A component that reads pretrained weights asks ``pretrained_mode()`` what this build wants: ``load``
+(training from scratch), ``check`` (validate and preflight: confirm the weights are there, read nothing)
+or ``skip`` (predict, export, ``--resume``: unetlab's own weights are loaded right after the build, so
+no file, cache or network is touched).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -32,24 +41,57 @@ __all__ = [
     "forward_flops",
     "logits_to_classes",
     "output_shape",
+    "pretrained_mode",
     "resolve_model_config",
 ]
 
+PretrainedMode = Literal["load", "check", "skip"]
+_PRETRAINED_MODE: contextvars.ContextVar[str] = contextvars.ContextVar("unetlab_pretrained_mode", default="load")
+
+
+def pretrained_mode() -> str:
+    """What the model being built wants from a component with pretrained weights.
+
+    ``"load"``: read them (a training run from scratch). ``"check"``: confirm they can be read (the
+    file exists, the cache holds them) without reading them (``validate``, preflight's counts).
+    ``"skip"``: neither; the whole model's weights are loaded right after the build from unetlab's own
+    checkpoint or weights artifact (``predict``, ``export``, ``--resume``), so no network is needed.
+    """
+    return _PRETRAINED_MODE.get()
+
+
+@contextlib.contextmanager
+def _pretrained(mode: str) -> Iterator[None]:
+    token = _PRETRAINED_MODE.set(mode)
+    try:
+        yield
+    finally:
+        _PRETRAINED_MODE.reset(token)
+
 
 class UNet(nn.Module):
-    """A U-Net made of plugin parts. ``forward(x)`` returns logits (N x out_channels x H' x W')."""
+    """A U-Net made of plugin parts. ``forward(x)`` returns logits (N x out_channels x H' x W').
+
+    ``aux_heads`` (deep supervision): one 1x1 head per supervised decoder level, the level just below
+    full resolution first. Only in training mode with ``return_auxiliary`` set (the trainer sets it)
+    does ``forward`` return ``[logits, aux_1, aux_2, ...]``, finest first, the auxiliary outputs
+    at their level's resolution; otherwise, and always for inference and export, the logits alone.
+    """
 
     def __init__(self, encoder: nn.Module, upsamplers: list[nn.Module], fusions: list[nn.Module],
-                 blocks: list[nn.Module], head: nn.Module, padding: str = "same") -> None:
+                 blocks: list[nn.Module], head: nn.Module, padding: str = "same",
+                 aux_heads: list[nn.Module] | None = None) -> None:
         super().__init__()
         self.encoder = encoder
         self.upsamplers = nn.ModuleList(upsamplers)
         self.fusions = nn.ModuleList(fusions)
         self.blocks = nn.ModuleList(blocks)
         self.head = head
+        self.aux_heads = nn.ModuleList(aux_heads or [])
         self.padding = padding
         self.first_stride = int(getattr(encoder, "strides", [1])[0])
         self.gradient_checkpointing = False
+        self.return_auxiliary = False
 
     def _level(self, i: int, y: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         y = self.upsamplers[i](y)
@@ -71,13 +113,21 @@ class UNet(nn.Module):
         else:
             features = self.encoder(x)
         y = features[-1]
-        for i in range(len(self.blocks)):
+        levels = len(self.blocks)
+        auxiliary = self.return_auxiliary and self.training and len(self.aux_heads) > 0
+        decoded = []
+        for i in range(levels):
             skip = features[-2 - i]
             y = checkpoint(self._level, i, y, skip, use_reentrant=False) if recompute else self._level(i, y, skip)
+            if auxiliary:
+                decoded.append(y)
         y = self.head(y)
         if self.first_stride > 1 and self.padding == "same":
             y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
-        return y
+        if not auxiliary:
+            return y
+        # decoded[-1] is the finest level (the main head's); aux head k reads the level k steps coarser
+        return [y, *(head(decoded[-1 - k]) for k, head in enumerate(self.aux_heads, start=1))]
 
 
 def center_crop(x, height: int, width: int):
@@ -131,13 +181,16 @@ def _create(registry: Registry, kind: str, key: str, spec: Mapping[str, Any], **
 
 
 def build_unet(model_config: dict, in_channels: int, out_channels: int, registry: Registry,
-               initialise: bool = True) -> UNet:
+               initialise: bool = True, pretrained: PretrainedMode = "load") -> UNet:
     """Build a ``UNet`` from a resolved ``model`` section (components as ``{name, **params}``).
 
     ``initialise=False`` builds the initializer without applying it (for a model on the meta device).
-    Factory errors are ``ConfigError``s naming the component's key path.
+    ``pretrained``: what components with pretrained weights do (``pretrained_mode``); ``"skip"`` when
+    the caller loads the whole model's weights next. Factory errors are ``ConfigError``s naming the
+    component's key path.
     """
-    encoder = _create(registry, "encoder", "encoder", model_config["encoder"], in_channels=in_channels)
+    with _pretrained(pretrained):
+        encoder = _create(registry, "encoder", "encoder", model_config["encoder"], in_channels=in_channels)
     channels = list(getattr(encoder, "out_channels", []))
     strides = list(getattr(encoder, "strides", [2 ** i for i in range(len(channels))]))
     if not channels or len(strides) != len(channels):
@@ -171,10 +224,22 @@ def build_unet(model_config: dict, in_channels: int, out_channels: int, registry
                               out_channels=width, padding=padding))
         current = width
     head = nn.Conv2d(current, out_channels, kernel_size=1)
-    model = UNet(encoder, upsamplers, fusions, blocks, head, padding)
+    # nnU-Net's deep supervision: every decoder level has an output except the coarsest, whose loss
+    # weight nnU-Net sets to 0 (so no head is built for it); the finest is the main head.
+    aux_heads = []
+    if model_config.get("deep_supervision"):
+        if levels < 3:
+            raise ConfigError(f"needs at least 3 decoder levels (this encoder gives {levels}): the coarsest level is "
+                              "not supervised and the finest is the main output", "model.deep_supervision")
+        aux_heads = [nn.Conv2d(decoder_channels[-1 - k], out_channels, kernel_size=1) for k in range(1, levels - 1)]
+    model = UNet(encoder, upsamplers, fusions, blocks, head, padding, aux_heads)
     init = _create(registry, "initializer", "init", model_config["init"])
     if initialise:
+        # an encoder that declares pretrained_weights keeps them: the initializer is for what was not pretrained
+        kept = copy.deepcopy(encoder.state_dict()) if getattr(encoder, "pretrained_weights", False) else None
         init(model)
+        if kept is not None:
+            encoder.load_state_dict(kept)
     return model
 
 

@@ -250,8 +250,9 @@ def _rebuild(state: Any, label: str) -> TrainedModel:
     if not isinstance(state["model_config"], dict):
         raise UnetlabError(f"{label}: model_config is not a mapping")
     try:
+        # the weights come from here: a pretrained encoder must not read its file or the hub again
         model = build_unet(state["model_config"], int(state["in_channels"]), int(state["out_channels"]),
-                           default_host().registry)
+                           default_host().registry, pretrained="skip")
         model.load_state_dict(state["model"])
     except UnetlabError as exc:
         raise UnetlabError(f"{label}: {exc}") from None

@@ -148,9 +148,11 @@ class ModelCheck:
     image_size: tuple[int, int]  # the dataset's (or DEFAULT_SIZE when it does not say)
 
 
-def check_model(run: Run, registry: Registry, source: Any = None) -> ModelCheck:
+def check_model(run: Run, registry: Registry, source: Any = None, pretrained: str = "check") -> ModelCheck:
     """Build the run's dataset source (unless given: runs with the same dataset config share one) and its
-    model; bad data, channels or component parameters raise ``UnetlabError`` here."""
+    model; bad data, channels or component parameters raise ``UnetlabError`` here. ``pretrained``: what a
+    pretrained component does (``unetlab.model.pretrained_mode``): ``check`` that its weights are there, or
+    ``skip`` under ``--resume``, whose runs load their own checkpoint."""
     from .model import build_unet
 
     if source is None:
@@ -158,21 +160,23 @@ def check_model(run: Run, registry: Registry, source: Any = None) -> ModelCheck:
         for split in ("train", "val"):  # data problems (bad masks, sizes) surface now, before MLflow
             source.split(split)
     in_ch, out_ch, num_classes = model_io(run.config, source)
-    model = build_unet(run.config["model"], in_ch, out_ch, registry)
+    model = build_unet(run.config["model"], in_ch, out_ch, registry, pretrained=pretrained)  # counted, not trained
     size = tuple(getattr(source, "image_size", None) or DEFAULT_SIZE)
     return ModelCheck(source, in_ch, out_ch, num_classes, model, size)
 
 
-def prepare(run: Run, registry: Registry, world_size: int = 1, source: Any = None) -> Prepared:
+def prepare(run: Run, registry: Registry, world_size: int = 1, source: Any = None,
+            pretrained: str = "check") -> Prepared:
     """Everything that can be checked before training: runtime, data, channels, sizes, the monitored metric.
 
     ``source``: an already built dataset source for this run's dataset config (shared between runs).
+    ``pretrained``: as for ``check_model``.
     """
     from .model import count_parameters, forward_flops, output_shape
 
     try:
         runtime = resolve_runtime(run.config, world_size)
-        checked = check_model(run, registry, source)
+        checked = check_model(run, registry, source, pretrained)
         source, in_ch, out_ch, num_classes, model = (checked.source, checked.in_channels, checked.out_channels,
                                                      checked.num_classes, checked.model)
         size = training_size(run.config, registry, in_ch, checked.image_size)
@@ -192,12 +196,13 @@ def prepare(run: Run, registry: Registry, world_size: int = 1, source: Any = Non
                     f"{run.name}@{config_hash(run.config)}", directions)
 
 
-def prepare_all(runs: Sequence[Run], registry: Registry, world_size: int = 1) -> list[Prepared]:
+def prepare_all(runs: Sequence[Run], registry: Registry, world_size: int = 1,
+                pretrained: str = "check") -> list[Prepared]:
     """``prepare`` every run; runs with the same dataset config share one source (one copy in memory)."""
     sources: dict[str, Any] = {}
     prepared = []
     for run in runs:
-        prep = prepare(run, registry, world_size, sources.get(dataset_key(run.config)))
+        prep = prepare(run, registry, world_size, sources.get(dataset_key(run.config)), pretrained)
         sources.setdefault(dataset_key(run.config), prep.source)
         prepared.append(prep)
     return prepared

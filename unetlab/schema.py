@@ -110,6 +110,9 @@ SCHEMA: Section = {
         "init": Field(None, "default", "weight initialisation", kind="initializer"),
         "decoder_channels": Field(Optional[list[Channels]], None,
                                   "channels of each decoder level, coarsest first; default: the skip's"),
+        "deep_supervision": Field(bool, False, "nnU-Net's deep supervision: 1x1 heads on the decoder levels "
+                                  "except the coarsest, targets downsampled (nearest), loss weights 1, 1/2, 1/4... "
+                                  "normalised; training only (inference and export use the full-resolution head)"),
     },
     "train": {
         "seed": Field(int, 0, "random seed (overridden per run by seeds:)", bounds=SEED_RANGE),
@@ -151,6 +154,11 @@ SCHEMA: Section = {
                          "for small models whose steps are dominated by launch overhead)"),
         "sync_batchnorm": Field(bool, False, "with several processes (--nproc-per-node), synchronise BatchNorm "
                                 "statistics across them (CUDA only)"),
+        "encoder_lr_mult": Field(float, 1.0, "the encoder's learning rate is lr times this (fine-tuning a "
+                                 "pretrained encoder: e.g. 0.1)", bounds=Range(0, 1000)),
+        "freeze_encoder_epochs": Field(int, 0, "the first N epochs train the decoder only: encoder weights frozen, "
+                                       "its BatchNorm layers in eval mode (running statistics kept)",
+                                       bounds=Range(0, MAX_COUNT)),
         "gradient_checkpointing": Field(bool, False,
                                         "recompute activations in backward: less memory, about 1/3 more compute"),
         "deterministic": Field(bool, True, "deterministic algorithms: same config and seed, same metrics"),

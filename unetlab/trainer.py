@@ -24,6 +24,7 @@ import torch
 
 from .checkpoint import load_checkpoint, save_atomic
 from .data import build_augment, make_batches
+from .deep_supervision import deep_supervision_loss
 from .determinism import configure
 from .distributed import DistContext
 from .errors import UnetlabError
@@ -150,8 +151,18 @@ def build_metrics(train: dict, num_classes: int, registry: Registry, ignore_inde
 
 
 def make_optimizer(model: torch.nn.Module, train: dict) -> torch.optim.Optimizer:
-    """adam, adamw or sgd over the model's trainable parameters."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    """adam, adamw or sgd over the model's trainable parameters.
+
+    With ``train.encoder_lr_mult`` other than 1 the encoder's parameters are a second group whose
+    ``lr_mult`` scales the epoch's learning rate (``_train_epoch`` sets each group's lr).
+    """
+    params: list = [p for p in model.parameters() if p.requires_grad]
+    mult = train.get("encoder_lr_mult", 1.0)
+    encoder = getattr(model, "encoder", None)
+    if mult != 1.0 and encoder is not None:
+        in_encoder = {id(p) for p in encoder.parameters()}
+        params = [{"params": [p for p in params if id(p) not in in_encoder], "lr_mult": 1.0},
+                  {"params": [p for p in params if id(p) in in_encoder], "lr": train["lr"] * mult, "lr_mult": mult}]
     if train["optimizer"] == "sgd":
         return torch.optim.SGD(params, lr=train["lr"], momentum=train["momentum"], weight_decay=train["weight_decay"])
     cls = torch.optim.AdamW if train["optimizer"] == "adamw" else torch.optim.Adam
@@ -228,6 +239,7 @@ def train_run(setup: TrainSetup) -> RunResult:
         if stop_reason:
             break
 
+    _freeze_encoder(parts.model, False)
     best_path = setup.checkpoint_dir / "best.pt"
     if dist.is_main and best_path.exists():  # the model that is logged and compared is the best one
         parts.model.load_state_dict(load_checkpoint(best_path)["model"])
@@ -242,7 +254,10 @@ def _build(setup: TrainSetup) -> _Parts:
     prep, dist, runtime = setup.prepared, setup.dist, setup.prepared.runtime
     cfg, t = prep.run.config, prep.run.config["train"]
     device = dist.device(runtime.device)
-    model = build_unet(cfg["model"], prep.in_channels, prep.out_channels, setup.registry).to(device)
+    # resuming loads the checkpoint's weights next: a pretrained encoder reads no file and no hub
+    model = build_unet(cfg["model"], prep.in_channels, prep.out_channels, setup.registry,
+                       pretrained="skip" if setup.resume is not None else "load").to(device)
+    model.return_auxiliary = bool(cfg["model"].get("deep_supervision"))
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.gradient_checkpointing = t["gradient_checkpointing"]
@@ -257,7 +272,8 @@ def _build(setup: TrainSetup) -> _Parts:
     if dist.enabled:  # gradients are averaged over ranks: N processes x batch b train like one with batch N*b
         from torch.nn.parallel import DistributedDataParallel
 
-        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                          find_unused_parameters=t["freeze_encoder_epochs"] > 0)
     if t["compile"]:  # true or a torch.compile mode (reduce-overhead: CUDA graphs)
         forward = torch.compile(forward, mode=None if t["compile"] is True else t["compile"])
     return _Parts(
@@ -295,11 +311,14 @@ def _train_epoch(setup: TrainSetup, parts: _Parts, state: TrainState, epoch: int
     generator.manual_seed(rank_seed)
     lr = parts.schedule.lr(epoch)
     for group in parts.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_mult", 1.0)
     parts.train_loader.epoch_sampler.set_epoch(es)
     parts.model.train()
+    _freeze_encoder(parts.model, epoch < t["freeze_encoder_epochs"])
     steps_per_epoch = len(parts.train_loader)
-    loss_sum, batches, images_seen, stop_reason = torch.zeros((), device=device), 0, 0, ""
+    # [the loss optimised, then with deep supervision each output's own loss, finest first]
+    outputs = 1 + len(getattr(parts.model, "aux_heads", ())) if parts.model.return_auxiliary else 0
+    loss_sum, batches, images_seen, stop_reason = torch.zeros(1 + outputs, device=device), 0, 0, ""
     started = time.perf_counter()
     for images, masks in parts.train_loader:
         images = images.to(device, non_blocking=True)
@@ -314,25 +333,32 @@ def _train_epoch(setup: TrainSetup, parts: _Parts, state: TrainState, epoch: int
         state.step += 1
         if state.step % 10 == 0 or batches == steps_per_epoch:  # reading the loss syncs a GPU: not every step
             # every rank sees the same (reduced) value, so all stop together on a non-finite loss
-            total = dist.sum(torch.stack([loss_sum.float(), torch.full((), float(batches), device=device)]))
+            total = dist.sum(torch.stack([loss_sum[0].float(), torch.full((), float(batches), device=device)]))
             running = _finite((total[0] / total[1]).item(), epoch, state.step)
             setup.on_progress(epoch=epoch + 1, batch=batches, batches=steps_per_epoch, loss=running)
         if t["max_steps"] is not None and state.step >= t["max_steps"]:
             stop_reason = f"step budget of {t['max_steps']} reached"
             break
     seconds = time.perf_counter() - started
-    totals = dist.sum(torch.stack([loss_sum.float(), torch.full((), float(batches), device=device),  # a fill, not
-                                   torch.full((), float(images_seen), device=device)]))      # a host copy
-    train_loss = _finite((totals[0] / totals[1].clamp_min(1)).item(), epoch, state.step)
-    return {"train_loss": train_loss, "lr": lr, "images_per_s": totals[2].item() / max(seconds, 1e-9)}, stop_reason
+    totals = dist.sum(torch.cat([loss_sum.float(), torch.full((1,), float(batches), device=device),  # a fill, not
+                                 torch.full((1,), float(images_seen), device=device)]))      # a host copy
+    means = (totals[:-2] / totals[-2].clamp_min(1)).tolist()
+    train_loss = _finite(means[0], epoch, state.step)
+    record = {"train_loss": train_loss, "lr": lr, "images_per_s": totals[-1].item() / max(seconds, 1e-9)}
+    record.update({f"train_loss_level{k}": v for k, v in enumerate(means[1:])})  # deep supervision, finest first
+    return record, stop_reason
 
 
 def _step(parts: _Parts, images: torch.Tensor, masks: torch.Tensor, dtype: torch.dtype | None,
           grad_clip: float | None) -> torch.Tensor:
-    """One optimiser step on one batch; return the batch's loss (detached)."""
+    """One optimiser step on one batch; return the batch's loss (detached), followed with deep supervision
+    by each output's own loss."""
     with _autocast(parts.device, dtype):
         logits = parts.forward(images)
-    loss = parts.loss_fn(logits, crop_target(masks, logits))
+    if isinstance(logits, (list, tuple)):  # deep supervision: the outputs, finest first
+        loss, levels = deep_supervision_loss(parts.loss_fn, list(logits), masks, parts.model.padding)
+    else:
+        loss, levels = parts.loss_fn(logits, crop_target(masks, logits)), None
     parts.optimizer.zero_grad(set_to_none=True)
     if parts.scaler is not None:
         parts.scaler.scale(loss).backward()
@@ -346,7 +372,21 @@ def _step(parts: _Parts, images: torch.Tensor, masks: torch.Tensor, dtype: torch
         parts.scaler.update()
     else:
         parts.optimizer.step()
-    return loss.detach()
+    return loss.detach().reshape(1) if levels is None else torch.cat([loss.detach().reshape(1).float(), levels])
+
+
+def _freeze_encoder(model: torch.nn.Module, frozen: bool) -> None:
+    """Freeze (or free) the encoder's weights; frozen, its BatchNorm layers run in eval mode, so their
+    running statistics (a pretrained encoder's) stay as they are and batches are normalised with them."""
+    encoder = getattr(model, "encoder", None)
+    if encoder is None:
+        return
+    for p in encoder.parameters():
+        p.requires_grad_(not frozen)
+    if frozen:
+        for m in encoder.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
 
 
 def _finite(loss: float, epoch: int, step: int) -> float:
