@@ -75,16 +75,21 @@ def test_urls_open_the_training_runs_view():
     assert run_url(base, "7", "p1") == "http://127.0.0.1:5123/#/experiments/7/runs/p1?workflowType=machine_learning"
 
 
-def test_factor_keys_are_what_differs_between_variants_not_replicates(tmp_path):
-    from unetlab.dashboard import factor_keys
+def test_factor_keys_and_groups_are_what_differs_between_variants_not_replicates(tmp_path):
+    from unetlab.dashboard import factor_keys, group_tags
     from unetlab.experiment import load_experiment
 
     path = write_tiny(tmp_path)
-    assert factor_keys(load_experiment(path).runs) == ["model.fusion.name"]
-    text = path.read_text().replace("variants:\n  concat: {model.fusion: concat}\n  add: {model.fusion: add}\n",
-                                    "matrix:\n  train.lr: [0.01, 0.02]\n")
-    path.write_text(text)
-    assert factor_keys(load_experiment(path).runs) == ["train.lr"]  # seeds differ too, but within a variant
+    runs = load_experiment(path).runs
+    assert factor_keys(runs) == ["model.fusion.name"] and group_tags(runs) == ["unetlab.variant"]
+    tiny = path.read_text()
+    path.write_text(tiny + "matrix:\n  train.lr: [0.01, 0.02]\n")  # variants x a matrix: both tell runs apart
+    runs = load_experiment(path).runs
+    assert factor_keys(runs) == ["model.fusion.name", "train.lr"]  # seeds differ too, but within a variant
+    assert group_tags(runs) == ["unetlab.variant", "unetlab.matrix.train.lr"]
+    path.write_text(tiny.replace("data:\n", "data:\n  folds: 2\n") + "matrix:\n  data.fold: [0, 1]\n")
+    runs = load_experiment(path).runs
+    assert factor_keys(runs) == ["model.fusion.name"] and group_tags(runs) == ["unetlab.variant"]  # folds replicate
 
 
 def test_summary_metrics_match_scipy_and_are_valid_mlflow_names():

@@ -28,7 +28,8 @@ import sys
 from typing import Any
 from urllib.parse import quote
 
-__all__ = ["VIEW_TAG_PREFIX", "comparison_markdown", "experiment_runs_url", "factor_keys", "latest_parent",
+__all__ = ["VIEW_TAG_PREFIX", "comparison_markdown", "experiment_runs_url", "factor_keys", "group_tags",
+           "latest_parent",
            "log_comparison", "report_dashboard", "run_url", "set_runs_view", "summary_metrics", "ui_base_url",
            "ui_urls",
            "view_key", "view_state"]
@@ -51,9 +52,18 @@ def _column(kind: str, key: str) -> str:
     return f"{kind}.`{key}`"
 
 
-def view_state(parent_id: str, monitor: str, factors: list[str] = ()) -> dict[str, Any]:
-    """The shared view of ``parent_id``'s children: filtered to them, grouped by variant, columns first the
-    best and last value of ``monitor``, then the params that differ between variants and the seed."""
+def group_tags(runs) -> list[str]:
+    """The tags that tell ``runs``' (``experiment.Run``) variants apart as ``unetlab compare`` does:
+    ``unetlab.variant`` and each matrix key's tag, except the fold (folds are replicates, like seeds)."""
+    keys = sorted({k for r in runs for k in r.matrix if k not in ("data.fold",)})
+    return ["unetlab.variant", *[f"unetlab.matrix.{k}" for k in keys]]
+
+
+def view_state(parent_id: str, monitor: str, factors: list[str] = (),
+               groups: list[str] = ("unetlab.variant",)) -> dict[str, Any]:
+    """The shared view of ``parent_id``'s children: filtered to them, grouped by variant (the ``groups``
+    tags), columns first the best and last value of ``monitor``, then the params that differ between
+    variants and the seed."""
     columns = [_column("metrics", f"best_{monitor}"), _column("metrics", monitor),
                *[_column("params", f) for f in factors], _column("tags", "unetlab.seed"),
                _column("params", "model.num_params")]
@@ -61,18 +71,19 @@ def view_state(parent_id: str, monitor: str, factors: list[str] = ()) -> dict[st
         "searchFilter": f"tags.`mlflow.parentRunId` = '{parent_id}'",
         "orderByKey": "attributes.start_time", "orderByAsc": True,
         "groupBy": {"aggregateFunction": "average",
-                    "groupByKeys": [{"mode": "tag", "groupByData": "unetlab.variant"}]},
+                    "groupByKeys": [{"mode": "tag", "groupByData": tag} for tag in groups]},
         "groupsExpanded": {}, "useGroupedValuesInCharts": True, "hideEmptyCharts": True,
         "runsHiddenMode": "SHOW_ALL", "selectedColumns": columns,
     }
 
 
-def set_runs_view(client, experiment_id: str, parent_id: str, monitor: str, factors: list[str] = ()) -> str:
+def set_runs_view(client, experiment_id: str, parent_id: str, monitor: str, factors: list[str] = (),
+                  groups: list[str] = ("unetlab.variant",)) -> str:
     """Store the shared view of ``parent_id`` as an experiment tag and return its key; keep the newest
     ``KEEP_VIEWS`` unetlab views of the experiment (one per invocation)."""
     key = view_key(parent_id)
     client.set_experiment_tag(experiment_id, VIEW_TAG_PREFIX + key,
-                              json.dumps(view_state(parent_id, monitor, list(factors))))
+                              json.dumps(view_state(parent_id, monitor, list(factors), list(groups))))
     ours = [k for k in client.get_experiment(experiment_id).tags if k.startswith(VIEW_TAG_PREFIX + "unetlab-")]
     if len(ours) > KEEP_VIEWS:
         start = {r.info.run_id: r.info.start_time for r in client.search_runs(
@@ -252,10 +263,10 @@ def log_comparison(client, result: dict[str, Any], figure=None) -> str:
 
 
 def report_dashboard(client, experiment_id: str, parent_id: str, monitor: str, margin: float | None,
-                     factors: list[str], tracking_uri: str | None, experiment_file: str, say) -> None:
+                     runs, tracking_uri: str | None, experiment_file: str, say) -> None:
     """The end of ``unetlab run``: store the parent's runs view, compare its runs (the file's margin) and
     log the comparison to it (a failure is one warning line, never the exit status), then ``say`` each
-    verdict and where the dashboard is."""
+    verdict and where the dashboard is. ``runs``: the experiment's runs (``experiment.Run``)."""
     import os
 
     from .compare import compare_runs
@@ -263,7 +274,7 @@ def report_dashboard(client, experiment_id: str, parent_id: str, monitor: str, m
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # per-image tables: no bars
     try:
-        set_runs_view(client, experiment_id, parent_id, monitor, factors)
+        set_runs_view(client, experiment_id, parent_id, monitor, factor_keys(runs), group_tags(runs))
         result = compare_runs(client, experiment_id, None, parent_id, margin)
         log_comparison(client, result)
     except Exception as exc:  # noqa: BLE001 -- the runs are done; a comparison problem must not change that
@@ -303,6 +314,8 @@ def ui_urls(tracking_uri: str | None, experiment_name: str | None, host: str, po
         from mlflow.tracking import MlflowClient
 
         uri = tracking_uri or mlflow.get_tracking_uri()
+        if uri.startswith(("http://", "https://")):
+            return lines + [f"the store is a tracking server: its own UI is at {uri.rstrip('/')}"]
         if not _store_exists(uri):
             return lines + [f"no runs yet in {uri}: 'unetlab run FILE' first"]
         client = MlflowClient(uri)
