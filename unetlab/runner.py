@@ -136,7 +136,7 @@ def run_experiment(path: str | Path, overrides: Sequence[str] = (), resume: bool
             from .dashboard import report_dashboard
 
             report_dashboard(tracker.client, tracker.experiment_id, inv.parent_id, runs[0].config["train"]["monitor"],
-                             margin_from_file(path), factors, tracker.uri, str(path), reporter.info)
+                             margin_from_file(path), experiment.runs, tracker.uri, str(path), reporter.info)
         return code
     finally:
         distributed.shutdown(ctx)
