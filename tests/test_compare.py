@@ -202,6 +202,11 @@ def test_run_logs_per_image_tables_that_compare_pairs(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path / 't.db'}")
     hd95 = compare_runs(client, client.get_experiment_by_name("tiny_pair").experiment_id, "val_hd95", None)
     assert hd95["direction"] == "min" and hd95["pairs"][0]["paired"]["n_images"] == 6
+    assert not hd95["warnings"] and hd95["dropped"] == [] and hd95["pairs"][0]["dropped"] is None
+    # each run records the ranges its metrics declare, which compare checks the per-image tables against
+    run = client.search_runs([client.get_experiment_by_name("tiny_pair").experiment_id],
+                             filter_string="attributes.run_name = 'concat/seed=1'")[0]
+    assert json.loads(run.data.tags["unetlab.metric_ranges"]) == {"val_iou": [0.0, 1.0], "val_hd95": [0.0, None]}
 
 
 def test_old_runs_fall_back_to_seed_level_and_an_unknown_direction_is_said(store, tmp_path, capsys):

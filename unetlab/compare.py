@@ -113,7 +113,7 @@ def _directions(runs) -> dict[str, str]:
         if text:
             try:
                 out.update({k: v for k, v in json.loads(text).items() if v in ("max", "min")})
-            except (ValueError, AttributeError):
+            except (ValueError, AttributeError, RecursionError):  # store content: a bad tag is no direction
                 continue
     return out
 
@@ -129,29 +129,58 @@ def _find_parent(client, experiment_id: str) -> str:
     raise UnetlabError("no finished runs to compare in this experiment (run 'unetlab run' first)")
 
 
-def _paired_groups(tables_a: dict, tables_b: dict, metric: str) -> list[tuple[str, list, list[float]]]:
-    """Per replicate both variants have: (replicate, image ids, A - B) on the images both have (finite only)."""
+def _paired_groups(tables_a: dict, tables_b: dict) -> list[tuple[str, list, list[float]]]:
+    """Per replicate both variants have: (replicate, image ids, A - B) on the images both have usable values of."""
     groups = []
-    for replicate, table_a in tables_a.items():
-        table_b = tables_b.get(replicate)
-        if table_a is None or table_b is None:
+    for replicate, read_a in tables_a.items():
+        read_b = tables_b.get(replicate)
+        if read_b is None or read_a.values is None or read_b.values is None:
             continue
-        images = [i for i in table_a if i in table_b and metric in table_a[i] and metric in table_b[i]
-                  and math.isfinite(table_a[i][metric]) and math.isfinite(table_b[i][metric])]
+        images = [i for i in read_a.values if i in read_b.values]
         if images:
-            groups.append((replicate, images, [table_a[i][metric] - table_b[i][metric] for i in images]))
+            groups.append((replicate, images, [read_a.values[i] - read_b.values[i] for i in images]))
     return groups
+
+
+def _pair_losses(tables_a: dict, tables_b: dict, names_a: dict, names_b: dict,
+                 groups: list) -> dict[str, Any] | None:
+    """What a pair could not use of the per-image values its tables name, and why (None: nothing lost).
+
+    Counted over the replicates both variants ran: every image either table names, less those paired.
+    """
+    if all(r.values is None and r.problem is None for r in [*tables_a.values(), *tables_b.values()]):
+        return None  # no tables at all (runs logged before them): the seed-level fallback says so
+    used_by = {replicate: len(images) for replicate, images, _ in groups}
+    total, reasons = 0, []
+    for replicate in [r for r in tables_a if r in tables_b]:
+        sides = ((tables_a[replicate], names_a[replicate]), (tables_b[replicate], names_b[replicate]))
+        images = {i for read, _ in sides for i in read.images}
+        total += len(images)
+        for read, name in sides:
+            if read.problem:
+                reasons.append(f"bad per-image table in run '{name}'")
+            elif read.values is None:
+                reasons.append(f"no per-image table in run '{name}'")
+            reasons += [f"{why} in run '{name}' ({n})" for why, n in read.dropped.items()]
+        if all(read.values is not None for read, _ in sides) and \
+                set(sides[0][0].images) != set(sides[1][0].images):
+            reasons.append(f"images in one variant's table only ({replicate})")
+    used = sum(used_by.values())
+    if used == total and not reasons:
+        return None
+    return {"values_used": used, "values_total": total, "dropped": total - used, "reasons": reasons}
 
 
 def _cv_estimate(tables: dict, bests: list[float], metric: str) -> dict[str, Any] | None:
     """A variant's cross-validation estimate from its per-image tables (else from its best values)."""
     from . import paired_stats
 
-    groups = [[t[i][metric] for i in t if metric in t[i] and math.isfinite(t[i][metric])]
-              for t in tables.values() if t is not None]
-    groups = [g for g in groups if g]
+    groups = [list(read.values.values()) for read in tables.values() if read.values]
     if groups:
-        return {**paired_stats.cv_estimate(groups), "source": f"per-image {metric} of each replicate's best checkpoint"}
+        lost = {"dropped": sum(read.dropped_count for read in tables.values()),
+                "bad_tables": sum(read.problem is not None for read in tables.values())}
+        return {**paired_stats.cv_estimate(groups), **lost,
+                "source": f"per-image {metric} of each replicate's best checkpoint"}
     if len(bests) < 2:
         return None
     low, high = paired_stats.t_interval(bests)
@@ -160,11 +189,52 @@ def _cv_estimate(tables: dict, bests: list[float], metric: str) -> dict[str, Any
             "source": f"best whole-set {metric} of each replicate (no per-image tables)"}
 
 
+def _read_tables(client, runs_by_variant: dict[str, list], replicate_of, metric: str,
+                 warnings: list[str]) -> tuple[dict, list[dict[str, Any]]]:
+    """Every run's validated per-image values (``unetlab.compare_inputs``), and one report per run that had
+    a bad table or dropped rows (also a warning line naming the run)."""
+    from .compare_inputs import ARTIFACT, declared_ranges, read_per_image
+
+    tables: dict[str, dict] = {}
+    reports = []
+    for variant, runs in runs_by_variant.items():
+        for run in runs:
+            who = f"run '{run.info.run_name}' (id {run.info.run_id})"
+            ranges, tag_problem = declared_ranges(run.data.tags)
+            if tag_problem:
+                warnings.append(f"{who}: {tag_problem}")
+            read = read_per_image(client, run.info.run_id, metric, ranges)
+            tables.setdefault(variant, {})[replicate_of(run)] = read
+            if read.problem or read.dropped:
+                reports.append({"run_id": run.info.run_id, "run_name": run.info.run_name, "variant": variant,
+                                "replicate": replicate_of(run), "problem": read.problem,
+                                "images": len(read.images), "dropped": read.dropped})
+            if read.problem:
+                warnings.append(f"{who}: {read.problem}; none of its per-image values are used")
+            elif read.dropped:
+                why = "; ".join(f"{reason}: {n}" for reason, n in read.dropped.items())
+                warnings.append(f"{who}: {read.dropped_count} of {len(read.images)} images dropped from "
+                                f"{ARTIFACT} ({why})")
+    return tables, reports
+
+
+def _param(run, key: str, kind: type, default: Any, warnings: list[str]) -> Any:
+    """A run's param converted to ``kind`` (store content: a garbled one is ``default`` and a warning)."""
+    text = run.data.params.get(key)
+    if text is None:
+        return default
+    try:
+        return kind(text)
+    except ValueError:
+        warnings.append(f"run '{run.info.run_name}' (id {run.info.run_id}): param {key} = {text[:40]!r} is not "
+                        f"a {kind.__name__}; shown as {default}")
+        return default
+
+
 def compare_runs(client, experiment_id: str, metric: str | None, parent_id: str | None,
                  margin: float | None = None, direction: str | None = None) -> dict[str, Any]:
     """Gather the comparison of one parent run's children (see the module docstring)."""
     from . import paired_stats
-    from .per_image import load_per_image_metrics
 
     if margin is not None and not (margin > 0 and math.isfinite(margin)):
         raise ConfigError(f"--margin: must be a positive number, got {margin}")
@@ -200,8 +270,8 @@ def compare_runs(client, experiment_id: str, metric: str | None, parent_id: str 
     groups: dict[str, list] = {}
     for c in sorted(finished, key=lambda c: c.info.start_time):  # the experiment file's order
         groups.setdefault(_variant(c), []).append(c)
-    tables = {v: {_replicate(r, cross_validated): load_per_image_metrics(client, r.info.run_id) for r in runs}
-              for v, runs in groups.items()}
+    tables, dropped = _read_tables(client, groups, lambda r: _replicate(r, cross_validated), metric, warnings)
+    names = {v: {_replicate(r, cross_validated): r.info.run_name for r in runs} for v, runs in groups.items()}
     fold_seed = {_replicate(r, cross_validated): (fold_of[r.info.run_id], _seed(r)) for r in finished}
     rows, curves, bests, seed_bests, cv = [], {}, {}, {}, {}
     for variant, runs in groups.items():
@@ -225,8 +295,8 @@ def compare_runs(client, experiment_id: str, metric: str | None, parent_id: str 
             row[f"final_{key}_mean"], row[f"final_{key}_std"] = _mean_std(final_values)
             if key == metric:
                 bests[variant], seed_bests[variant] = best_values, by_replicate
-        row["params"] = int(runs[0].data.params.get("model.num_params", 0))
-        row["gflops"] = float(runs[0].data.params.get("model.gflops_per_image", "nan"))
+        row["params"] = _param(runs[0], "model.num_params", int, 0, warnings)
+        row["gflops"] = _param(runs[0], "model.gflops_per_image", float, math.nan, warnings)
         row["train_time_s_mean"], row["train_time_s_std"] = _mean_std(
             [r.data.metrics.get("train_time_s") for r in runs])
         rows.append(row)
@@ -243,9 +313,10 @@ def compare_runs(client, experiment_id: str, metric: str | None, parent_id: str 
             "difference": (statistics.mean(bests[a]) - statistics.mean(bests[b])
                            if bests.get(a) and bests.get(b) else None),
             "p_value": p, "replicates": [len(bests.get(a, [])), len(bests.get(b, []))]}
-        paired_groups = _paired_groups(tables[a], tables[b], metric)
+        paired_groups = _paired_groups(tables[a], tables[b])
+        pair["dropped"] = _pair_losses(tables[a], tables[b], names[a], names[b], paired_groups)
         if not paired_groups:
-            missing = [v for v in (a, b) if not any(t is not None for t in tables[v].values())]
+            missing = [v for v in (a, b) if all(t.values is None and t.problem is None for t in tables[v].values())]
             pair["paired"] = None
             pair["note"] = (f"no per-image tables for {', '.join(missing)} (runs logged before per-image metrics)"
                             if missing else f"no common {level}s and images with a per-image {metric}")
@@ -271,11 +342,17 @@ def compare_runs(client, experiment_id: str, metric: str | None, parent_id: str 
         pair["fragile"] = stats_obj.fragile
         pair["fragile_text"] = (paired_stats.fragile_text(stats_obj.fragile, stats_obj.n_folds)
                                 if stats_obj.fragile else None)
+    for pair in pairs:
+        lost = pair["dropped"]
+        if lost:
+            pair["verdict"] += (f" [from {lost['values_used']} of {lost['values_total']} per-image values: "
+                                f"{lost['dropped']} dropped ({'; '.join(lost['reasons'])}); see the warnings]")
     failed = [c.info.run_name for c in children if c.info.status != "FINISHED"]
     return {"metric": metric, "direction": direction, "direction_source": direction_source,
             "higher_is_better": higher, "margin": margin, "parent_run_id": parent_id, "rows": rows,
             "pairs": pairs, "curves": curves, "seed_bests": seed_bests, "not_finished": failed,
             "warnings": warnings, "cross_validated": cross_validated, "folds": folds, "cv": cv,
+            "dropped": dropped,
             "tests": {
                 "paired": (f"per-image {metric} of each run's best checkpoint, paired by "
                            + ("fold, seed" if cross_validated else "seed") + " and image: mean "
@@ -325,9 +402,11 @@ def _cv_line(variant: str, cv: dict[str, Any] | None, metric: str) -> str:
     if cv is None:
         return f"cross-validation estimate of {metric} for {variant}: n/a (needs per-image tables or >= 2 replicates)"
     std = "" if cv["std"] is None else f" +- {cv['std']:.4f} (std over {cv['n_replicates']} fold x seed replicates)"
+    lost = (f" [{cv['dropped']} images dropped and {cv['bad_tables']} bad tables not used; see the warnings]"
+            if cv.get("dropped") or cv.get("bad_tables") else "")
     return (f"cross-validation estimate of {metric} for {variant}: {cv['mean']:.4f}{std}, "
             f"95% CI [{cv['ci_low']:.4f}, {cv['ci_high']:.4f}] ({cv['interval']}; {cv['n_values']} values: "
-            f"{cv['source']})")
+            f"{cv['source']}){lost}")
 
 
 def render(result: dict[str, Any], fmt: str) -> str:

@@ -19,6 +19,7 @@ from .data import build_augment, build_source, model_io
 from .data_options import source_key
 from .errors import ConfigError, UnetlabError, did_you_mean
 from .experiment import Run
+from .metric_ranges import metric_ranges
 from .registry import Registry, metric_directions, resolve_monitor_mode
 from .system_metrics import system_metrics_enabled
 
@@ -58,6 +59,7 @@ class Prepared:
     gflops: float
     key: str  # "<run name>@<config hash>": how --resume finds the run again
     metric_directions: dict[str, str] = field(default_factory=dict)  # logged key -> "max"/"min"
+    metric_ranges: dict[str, list] = field(default_factory=dict)  # logged key -> declared [low, high]
 
 
 def _mps_available() -> bool:
@@ -183,6 +185,7 @@ def prepare(run: Run, registry: Registry, world_size: int = 1, source: Any = Non
         output_shape(model, in_ch, *size)
         gflops = forward_flops(model, in_ch, *size) / 1e9
         directions = metric_directions(run.config["train"], num_classes, registry)
+        ranges = metric_ranges(run.config["train"], num_classes, registry)
         keys = list(directions)
     except UnetlabError as exc:
         raise UnetlabError(f"run '{run.name}': {exc}") from None
@@ -193,7 +196,7 @@ def prepare(run: Run, registry: Registry, world_size: int = 1, source: Any = Non
     # monitor_mode 'auto' becomes the monitored key's declared direction, recorded in the config that runs
     run.config["train"]["monitor_mode"] = resolve_monitor_mode(run.config["train"], directions)
     return Prepared(run, source, in_ch, out_ch, num_classes, runtime, count_parameters(model), gflops,
-                    f"{run.name}@{config_hash(run.config)}", directions)
+                    f"{run.name}@{config_hash(run.config)}", directions, ranges)
 
 
 def prepare_all(runs: Sequence[Run], registry: Registry, world_size: int = 1,

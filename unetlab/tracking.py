@@ -193,6 +193,7 @@ class Tracker:
             "unetlab.variant": run.variant, "unetlab.seed": str(run.seed),
             "unetlab.config_hash": config_hash(run.config),
             "unetlab.metric_directions": json.dumps(prepared.metric_directions, sort_keys=True),
+            "unetlab.metric_ranges": json.dumps(prepared.metric_ranges, sort_keys=True),
             **{f"unetlab.matrix.{k}": v if isinstance(v, str) else json.dumps(v) for k, v in run.matrix.items()}})
         child.log_params({**run.flat(), "model.num_params": prepared.params,
                           "model.gflops_per_image": f"{prepared.gflops:.4f}", "unetlab.version": __version__,
