@@ -209,8 +209,10 @@ def comparison_markdown(result: dict[str, Any], figure_name: str) -> str:
                 p = _p(s.get("wilcoxon_p_holm") if s.get("wilcoxon_p_holm") is not None else s.get("wilcoxon_p"))
             else:
                 diff, n, p = "-", "-", "-"
-            verdict = str(pair["verdict"]).replace("|", "/")
-            lines.append(f"| {pair['a']} vs {pair['b']} | **{verdict}** | {diff} | {n} | {p} | "
+            verdict = "**" + str(pair["verdict"]).replace("|", "/") + "**"
+            if pair.get("fragile_text"):  # an interval bound close to 0 or the margin: say what would settle it
+                verdict += f" (warning: {str(pair['fragile_text']).replace('|', '/')})"
+            lines.append(f"| {pair['a']} vs {pair['b']} | {verdict} | {diff} | {n} | {p} | "
                          f"{_p(pair['seed_level'].get('p_value'))} |")
         lines.append("")
     lines += [f"Figure: `{figure_name}`; every number: `compare.json` (this run's artifacts). Per-variant "
