@@ -117,3 +117,29 @@ def test_the_readme_headline_bound_is_fragile():
     near_zero = paired_stats.PairedResult(0.03, 0.0004, 0.0596, 3, 40, 0.01, 0.5, 0.5)
     f = paired_stats.fragility(near_zero, None)
     assert f["threshold"] == 0 and f["tolerance"] == pytest.approx(0.1 * 0.0296) and f["basis"] == "CI half-width"
+
+
+def figure_text(figure) -> str:
+    """Every text artist of a matplotlib figure (titles, labels, tick labels, legends), one per line."""
+    from matplotlib.text import Text
+
+    return "\n".join(t.get_text() for t in figure.findobj(Text) if t.get_text())
+
+
+def test_the_compare_figure_carries_the_verdicts_n_and_the_margin(store):
+    from mlflow.tracking import MlflowClient
+
+    from unetlab.compare import compare_runs
+    from unetlab.figures import comparison_figure
+
+    uri, exp = store
+    client = MlflowClient(uri)
+    values = known_values()
+    low, high = loop_interval(values["a"] - values["b"])
+    margin = max(-low, high) / 0.95  # equivalent, but fragile
+    text = figure_text(comparison_figure(compare_runs(client, exp, None, None, margin=margin)))
+    assert f"a - b\nequivalent within ±{margin:g} (fragile)\nn = 2 seeds x {IMAGES} images" in text
+    assert f"margin ±{margin:g}" in text  # the forest plot's title and the figure's
+    assert f"val_iou (higher is better): n = 2 variant(s) x 2 seeds x {IMAGES} images; margin ±{margin:g}" in text
+    text = figure_text(comparison_figure(compare_runs(client, exp, None, None)))
+    assert "a - b\nno difference shown\nn = 2 seeds" in text and "no margin (equivalence not tested)" in text

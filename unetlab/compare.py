@@ -185,7 +185,7 @@ def _cv_estimate(tables: dict, bests: list[float], metric: str) -> dict[str, Any
         return None
     low, high = paired_stats.t_interval(bests)
     return {"mean": statistics.mean(bests), "std": statistics.stdev(bests), "ci_low": low, "ci_high": high,
-            "n_replicates": len(bests), "n_values": len(bests), "interval": "95% t-interval over replicates",
+            "n_replicates": len(bests), "n_values": len(bests), "interval": "t-interval over replicates",
             "source": f"best whole-set {metric} of each replicate (no per-image tables)"}
 
 
@@ -405,7 +405,7 @@ def _cv_line(variant: str, cv: dict[str, Any] | None, metric: str) -> str:
     lost = (f" [{cv['dropped']} images dropped and {cv['bad_tables']} bad tables not used; see the warnings]"
             if cv.get("dropped") or cv.get("bad_tables") else "")
     return (f"cross-validation estimate of {metric} for {variant}: {cv['mean']:.4f}{std}, "
-            f"95% CI [{cv['ci_low']:.4f}, {cv['ci_high']:.4f}] ({cv['interval']}; {cv['n_values']} values: "
+            f"95% CI [{cv['ci_low']:.4f}, {cv['ci_high']:.4f}] ({cv['interval']}; {cv['n_values']} values, the "
             f"{cv['source']}){lost}")
 
 

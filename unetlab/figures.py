@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -121,39 +122,70 @@ def _t_interval(values: list[float]) -> tuple[float, float] | None:
     return mean - half, mean + half
 
 
-def comparison_figure(result: dict[str, Any]):
-    """Three panels from ``unetlab.compare.compare_runs``'s result.
+def _short_verdict(pair: dict[str, Any]) -> str:
+    """The verdict's decision without its explanation ("not resolved", "x better"), marked when fragile or
+    when data was dropped."""
+    text = str(pair["verdict"]).split(" [from ")[0]
+    short = re.split(r"[:(]", text)[0].strip()
+    marks = (["fragile"] if pair.get("fragile") else []) + (
+        [f"{pair['dropped']['dropped']} values dropped"] if pair.get("dropped") else [])
+    return short + (f" ({', '.join(marks)})" if marks else "")
 
-    Left: the best value of each seed (points) with the mean and its 95% t-interval over seeds, per
-    variant, on an axis zoomed to the data (no bars from 0 that hide small differences). Middle: a
-    forest plot of the paired differences A - B with their 95% bootstrap intervals and the margin band
-    (pairs without per-image tables: the seed-level difference, hollow, no interval). Right: the
-    validation curves, one line per seed.
+
+def _pair_n(pair: dict[str, Any], cross_validated: bool) -> str:
+    """n of a pair: replicates x images (per-image pairs), or replicates per variant (seed-level only)."""
+    s = pair.get("paired")
+    if s is not None:
+        if cross_validated:
+            return f"n = {s['n_folds']} folds x {s['n_seeds']} seeds, {s['n_images']} images"
+        return f"n = {s['n_seeds']} seeds x {s['n_images']} images"
+    counts = pair["seed_level"].get("replicates")
+    return f"n = {counts[0]} vs {counts[1]} {'replicates' if cross_validated else 'seeds'}" if counts else ""
+
+
+def comparison_figure(result: dict[str, Any]):
+    """Three panels from ``unetlab.compare.compare_runs``'s result, with the verdicts, n and the margin in
+    their text.
+
+    Left: the best value of each replicate (seed, or fold x seed) with the mean and its 95% t-interval,
+    per variant, on an axis zoomed to the data (no bars from 0 that hide small differences); with folds
+    also each variant's cross-validation estimate and its bootstrap interval. Middle: a forest plot of the
+    paired differences A - B with their 95% bootstrap intervals and the margin band (pairs without
+    per-image tables: the seed-level difference, hollow, no interval); each pair's label carries its
+    verdict (marked when fragile or when data was dropped) and n. Right: the validation curves, one line
+    per replicate. The figure's title: metric, direction, margin and replicates x images.
     """
     plt = _plt()
     metric, pairs = result["metric"], result["pairs"]
+    cross_validated = bool(result.get("cross_validated"))
+    unit = "replicate (fold x seed)" if cross_validated else "seed"
     fig, (ax_seeds, ax_forest, ax_curve) = plt.subplots(
-        1, 3, figsize=(15, max(4.0, 0.45 * len(pairs) + 2)), gridspec_kw={"width_ratios": [1, 1.2, 1]})
+        1, 3, figsize=(15, max(4.5, 0.8 * len(pairs) + 2.5)), gridspec_kw={"width_ratios": [1, 1.2, 1]})
     rng = np.random.default_rng(0)  # jitter only
     for i, by_seed in enumerate(result["seed_bests"].values()):
         values = list(by_seed.values())
         if not values:
             continue
         ax_seeds.scatter(i + rng.uniform(-0.12, 0.12, len(values)), values, color=f"C{i}", alpha=0.7, zorder=3,
-                         label="one seed" if i == 0 else None)
+                         label=f"one {unit}" if i == 0 else None)
         interval = _t_interval(values)
         mean = float(np.mean(values))
         if interval is not None:
             ax_seeds.errorbar([i + 0.3], [mean], yerr=[[mean - interval[0]], [interval[1] - mean]], fmt="o",
                               color="black", capsize=5, zorder=4,
-                              label="mean, 95% t-interval over seeds" if i == 0 else None)
+                              label=f"mean, 95% t-interval over {unit.split(' ')[0]}s" if i == 0 else None)
         else:
             ax_seeds.plot([i + 0.3], [mean], "o", color="black", zorder=4)
+        cv = (result.get("cv") or {}).get(list(result["seed_bests"])[i])
+        if cv:
+            ax_seeds.errorbar([i - 0.3], [cv["mean"]], yerr=[[cv["mean"] - cv["ci_low"]], [cv["ci_high"] - cv["mean"]]],
+                              fmt="s", color="C3", capsize=5, zorder=4,
+                              label="CV estimate (per image), 95% CI" if i == 0 else None)
     names = list(result["seed_bests"])
     ax_seeds.set_xticks(range(len(names)), names, rotation=20 if len(names) > 3 else 0)
     ax_seeds.margins(y=0.15)
     better = "higher" if result["higher_is_better"] else "lower"
-    ax_seeds.set(ylabel=f"best {metric}", title=f"best {metric} per seed ({better} is better)")
+    ax_seeds.set(ylabel=f"best {metric}", title=f"best {metric} per {unit.split(' ')[0]} ({better} is better)")
     ax_seeds.legend(fontsize=8)
 
     margin = result.get("margin")
@@ -170,17 +202,39 @@ def comparison_figure(result: dict[str, Any]):
         elif pair["seed_level"]["difference"] is not None:
             ax_forest.plot([pair["seed_level"]["difference"]], [y], "o", mfc="none", color="C1",
                            label="seed-level only" if row == 0 else None)
-    ax_forest.set_yticks(range(len(pairs)), [f"{p['a']} - {p['b']}" for p in reversed(pairs)])
+    ax_forest.set_yticks(range(len(pairs)), [f"{p['a']} - {p['b']}\n{_short_verdict(p)}\n{_pair_n(p, cross_validated)}"
+                                             for p in reversed(pairs)], fontsize=8)
     ax_forest.set_ylim(-0.8, len(pairs) - 0.2)
     ax_forest.margins(x=0.15)
-    ax_forest.set(xlabel=f"difference in per-image {metric} (A - B)", title="paired differences")
-    ax_forest.legend(fontsize=8, loc="best")
+    ax_forest.set(xlabel=f"difference in per-image {metric} (A - B)",
+                  title="paired differences, 95% CI; " + (f"margin ±{margin:g}" if margin else
+                                                          "no margin (equivalence not tested)"))
+    if ax_forest.get_legend_handles_labels()[0]:
+        ax_forest.legend(fontsize=8, loc="best")
+    if not pairs:
+        ax_forest.text(0.5, 0.5, "no pairs: one variant" + (" (its cross-validation estimate is on the left)"
+                                                            if cross_validated else ""),
+                       transform=ax_forest.transAxes, ha="center", va="center", fontsize=9, wrap=True)
 
     for i, (name, runs) in enumerate(result["curves"].items()):
         for j, points in enumerate(runs):
             if points:
                 ax_curve.plot(*zip(*points), color=f"C{i}", alpha=0.8, label=name if j == 0 else None)
-    ax_curve.set(xlabel="epoch", ylabel=metric, title=f"{metric} per epoch (one line per seed)")
+    ax_curve.set(xlabel="epoch", ylabel=metric, title=f"{metric} per epoch (one line per {unit.split(' ')[0]})")
     ax_curve.legend(fontsize=8)
+    rows = result.get("rows") or []
+
+    def counts(key: str) -> str:
+        return "/".join(sorted({str(r.get(key)) for r in rows})) or "?"
+
+    n = (f"{counts('replicates')} replicates ({counts('folds')} folds x {counts('seeds')} seeds)" if cross_validated
+         else f"{counts('seeds')} seeds")
+    images = "/".join(str(i) for i in sorted({p["paired"]["n_images"] for p in pairs if p.get("paired")}))
+    values = "/".join(str(v) for v in sorted({c["n_values"] for c in (result.get("cv") or {}).values()
+                                               if c and "per-image" in c["source"]}))
+    n += (f" x {images} images" if images and not cross_validated else f", {images} images paired" if images
+          else f", {values} per-image values" if values else "")
+    fig.suptitle(f"{metric} ({better} is better): n = {len(rows)} variant(s) x {n}; "
+                 + (f"margin ±{margin:g}" if margin else "no margin"), fontsize=11)
     fig.tight_layout()
     return fig

@@ -131,7 +131,7 @@ def cv_estimate(groups: Any, resamples: int = RESAMPLES, seed: int = BOOTSTRAP_S
     means = [float(g.mean()) for g in values]
     return {"mean": mean, "std": float(np.std(means, ddof=1)) if len(means) > 1 else None, "ci_low": low,
             "ci_high": high, "n_replicates": len(values), "n_values": int(sum(g.size for g in values)),
-            "interval": "95% hierarchical bootstrap CI (replicates, then images)"}
+            "interval": "hierarchical bootstrap: replicates, then images"}
 
 
 def t_interval(values: Sequence[float], level: float = LEVEL) -> tuple[float, float] | None:
