@@ -373,7 +373,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     uri = resolve_tracking_uri(uri) if args.tracking_uri is None else uri
     if exposed:
         print(f"unetlab: warning: --expose: the MLflow UI on {args.host}:{args.port} serves the tracking store "
-              f"{uri or './mlruns (MLflow default)'} to every host that can reach it, readable and writable (runs, "
+              f"{uri or 'MLflow default (./mlflow.db)'} to every host that can reach it, readable and writable (runs, "
               "artifacts, models can be created, changed and deleted) with no authentication; for logins use "
               "MLflow's own: mlflow server --app-name basic-auth", file=sys.stderr)
     from .dashboard import ui_urls
