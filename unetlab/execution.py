@@ -143,6 +143,7 @@ def run_sequential(inv: Invocation) -> int:
     """Train every prepared run here, one after another (rank 0 of a distributed job too)."""
     import os
 
+    from .resume_checks import CODE_DIGEST_TAG, code_digest
     from .run_ownership import RunBusy, claim_run_folder, owner_tags
     from .trainer import mark_finished
 
@@ -150,6 +151,7 @@ def run_sequential(inv: Invocation) -> int:
     reporter.emit("start", experiment=inv.experiment.name, runs=len(inv.prepared), tracking_uri=tracker.uri,
                   parent_run_id=inv.parent_id)
     extra_params = {**_plugin_versions(inv.host), "distributed.world_size": int(os.environ.get("WORLD_SIZE", "1"))}
+    code = code_digest(inv.host)  # of the local plugins' source: --resume refuses a run whose code changed
     failed, current, lock = 0, None, None
     with signals_interrupt():
         try:
@@ -171,11 +173,14 @@ def run_sequential(inv: Invocation) -> int:
                     child = current = tracker.child(found[0].info.run_id)  # in charge before it is RUNNING again
                     tracker.reopen(child.run_id)
                     child.set_tags(owner_tags())
+                    for stale in ("unetlab.status_reason", "unetlab.error"):  # said of the attempt before
+                        if stale in found[0].data.tags:
+                            tracker.client.delete_tag(child.run_id, stale)
                     state = _resumable_state(ckpt_dir)
                 else:
                     # torch.threads (= train.threads): the param runs of older versions logged their count in
                     threads = {"torch.threads": run.config["train"]["threads"]}
-                    tags = {**(inv.base_tags or {}), **owner_tags()}
+                    tags = {**(inv.base_tags or {}), **owner_tags(), CODE_DIGEST_TAG: code}
                     child = current = tracker.start_prepared_run(prep, tags, {**extra_params, **threads})
                     ckpt_dir = checkpoint_dir(inv.experiment, run, child.run_id)
                     lock, state = claim_run_folder(ckpt_dir, run.name), None
@@ -252,15 +257,21 @@ def _claim(inv: Invocation, name: str, run, ckpt_dir: Path):
 
 def claim_resumed_runs(inv: Invocation, lock: bool) -> None:
     """For ``--resume``, before the parent run is reopened, refuse in one line a run to be continued that a
-    live process trains; with ``lock`` (this process trains them) take each such run's folder lock now
-    (``inv.claimed``), so that of two ``--resume`` started together the second changes nothing."""
+    live process trains, or whose data or local plugin code changed since (``resume_checks``); with ``lock``
+    (this process trains them) take each such run's folder lock now (``inv.claimed``), so that of two
+    ``--resume`` started together the second changes nothing. Says in one line when no run matched."""
+    from .resume_checks import check_unchanged, code_digest
     from .run_ownership import claim_run_folder
 
+    code, unmatched = code_digest(inv.host), []
     for prep in inv.prepared:
         found = inv.tracker.find_runs("unetlab.run_key", prep.key)
+        if not found:
+            unmatched.append(prep.run.name)
         if not found or found[0].info.status == "FINISHED":
             continue
         check_not_trained_elsewhere(prep.run.name, found[0])
+        check_unchanged(found[0], prep, inv.host, code)
         if lock:
             run_id = found[0].info.run_id
             try:
@@ -271,7 +282,12 @@ def claim_resumed_runs(inv: Invocation, lock: bool) -> None:
                     held.release()
                 inv.claimed.clear()
                 raise
-
+    if unmatched:
+        which = "no run" if len(unmatched) == len(inv.prepared) else f"{len(unmatched)} of {len(inv.prepared)} runs"
+        print(f"unetlab: --resume: {which} of {inv.path} matched an earlier run in experiment "
+              f"'{inv.experiment.name}' at {inv.tracker.uri} (same name and config), so "
+              f"{'they start' if len(unmatched) > 1 else 'it starts'} from epoch 1"
+              f"{'' if len(unmatched) == len(inv.prepared) else ': ' + ', '.join(unmatched)}", file=sys.stderr)
 
 
 def _resumable_state(ckpt_dir: Path) -> dict | None:

@@ -42,6 +42,7 @@ __all__ = [
 
 WEIGHTS_DIR = "unetlab_model"
 WEIGHTS_ARTIFACT = f"{WEIGHTS_DIR}/weights.pt"
+WEIGHTS_TAG = "unetlab.weights_artifact"  # set once the artifact is logged
 FORMAT = 1
 IDENTITY_KEYS = ("model_config", "in_channels", "out_channels")
 
@@ -94,6 +95,8 @@ def log_model_weights(run_tracker, model: torch.nn.Module, identity: dict[str, A
         torch.save(state, path)
         torch.load(path, map_location="cpu", weights_only=True)  # fail here, not at predict time
         run_tracker.client.log_artifact(run_tracker.run_id, str(path), WEIGHTS_DIR)
+    # so that a missing artifact can later be told apart: deleted from the store, not never logged
+    run_tracker.client.set_tag(run_tracker.run_id, WEIGHTS_TAG, WEIGHTS_ARTIFACT)
     return WEIGHTS_ARTIFACT
 
 
@@ -121,9 +124,9 @@ def load_trained(spec: str) -> TrainedModel:
     except Exception as exc:  # noqa: BLE001 -- any library error becomes one line
         raise UnetlabError(f"{source}: cannot list its artifacts: {exception_text(exc)}") from None
     if WEIGHTS_ARTIFACT not in names:
-        raise UnetlabError(f"{source} has no {WEIGHTS_ARTIFACT} artifact (logged by an older unetlab, or with "
-                           "tracking.log_model off); its MLflow model is a pickle and is not loaded: use the "
-                           "run's best.pt checkpoint or train it again")
+        raise UnetlabError(f"{source} has no {WEIGHTS_ARTIFACT} artifact ({_why_no_weights(client, run_id)}); "
+                           "its MLflow model is a pickle and is not loaded: use the run's best.pt checkpoint or "
+                           "train it again")
     with tempfile.TemporaryDirectory(prefix="unetlab-weights-") as tmp, _no_progress_bar():
         try:
             local = client.download_artifacts(run_id, WEIGHTS_ARTIFACT, tmp)
@@ -131,6 +134,21 @@ def load_trained(spec: str) -> TrainedModel:
             raise UnetlabError(f"{source}: cannot download {WEIGHTS_ARTIFACT}: {exception_text(exc)}") from None
         state = _read_weights(Path(local), f"{source}: {WEIGHTS_ARTIFACT}")
     return _rebuild(state, f"{source}: {WEIGHTS_ARTIFACT}")
+
+
+def _why_no_weights(client, run_id: str) -> str:
+    """Why a run has no weights artifact: it logged one that is gone (deleted from the artifact store), it
+    was trained with ``tracking.log_model`` off, or it predates the artifact (an older unetlab)."""
+    try:
+        run = client.get_run(run_id)
+    except Exception:  # noqa: BLE001 -- the listing worked, so this is unlikely; say what is known
+        return "logged by an older unetlab, with tracking.log_model off, or deleted from the artifact store"
+    if run.data.tags.get(WEIGHTS_TAG):
+        return "it was logged, and has since been deleted from the run's artifact store"
+    if run.data.params.get("tracking.log_model") == "False":
+        return "the run was trained with tracking.log_model off"
+    return (f"the run never logged one: trained by unetlab {run.data.tags.get('unetlab.version', '(unknown)')}, "
+            "an older version or one whose run ended before its model was logged")
 
 
 def weights_run_id(spec: str) -> str:

@@ -188,10 +188,12 @@ class Tracker:
         from .preflight import config_hash
 
         run = prepared.run
+        identity = dataset_identity(prepared)
         child = self.start_child(run.name, {
             **base_tags, "unetlab.run_key": prepared.key, "unetlab.run_name": run.name,
             "unetlab.variant": run.variant, "unetlab.seed": str(run.seed),
             "unetlab.config_hash": config_hash(run.config),
+            "unetlab.data_digest": identity[1],  # what --resume checks the data against
             "unetlab.metric_directions": json.dumps(prepared.metric_directions, sort_keys=True),
             "unetlab.metric_ranges": json.dumps(prepared.metric_ranges, sort_keys=True),
             **{f"unetlab.matrix.{k}": v if isinstance(v, str) else json.dumps(v) for k, v in run.matrix.items()}})
@@ -202,7 +204,7 @@ class Tracker:
                           "model.in_channels_resolved": prepared.in_channels,
                           "model.out_channels_resolved": prepared.out_channels, **extra_params})
         child.log_text(yaml.safe_dump(run.config, sort_keys=False), "config.yaml")
-        child.log_dataset(*dataset_identity(prepared))
+        child.log_dataset(*identity)
         return child
 
 
