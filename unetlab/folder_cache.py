@@ -393,8 +393,8 @@ def decode_cached(path: Path, kind: str, grayscale: bool = False, resize: tuple[
         meta, problem = _check_entry(array_path, meta_path, kind)
         if meta is not None:
             return Entry(path, array_path, _compact(meta))
-        print(f"unetlab: warning: decode cache entry '{meta_path.with_suffix('')}' of '{path}' is damaged "
-              f"({problem}): decoding the file again", file=sys.stderr)
+        sys.stderr.write(f"unetlab: warning: decode cache entry '{meta_path.with_suffix('')}' of '{path}' is "
+                         f"damaged ({problem}): decoding the file again\n")  # one write: decoded in threads
         _open_maps.pop(array_path, None)  # a map of the damaged file must not be served
     if kind == "image":
         array = read_image_file(path)
