@@ -96,6 +96,12 @@ def test_in_channels_adapt_the_first_convolution_as_timm_does(channels, tmp_path
     torch.testing.assert_close(conv, expected)
 
 
+def test_out_indices_pick_the_stages():
+    picked = encoder("resnet18", out_indices=[2, 3, 4])
+    assert picked.strides == [8, 16, 32] and picked.out_channels == [128, 256, 512]
+    assert [f.shape[1] for f in picked(torch.randn(1, 3, 64, 64))] == [128, 256, 512]
+
+
 def test_input_norm_applies_the_weights_mean_and_std(tmp_path):
     path, _ = weights_file(tmp_path, "resnet18")
     normalised = encoder("resnet18", pretrained=path).eval()  # pretrained: on by default
