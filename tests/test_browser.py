@@ -81,8 +81,9 @@ def test_the_printed_url_opens_the_runs_grouped_by_variant_and_the_parent_shows_
         assert "best_val_iou" in runs  # the monitored metric is a column
         assert "Token Usage" not in runs and "Traces 0" not in runs  # not the GenAI overview
 
-        page = page_with(parent_url, "Comparison: best val_iou")
-        assert "Comparison: best val_iou (higher is better; margin ±0.05)" in page
+        page = page_with(parent_url, "Comparison of best val_iou")
+        assert f"Comparison of best val_iou (higher is better; margin ±0.05): concat vs add: {verdict.split(':')[0]}" \
+            in page
         assert f"concat vs add {verdict}" in page  # the verdict table's row
         assert "summary/concat/best_val_iou_mean" in page  # the summary metrics
     finally:

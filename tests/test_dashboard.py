@@ -135,7 +135,11 @@ def test_run_leaves_the_comparison_on_its_parent_and_compare_updates_it(tmp_path
     verdict = expected["pairs"][0]["verdict"]
     # the verdict, said at the end of the run and written in the parent's description
     assert f"concat vs add: {verdict}" in out
-    assert f"| concat vs add | **{verdict}** |" in parent.data.tags["mlflow.note.content"]
+    note = parent.data.tags["mlflow.note.content"]
+    assert f"| concat vs add | **{verdict}** |" in note
+    # first, the summary line that the UI's collapsed description shows (after the file's own description)
+    assert note.split("-->", 1)[1].lstrip().startswith(
+        f"Comparison of best val_iou (higher is better; margin ±0.05): **concat vs add: {verdict.split(':')[0]}**")
     assert parent.data.tags["unetlab.compare.margin"] == "0.05"
     # summary metrics: the mean of the children's own best values, read back independently
     bests = [c.data.metrics["best_val_iou"] for c in children if c.data.tags["unetlab.variant"] == "concat"]
@@ -168,7 +172,7 @@ def test_run_leaves_the_comparison_on_its_parent_and_compare_updates_it(tmp_path
     new_verdict = compare_runs(client, experiment.experiment_id, None, parent.info.run_id, 0.5)["pairs"][0]["verdict"]
     assert updated.data.tags["unetlab.compare.margin"] == "0.5"
     assert f"| concat vs add | **{new_verdict}** |" in updated.data.tags["mlflow.note.content"]
-    assert updated.data.tags["mlflow.note.content"].count("### Comparison") == 1  # replaced, not appended
+    assert updated.data.tags["mlflow.note.content"].count("Comparison of best val_iou") == 1  # replaced, not appended
 
 
 def test_a_comparison_that_fails_is_one_warning_and_keeps_the_exit_status(tmp_path, capsys, monkeypatch):

@@ -197,7 +197,9 @@ def comparison_markdown(result: dict[str, Any], figure_name: str) -> str:
     metric = result["metric"]
     better = "higher" if result["higher_is_better"] else "lower"
     margin = f"margin ±{result['margin']:g}" if result.get("margin") is not None else "no margin set"
-    lines = [f"### Comparison: best {metric} ({better} is better; {margin})", ""]
+    # first a one-paragraph summary: the UI shows a description's first lines only until "Show more"
+    short = " · ".join(f"**{p['a']} vs {p['b']}: {str(p['verdict']).split(':', 1)[0]}**" for p in result["pairs"])
+    lines = [f"Comparison of best {metric} ({better} is better; {margin}){': ' + short if short else ''}", ""]
     if result["pairs"]:
         lines += ["| pair | verdict | paired difference A − B [95% CI] | n | Wilcoxon p (Holm) | seed-level p |",
                   "|---|---|---|---|---|---|"]
