@@ -5,7 +5,8 @@ foreground, as 8-bit RGB PNGs and as 16-bit grey TIFFs), then measures, each in 
 
 - first-epoch decode time: scanning and decoding every file into the decode cache (empty cache);
 - patches/s: 256x256 patches (a third centred on foreground) the DataLoader delivers alone, with 0
-  and 2 workers, from the cache (goal: >= 500/s on 2 cores);
+  and 2 workers, from the cache (goal: >= 500/s on 2 cores), and the CPU time per patch in the main
+  process and in the workers (a figure that other jobs on shared cores inflate far less);
 - data wait: the share of a training step (a U-Net, batch 8 of 256x256 patches, 2 workers) spent
   waiting for the next batch (goal: under 5%);
 - peak RSS of a process that builds the source and reads one epoch of patches, at N and 4N images
@@ -89,6 +90,13 @@ def loader_for(source, batch: int, workers: int):
     return loader
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (from /proc: the load of other jobs does not inflate it
+    the way it inflates wall time)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def child(args: argparse.Namespace) -> dict:
     """One measurement in this (fresh) process; returns its numbers."""
     import torch
@@ -107,14 +115,21 @@ def child(args: argparse.Namespace) -> dict:
         out["in_memory"] = source.whole_images("train").store.in_memory
     elif args.measure == "patches":
         loader = loader_for(build(root), 16, args.workers)
-        next(iter(loader))  # workers started, caches warm
+        raw, finish = getattr(loader, "raw", loader), getattr(loader, "finish", None)
+        first = iter(raw)
+        next(first)  # workers started, caches warm
+        workers = [w.pid for w in getattr(first, "_workers", [])]  # persistent: the same every epoch
+        cpu = {"main": _cpu_seconds(os.getpid()), "workers": sum(map(_cpu_seconds, workers))}
         start, patches, epoch = time.perf_counter(), 0, 1
         while patches < args.patches:  # whole epochs, as training reads them
             loader.epoch_sampler.set_epoch(epoch)
-            for images, _ in loader:
+            for batch in raw:
+                images = finish(*batch)[0] if finish else batch[0]  # what iterating the loader does
                 patches += images.shape[0]
             epoch += 1
         out["patches_per_s"] = patches / (time.perf_counter() - start)
+        out["main_cpu_ms_per_patch"] = 1e3 * (_cpu_seconds(os.getpid()) - cpu["main"]) / patches
+        out["worker_cpu_ms_per_patch"] = 1e3 * (sum(map(_cpu_seconds, workers)) - cpu["workers"]) / patches
     elif args.measure == "wait":
         import unetlab
 
@@ -189,7 +204,9 @@ def main() -> None:
         rows.append((variant, decode, p0, p2))
         print(f"{variant}: first-epoch decode {decode['decode_s']:.1f} s ({decode['images']} images, "
               f"{'RAM' if decode['in_memory'] else 'memory-mapped'}); 256x256 patches/s: "
-              f"{p0['patches_per_s']:.0f} (0 workers), {p2['patches_per_s']:.0f} (2 workers)")
+              f"{p0['patches_per_s']:.0f} (0 workers), {p2['patches_per_s']:.0f} (2 workers); CPU ms per patch: "
+              f"{p0['main_cpu_ms_per_patch']:.2f} (0 workers), {p2['worker_cpu_ms_per_patch']:.2f} in the workers + "
+              f"{p2['main_cpu_ms_per_patch']:.2f} in the main process (2 workers)")
     wait = measure("wait", base / "rgb8", base / "cache-rgb8", steps=6)
     print(f"data wait: {100 * wait['wait_share']:.1f}% of a training step ({wait['step_s']:.2f} s/step, CPU, "
           "batch 8 x 256x256, 2 workers)")

@@ -7,7 +7,9 @@ padded mask pixels are ``IGNORE_INDEX``, which losses (``ignore_index``) and met
 - ``PatchDataset``: one random patch per image and epoch; a share ``foreground_oversample`` of the
   patches is centred on a random foreground pixel (nnU-Net forces a third). The position is drawn from
   a seed the ``PatchSampler`` gives with each index, so patches depend on (run seed, epoch) only, not
-  on the number of DataLoader workers.
+  on the number of DataLoader workers. A DataLoader reads its ``raw`` windows (raw pixels, uint8 class
+  indices) and finishes each batch with ``finish_batch``: the same numbers, a fraction of the bytes
+  through the workers' shared memory.
 - ``TileDataset``: every image cut into a grid of patch-sized tiles (validation on patches: every
   pixel counted once).
 - ``WholeImageDataset``: whole images (same-size sets batch them as before).
@@ -23,6 +25,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .data import EpochSampler
+from .errors import UnetlabError
 from .folder_cache import Entry
 from .normalization import apply_normalization, image_spec, per_image
 
@@ -31,9 +34,13 @@ __all__ = [
     "PatchDataset",
     "PatchSampler",
     "SampleStore",
+    "RawPatches",
     "TileDataset",
     "WholeImageDataset",
     "draw_seed",
+    "finish_batch",
+    "normalization_rows",
+    "zero_outside_masked",
     "patch_origin",
 ]
 
@@ -93,6 +100,14 @@ class SampleStore:
             return self._arrays[index]
         return self.images[index].load(), self.masks[index].load()
 
+    def raw_rows(self, index: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows ``[start, stop)`` of the raw image and mask of sample ``index`` (read from the cache files
+        when the set is not held in RAM)."""
+        if self._arrays is not None:
+            image, mask = self._arrays[index]
+            return image[start:stop], mask[start:stop]
+        return self.images[index].read_rows(start, stop), self.masks[index].read_rows(start, stop)
+
     def image_spec(self, index: int) -> dict:
         """The normalisation of sample ``index``: the dataset's spec, or with ``scope: image`` the spec with
         the statistics of the WHOLE image (computed once per process), so every patch, tile and sliding
@@ -102,6 +117,33 @@ class SampleStore:
         if index not in self._image_specs:
             self._image_specs[index] = image_spec(self.spec, self.raw(index)[0])
         return self._image_specs[index]
+
+    def read_raw(self, index: int, top: int, left: int, size: tuple[int, int]
+                 ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
+        """Window ``size`` at (top, left) as DataLoader workers hand it over, for ``finish_batch``: raw pixels
+        C x H x W (uint8 / uint16 as stored, other types as float32; 0 where padded), class indices uint8
+        (``IGNORE_INDEX`` where padded), the normalisation (4 x C float32: offset, 1 / scale, clip low,
+        clip high) and the image's part of the window (first row, end row, first column, end column).
+
+        A float32 batch travels through shared memory at 4 bytes a pixel and an int64 mask at 8, each
+        batch in freshly allocated, page-faulted memory: that made 2 workers slower than none (issue 19
+        item 6). Raw windows are 3 to 6 times smaller; the batch is finished where it is used.
+        """
+        height, width = self.shape(index)
+        ph, pw = size
+        y0, y1 = max(top, 0), min(top + ph, height)
+        x0, x1 = max(left, 0), min(left + pw, width)
+        image, mask = self.raw_rows(index, y0, y1)
+        crop = image[:, x0:x1]
+        if crop.dtype not in (np.uint8, np.uint16, np.float32):
+            crop = crop.astype(np.float32)
+        valid = (y0 - top, y1 - top, x0 - left, x1 - left)
+        out_image = np.zeros((crop.shape[2], ph, pw), crop.dtype)
+        out_image[:, valid[0]:valid[1], valid[2]:valid[3]] = crop.transpose(2, 0, 1)
+        out_mask = np.full((ph, pw), IGNORE_INDEX, np.uint8)
+        out_mask[valid[0]:valid[1], valid[2]:valid[3]] = self.lut[mask[:, x0:x1]]
+        return (torch.from_numpy(out_image), torch.from_numpy(out_mask),
+                normalization_rows(self.image_spec(index), crop.shape[2]), np.array(valid, np.int64))
 
     def read(self, index: int, top: int = 0, left: int = 0, size: tuple[int, int] | None = None
              ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,10 +181,85 @@ def patch_origin(shape: tuple[int, int], size: tuple[int, int], rng: np.random.G
     return origin[0], origin[1]
 
 
+def normalization_rows(spec: dict, channels: int) -> np.ndarray:
+    """A resolved normalisation spec as 4 x C float32 rows (offset, 1 / scale, clip low, clip high), the
+    numbers ``apply_normalization`` uses, for ``finish_batch``."""
+    offset = np.asarray(spec["offset"], np.float32)
+    if len(offset) != channels:
+        raise UnetlabError(f"the image has {channels} channel(s), the normalisation was fitted on {len(offset)}")
+    clip = np.asarray(spec["clip"], np.float32) if spec.get("clip") else \
+        np.array([[-np.inf, np.inf]] * channels, np.float32)
+    return np.stack([offset, 1.0 / np.asarray(spec["scale"], np.float32), clip[:, 0], clip[:, 1]]).astype(np.float32)
+
+
+def finish_batch(images: torch.Tensor, masks: torch.Tensor, norms: torch.Tensor | np.ndarray,
+                 valid: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw windows (``SampleStore.read_raw``, stacked) -> the float32 B x C x H x W images and int64 masks
+    of ``SampleStore.read``, on whatever device they are: the same float32 operations in the same order
+    as ``apply_normalization`` (clip, subtract the offset, multiply by 1 / scale), so each value is
+    bit for bit what the window normalised alone gives; padding is 0."""
+    norms, valid = torch.as_tensor(norms), torch.as_tensor(valid)
+    rows = norms.to(images.device)[..., None, None]  # B x 4 x C x 1 x 1
+    # On the host, operations that are the identity here (no clip: +-inf bounds; a zero offset) are skipped,
+    # so a uint8 batch is converted and scaled in one pass; the result is the same either way.
+    host = norms.device.type == "cpu"
+    if host and not torch.isfinite(norms[:, 2:]).any() and not norms[:, 0].any():
+        x = images * rows[:, 1]  # float32 (integers convert exactly), multiplied once: one pass
+    else:
+        x = images.float().clamp_(rows[:, 2], rows[:, 3]).sub_(rows[:, 0]).mul_(rows[:, 1])
+    if valid.device.type != "cpu":  # no host sync on a GPU: one masked pass instead of per-image slices
+        return zero_outside_masked(x, valid), masks.long()
+    height, width = x.shape[-2:]
+    for b, (top, bottom, left, right) in enumerate(valid.tolist()):
+        if (top, bottom, left, right) != (0, height, 0, width):  # padded: 0 outside the image, as read() pads
+            x[b, :, :top] = 0
+            x[b, :, bottom:] = 0
+            x[b, :, :, :left] = 0
+            x[b, :, :, right:] = 0
+    return x, masks.long()
+
+
+def zero_outside_masked(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``x`` (B x C x H x W) with 0 outside each image's window ``valid`` (B x 4: first row, end row, first
+    column, end column), computed on ``x``'s device without reading ``valid`` back to the host."""
+    r, c = torch.arange(x.shape[-2], device=x.device), torch.arange(x.shape[-1], device=x.device)
+    inside = ((r >= valid[:, :1]) & (r < valid[:, 1:2]))[:, :, None] & \
+        ((c >= valid[:, 2:3]) & (c < valid[:, 3:]))[:, None, :]
+    return torch.where(inside[:, None], x, 0.0)
+
+
+class RawPatches(Dataset):
+    """The raw windows of a ``PatchDataset`` (what its DataLoader workers read and hand over)."""
+
+    def __init__(self, patches: PatchDataset) -> None:
+        self.patches = patches
+
+    def __len__(self) -> int:
+        return len(self.patches)
+
+    def __getitem__(self, key: Any) -> tuple[torch.Tensor, ...]:
+        return self.patches.raw_item(key)
+
+    @staticmethod
+    def collate(items: list[tuple]) -> tuple:
+        """Pixels and masks stacked as tensors (through shared memory from a worker); the small per-item
+        normalisation rows and windows as numpy arrays, pickled with the batch: every tensor costs a file
+        descriptor handed over and a mapping in the receiving process."""
+        from torch.utils.data import default_collate
+
+        images, masks, norms, valid = zip(*items)
+        return default_collate(list(images)), default_collate(list(masks)), np.stack(norms), np.stack(valid)
+
+
 class PatchDataset(Dataset):
-    """One random ``size`` patch per image per epoch; ``oversample`` of them centred on foreground."""
+    """One random ``size`` patch per image per epoch; ``oversample`` of them centred on foreground.
+
+    An item is the normalised (image, mask) pair; a DataLoader made by ``unetlab.data.make_loader`` reads
+    ``raw`` windows in its workers and finishes each batch with ``finish_batch`` (same numbers).
+    """
 
     sampler_class = PatchSampler
+    finish_batch = staticmethod(finish_batch)
 
     def __init__(self, store: SampleStore, size: tuple[int, int], oversample: float) -> None:
         self.store, self.size, self.oversample = store, tuple(size), oversample
@@ -150,7 +267,13 @@ class PatchDataset(Dataset):
     def __len__(self) -> int:
         return len(self.store)
 
-    def __getitem__(self, key: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def raw(self) -> RawPatches:
+        """This dataset's raw windows (``SampleStore.read_raw``), to be finished by ``finish_batch``."""
+        return RawPatches(self)
+
+    def raw_item(self, key: Any) -> tuple[torch.Tensor, ...]:
+        """The raw window of item ``key`` (``(index, seed)`` from ``PatchSampler``, or an index)."""
         index, seed = key if isinstance(key, tuple) else (key, key)
         rng = np.random.default_rng(seed)
         centre = None
@@ -159,7 +282,11 @@ class PatchDataset(Dataset):
         if forced and len(points):
             centre = tuple(points[rng.integers(len(points))])
         top, left = patch_origin(self.store.shape(index), self.size, rng, centre)
-        return self.store.read(index, top, left, self.size)
+        return self.store.read_raw(index, top, left, self.size)
+
+    def __getitem__(self, key: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        image, mask = finish_batch(*RawPatches.collate([self.raw_item(key)]))
+        return image[0], mask[0]
 
 
 class TileDataset(Dataset):
