@@ -134,3 +134,19 @@ def test_raw_patches_finished_on_the_gpu_equal_the_host_batches(tmp_path, monkey
         loader.epoch_sampler.set_epoch(4)
     for (a, b), (c, d) in zip(host, device, strict=True):
         assert c.is_cuda and torch.equal(c.cpu(), a) and torch.equal(d.cpu(), b)
+
+
+@pytest.mark.slow
+def test_a_run_on_patches_gives_the_same_metrics_with_0_and_2_workers(tmp_path, monkeypatch, capsys):
+    """Through the CLI: workers change where patches are read, never the numbers."""
+    from test_folder_location import EXPERIMENT, train, write_dataset
+
+    monkeypatch.setenv("UNETLAB_CACHE_DIR", str(tmp_path / "cache"))
+    results = []
+    for workers in (0, 2):
+        folder = tmp_path / f"w{workers}"
+        write_dataset(folder / "data")
+        (folder / "exp.yaml").write_text(EXPERIMENT.replace("  batch_size: 2\n",
+                                                            f"  batch_size: 2\n  num_workers: {workers}\n"))
+        results.append(train(folder, monkeypatch, capsys))
+    assert results[0]["metrics"] == results[1]["metrics"] and results[0]["per_image"] == results[1]["per_image"]
