@@ -24,7 +24,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 from .errors import UnetlabError, exception_text
 
 if TYPE_CHECKING:
+    from .report import Reporter
     from .tracking import Tracker
 
 __all__ = ["RayPlan", "check_ray_settings", "connect", "die_with_ray_worker", "disconnect", "parse_address",
@@ -108,14 +109,17 @@ def die_with_ray_worker() -> None:
 
 
 def _train_task(command: list[str], env: dict[str, str], tracking_uri: str | None, parent_id: str,
-                run_key: str) -> int:
-    """Body of one Ray task: train one run in a child process and return its exit code.
+                run_key: str) -> dict:
+    """Body of one Ray task: train one run in a child process (``--jsonl``); return its exit code and the
+    ``run_end`` event it printed (``{"code": N, "run_end": {...} or None}``), which the driver prints as a
+    sequential run's summary line.
 
     A retry (the previous worker died) finds this run's MLflow run under the parent and adds
     ``--resume``, which continues it from its last checkpoint in the same MLflow run.
     """
     import signal
     import subprocess
+    import threading
 
     from mlflow.tracking import MlflowClient
 
@@ -127,16 +131,35 @@ def _train_task(command: list[str], env: dict[str, str], tracking_uri: str | Non
         command = [*command, "--resume"]
     child_env = {**os.environ, **env}
     child_env["UNETLAB_RAY_WORKER_PID"] = str(os.getpid())
-    child = subprocess.Popen([sys.executable, *command], env=child_env)
+    child = subprocess.Popen([sys.executable, *command], env=child_env, stdout=subprocess.PIPE, text=True)
+    events: list[dict] = []
+    reader = threading.Thread(target=_read_events, args=(child.stdout, events), daemon=True)
+    reader.start()
     try:
-        return child.wait()
+        code = child.wait()
     except KeyboardInterrupt:  # ray.cancel: let the run mark itself KILLED, then report it
         child.send_signal(signal.SIGINT)
         try:
-            return child.wait(timeout=CANCEL_GRACE_S)
+            code = child.wait(timeout=CANCEL_GRACE_S)
         except subprocess.TimeoutExpired:
             child.kill()
-            return child.wait()
+            code = child.wait()
+    reader.join(timeout=5)
+    ends = [e for e in events if e.get("event") == "run_end"]
+    return {"code": code, "run_end": ends[-1] if ends else None}
+
+
+def _read_events(stream, events: list[dict]) -> None:
+    """Collect the JSON events a ``--jsonl`` run prints (a line that is not one is ignored)."""
+    import json
+
+    for line in stream:
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict):
+            events.append(event)
 
 
 def connect(plan: RayPlan) -> None:
@@ -194,9 +217,9 @@ def reservations(plan: RayPlan, threads: Sequence[int], cluster_cpus: float) -> 
 
 
 def run_on_ray(plan: RayPlan, path: str | Path, overrides: Sequence[str], resume: bool,
-               runs: Sequence[tuple[str, str, int]], tracker: Tracker, parent_id: str,
-               say: Callable[[str], None] = print) -> int:
-    """Submit one task per run (``runs``: (name, run_key, train.threads)), report each as it ends; return the
+               runs: Sequence[tuple[str, str, int]], tracker: Tracker, parent_id: str, reporter: Reporter) -> int:
+    """Submit one task per run (``runs``: (name, run_key, train.threads)); as each ends, ``reporter`` prints
+    the summary line a sequential run prints (best value and epoch, final value, epochs, time); return the
     exit code.
 
     Call ``connect`` first. ``tracker`` is the driver's Tracker: it ends the parent run and sweeps up
@@ -212,31 +235,28 @@ def run_on_ray(plan: RayPlan, path: str | Path, overrides: Sequence[str], resume
         gpus = 1 if resources.get("GPU", 0) >= 1 else 0
         cpus, note = reservations(plan, [threads for _, _, threads in runs], resources.get("CPU", 1.0))
         task = ray.remote(num_gpus=gpus, max_retries=plan.max_retries)(_train_task)
-        base = ["-m", "unetlab", "run", str(Path(path).resolve()), "--quiet", "--parent-run-id", parent_id,
+        base = ["-m", "unetlab", "run", str(Path(path).resolve()), "--jsonl", "--parent-run-id", parent_id,
                 *[a for s in overrides for a in ("--set", s)], *(["--resume"] if resume else [])]
         # each task reserves as many CPUs as its run has threads: Ray never changes a run's thread count
         pending = {task.options(num_cpus=need).remote([*base, "--run-name", name], env, tracker.uri, parent_id, key):
                    name for (name, key, _), need in zip(runs, cpus)}
         shown = "/".join(f"{c:g}" for c in sorted(set(cpus)))
-        say(f"submitted {len(pending)} run(s) to Ray ({plan.address or 'local instance'}; "
-            f"{shown} CPU{' + 1 GPU' if gpus else ''} per run)")
+        reporter.line(f"submitted {len(pending)} run(s) to Ray ({plan.address or 'local instance'}; "
+                      f"{shown} CPU{' + 1 GPU' if gpus else ''} per run)")
         if note:
-            say(note)
+            reporter.line(note)
         failed: list[str] = []
-        done = 0
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             name = pending.pop(ready[0])
             try:
-                code = ray.get(ready[0])
+                result = ray.get(ready[0])
             except Exception as exc:  # noqa: BLE001 -- retries exhausted: the worker died every time
-                code, reason = -1, f"the Ray task failed: {type(exc).__name__}"
-            else:
-                reason = "" if code == 0 else f"exit code {code}"
-            done += 1
-            if code != 0:
+                result = {"code": -1, "run_end": None, "reason": f"the Ray task failed: {type(exc).__name__}"}
+            status, summary, message = _outcome(result)
+            if result["code"] != 0:
                 failed.append(name)
-            say(f"[{done}/{len(runs)}] {name}: {'FINISHED' if code == 0 else 'did not finish (' + reason + ')'}")
+            reporter.run_end(name, status, summary, message)
         tracker.end_running_children(parent_id, "FAILED", "its Ray worker died and retries were exhausted")
         tracker.end(parent_id, "FAILED" if failed else "FINISHED")
     except KeyboardInterrupt as exc:
@@ -254,6 +274,16 @@ def run_on_ray(plan: RayPlan, path: str | Path, overrides: Sequence[str], resume
     if failed:
         print(f"unetlab: {len(failed)} run(s) did not finish: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _outcome(result: dict) -> tuple[str, dict, str]:
+    """(status, summary, message) of a finished task, from the ``run_end`` event its run printed; a run that
+    printed none (its process was killed, or stopped before training) is FAILED with the exit code."""
+    event = result.get("run_end")
+    if isinstance(event, dict) and isinstance(event.get("status"), str):
+        summary = {k: v for k, v in event.items() if k not in ("event", "run", "status", "message")}
+        return event["status"], summary, str(event.get("message") or "")
+    return "FAILED", {}, result.get("reason") or f"its process exited with code {result['code']}"
 
 
 def _end_quietly(tracker: Tracker, parent_id: str, status: str, reason: str) -> None:

@@ -126,7 +126,7 @@ def run_experiment(path: str | Path, overrides: Sequence[str] = (), resume: bool
             with signals_interrupt():
                 code = run_on_ray(ray, path, overrides, resume,
                                   [(p.run.name, p.key, p.run.config["train"]["threads"]) for p in prepared], tracker,
-                                  inv.parent_id, say=reporter.line)
+                                  inv.parent_id, reporter)
         elif jobs > 1 and len(prepared) > 1:
             code = run_parallel(inv, jobs)
         else:
