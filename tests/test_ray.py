@@ -95,35 +95,57 @@ def test_ray_runs_finish_with_sequential_metrics_and_a_killed_worker_resumes(tmp
             assert child.data.metrics[key] == expected[child.info.run_name][key], (child.info.run_name, key)
 
 
+# Holds every run at the end of epoch 1 until a signal arrives, and records which signal reached the trainer.
+HOLDER = '''
+import os, time, unetlab
+from pathlib import Path
+
+@unetlab.hookimpl
+def on_epoch_end(run_name, epoch):
+    folder = Path(os.environ["HOLD_DIR"])
+    if epoch != 1:
+        return
+    (folder / f"held-{os.getpid()}").write_text(run_name)
+    try:
+        while True:
+            time.sleep(0.1)
+    except BaseException as exc:
+        (folder / f"signal-{os.getpid()}").write_text(str(getattr(exc, "signum", type(exc).__name__)))
+        raise
+'''
+
+
 @pytest.mark.slow
-def test_ctrl_c_cancels_every_task_and_leaves_killed_runs_and_no_process(tmp_path):
-    (tmp_path / "killer.py").write_text("")
+def test_ctrl_c_reaches_every_trainer_at_once_and_reports_true_statuses(tmp_path):
+    (tmp_path / "holder.py").write_text(HOLDER)
+    holds = tmp_path / "holds"
+    holds.mkdir()
     path = experiment(tmp_path, epochs=200, extra="""
+        plugins: [holder.py]
+        train: {threads: 1}
         variants:
           concat: {model.fusion: concat}
           add: {model.fusion: add}
-    """)
+    """)  # 1 thread each: both tasks fit on 2 CPUs and train at once
     driver = subprocess.Popen([sys.executable, "-m", "unetlab", "run", str(path), "--ray", "--quiet"], cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    client = client_for(tmp_path)
-    deadline = time.time() + 180
-    while True:  # wait until both runs train
+                              env={**os.environ, "HOLD_DIR": str(holds)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while len(list(holds.glob("held-*"))) < 2:  # both trainers wait in epoch 1's hook
         assert driver.poll() is None, driver.communicate()
         assert time.time() < deadline, "the runs never started"
-        try:
-            _, children = runs_of(client)
-        except Exception:  # the store is still being created
-            children = []
-        if len(children) == 2 and all(c.data.metrics.get("train_loss") is not None for c in children):
-            break
-        time.sleep(1)
+        time.sleep(0.5)
     driver.send_signal(signal.SIGINT)
-    out, err = driver.communicate(timeout=120)
+    out, err = driver.communicate(timeout=300)
     assert driver.returncode == 130, (out, err)
     assert "Traceback" not in err
-    parents, children = runs_of(client)
+    # the interrupt reached each trainer as the cancelled task's SIGINT, not (after a grace period) as the
+    # SIGTERM a trainer gets when its force-killed Ray worker dies
+    assert sorted(p.read_text() for p in holds.glob("signal-*")) == [str(int(signal.SIGINT))] * 2
+    parents, children = runs_of(client_for(tmp_path))
     assert parents[0].info.status == "KILLED"
-    assert {c.info.status for c in children} == {"KILLED"}
+    assert {c.info.status for c in children} == {"KILLED"} and len(children) == 2
+    assert "Ray tasks cancelled: add/seed=0 KILLED, concat/seed=0 KILLED;" in err, err
     time.sleep(1)
     assert not _trainers_of(parents[0].info.run_id)
 

@@ -24,7 +24,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -41,6 +41,10 @@ __all__ = ["RayPlan", "check_ray_settings", "connect", "die_with_ray_worker", "d
 INSTALL_HINT = "--ray needs Ray: pip install 'unetlab[ray]'"
 # How long cancelled tasks get to mark their runs KILLED before they are force-cancelled.
 CANCEL_GRACE_S = 20.0
+# The driver's stop request, a tag of the parent run that every task reads (every CANCEL_POLL_S seconds):
+# it reaches a task on any node through the store, whether or not Ray's own cancel gets through to the
+# task (measured here: it often did not, and the run trained on until the grace period was over).
+CANCEL_TAG, CANCEL_POLL_S = "unetlab.ray_cancel", 1.0
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,8 @@ def check_ray_settings(plan: RayPlan, tracking_uri: str | None, checkpoint_dirs:
 
 
 def die_with_ray_worker() -> None:
-    """In a run started by a Ray task: get SIGTERM when that Ray worker dies, so no trainer is orphaned.
+    """In a run started by a Ray task: unblock SIGINT (which the task forwards when it is cancelled), and get
+    SIGTERM when that Ray worker dies, so no trainer is orphaned.
 
     Called first thing by ``unetlab run`` when ``UNETLAB_RAY_WORKER_PID`` is set (not as a Popen
     ``preexec_fn``: Ray's workers are multi-threaded, where that is unsafe). Linux only; elsewhere a
@@ -100,6 +105,9 @@ def die_with_ray_worker() -> None:
     worker = os.environ.get("UNETLAB_RAY_WORKER_PID")
     if not worker:
         return
+    # Ray's worker blocks SIGINT in its threads and a child inherits the mask: unblocked, or the SIGINT a
+    # cancelled task forwards would stay pending while the run trained on
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
@@ -109,15 +117,19 @@ def die_with_ray_worker() -> None:
 
 
 def _train_task(command: list[str], env: dict[str, str], tracking_uri: str | None, parent_id: str,
-                run_key: str) -> dict:
+                run_key: str, cancel_token: str = "") -> dict:
     """Body of one Ray task: train one run in a child process (``--jsonl``); return its exit code and the
     ``run_end`` event it printed (``{"code": N, "run_end": {...} or None}``), which the driver prints as a
     sequential run's summary line.
 
     A retry (the previous worker died) finds this run's MLflow run under the parent and adds
     ``--resume``, which continues it from its last checkpoint in the same MLflow run.
+
+    The child is polled, not waited for: ``ray.cancel`` interrupts this task between Python bytecodes
+    (``_thread.interrupt_main``), which a blocking ``wait()`` would not see until the child ended on its own;
+    and the parent run's ``CANCEL_TAG`` set to ``cancel_token`` (the driver's stop request) is read every
+    ``CANCEL_POLL_S`` seconds. Either way the child gets SIGINT at once and marks its run KILLED.
     """
-    import signal
     import subprocess
     import threading
 
@@ -135,18 +147,42 @@ def _train_task(command: list[str], env: dict[str, str], tracking_uri: str | Non
     events: list[dict] = []
     reader = threading.Thread(target=_read_events, args=(child.stdout, events), daemon=True)
     reader.start()
+    def cancelled() -> bool:
+        try:
+            return bool(cancel_token) and client.get_run(parent_id).data.tags.get(CANCEL_TAG) == cancel_token
+        except Exception:  # noqa: BLE001 -- a store that does not answer now: asked again next time
+            return False
+
     try:
-        code = child.wait()
-    except KeyboardInterrupt:  # ray.cancel: let the run mark itself KILLED, then report it
+        code = _poll(child, cancelled=cancelled)
+    except KeyboardInterrupt:  # ray.cancel or the driver's request: the run is told at once, marks itself KILLED
         child.send_signal(signal.SIGINT)
         try:
-            code = child.wait(timeout=CANCEL_GRACE_S)
+            code = _poll(child, CANCEL_GRACE_S)
         except subprocess.TimeoutExpired:
             child.kill()
             code = child.wait()
     reader.join(timeout=5)
     ends = [e for e in events if e.get("event") == "run_end"]
     return {"code": code, "run_end": ends[-1] if ends else None}
+
+
+def _poll(child, timeout: float | None = None, cancelled: Callable[[], bool] | None = None) -> int:
+    """``child.wait()`` in short sleeps, so that an interrupt of this thread is seen within 0.1 s; raises
+    ``KeyboardInterrupt`` as soon as ``cancelled()`` (asked every ``CANCEL_POLL_S`` s) says so."""
+    import subprocess
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    asked = time.monotonic()
+    while child.poll() is None:
+        if deadline is not None and time.monotonic() > deadline:
+            raise subprocess.TimeoutExpired(child.args, timeout)
+        if cancelled is not None and time.monotonic() - asked >= CANCEL_POLL_S:
+            asked = time.monotonic()
+            if cancelled():
+                raise KeyboardInterrupt
+        time.sleep(0.1)
+    return child.returncode
 
 
 def _read_events(stream, events: list[dict]) -> None:
@@ -229,6 +265,7 @@ def run_on_ray(plan: RayPlan, path: str | Path, overrides: Sequence[str], resume
     import ray
 
     env = task_env(tracker.uri)
+    token = f"{os.getpid()}-{time.time_ns()}"  # this invocation's stop request (a resumed parent keeps old tags)
     pending: dict = {}
     try:
         resources = ray.cluster_resources()
@@ -238,8 +275,8 @@ def run_on_ray(plan: RayPlan, path: str | Path, overrides: Sequence[str], resume
         base = ["-m", "unetlab", "run", str(Path(path).resolve()), "--jsonl", "--parent-run-id", parent_id,
                 *[a for s in overrides for a in ("--set", s)], *(["--resume"] if resume else [])]
         # each task reserves as many CPUs as its run has threads: Ray never changes a run's thread count
-        pending = {task.options(num_cpus=need).remote([*base, "--run-name", name], env, tracker.uri, parent_id, key):
-                   name for (name, key, _), need in zip(runs, cpus)}
+        pending = {task.options(num_cpus=need).remote([*base, "--run-name", name], env, tracker.uri, parent_id, key,
+                                                      token): name for (name, key, _), need in zip(runs, cpus)}
         shown = "/".join(f"{c:g}" for c in sorted(set(cpus)))
         reporter.line(f"submitted {len(pending)} run(s) to Ray ({plan.address or 'local instance'}; "
                       f"{shown} CPU{' + 1 GPU' if gpus else ''} per run)")
@@ -260,12 +297,18 @@ def run_on_ray(plan: RayPlan, path: str | Path, overrides: Sequence[str], resume
         tracker.end_running_children(parent_id, "FAILED", "its Ray worker died and retries were exhausted")
         tracker.end(parent_id, "FAILED" if failed else "FINISHED")
     except KeyboardInterrupt as exc:
+        signum = int(getattr(exc, "signum", signal.SIGINT))
         tracker.fail_fast()  # marking runs KILLED must not wait out a dead server
-        _cancel_all(ray, list(pending))
-        _end_quietly(tracker, parent_id, "KILLED", "interrupted")
-        print("unetlab: interrupted; Ray tasks cancelled, run(s) marked KILLED, last checkpoints kept: "
+        try:  # every task reads this and tells its run at once; Ray's cancel below as well
+            tracker.client.set_tag(parent_id, CANCEL_TAG, token)
+        except Exception:  # noqa: BLE001 -- the store may be what failed: Ray's cancel still goes out
+            pass
+        _cancel_all(ray, list(pending))  # each run ends itself (KILLED, or FINISHED if it was done)
+        _end_quietly(tracker, parent_id, "KILLED", "interrupted")  # what a killed worker left RUNNING
+        print(f"unetlab: interrupted by {signal.Signals(signum).name}; Ray tasks cancelled: "
+              f"{_statuses(tracker, parent_id, list(pending.values()))}; last checkpoints kept: "
               f"resume with 'unetlab run {path} --ray --resume'", file=sys.stderr)
-        return 128 + int(getattr(exc, "signum", signal.SIGINT))
+        return 128 + signum
     except BaseException:
         tracker.fail_fast()
         _cancel_all(ray, list(pending))
@@ -284,6 +327,18 @@ def _outcome(result: dict) -> tuple[str, dict, str]:
         summary = {k: v for k, v in event.items() if k not in ("event", "run", "status", "message")}
         return event["status"], summary, str(event.get("message") or "")
     return "FAILED", {}, result.get("reason") or f"its process exited with code {result['code']}"
+
+
+def _statuses(tracker: Tracker, parent_id: str, names: Sequence[str]) -> str:
+    """``add/seed=0 KILLED, concat/seed=0 FINISHED``: the true final status of each run that was still going
+    when the driver was interrupted (read back from the store), or "not started"."""
+    try:
+        found = tracker.client.search_runs([tracker.experiment_id], max_results=10000,
+                                           filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+        status = {r.info.run_name: r.info.status for r in found}
+    except Exception:  # noqa: BLE001 -- the store may be what failed: say what is known
+        return f"{len(names)} run(s) stopped (their status could not be read back)"
+    return ", ".join(f"{name} {status.get(name, 'not started')}" for name in sorted(names)) or "none was running"
 
 
 def _end_quietly(tracker: Tracker, parent_id: str, status: str, reason: str) -> None:
