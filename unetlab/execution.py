@@ -167,6 +167,7 @@ def run_sequential(inv: Invocation) -> int:
                     try:  # before the run is touched: a second process resuming it at the same moment stops here
                         lock = _claim(inv, run.name, found[0], ckpt_dir)
                     except RunBusy as exc:  # not ours: nothing of it is touched, not even its status
+                        ctx.broadcast({"skip": True, "resume": False})  # the other ranks skip it too
                         print(f"unetlab: error: {exc}", file=sys.stderr)
                         failed += 1
                         continue
