@@ -66,6 +66,9 @@ def _folder_report(source: Any, name: str) -> tuple[list[str], list[str]]:
         sizes = [tuple(i.meta["source_shape"]) for i, _ in samples]
         shares = _class_shares([m for _, m in samples], built["lut"], built["num_classes"]) if samples else "-"
         lines.append(f"  {split:<6} {len(samples):>6}  {describe_sizes(sizes):<52} {shares}")
+    from .validation import folder_validation_warnings
+
+    lines += folder_validation_warnings(source, built)  # images too large to validate whole within the budget
     return lines, problems
 
 

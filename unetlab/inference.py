@@ -1,7 +1,12 @@
 """Sliding-window inference: the one implementation behind ``unetlab predict`` and whole-image validation.
 
-``sliding_window_logits(model, image, tile, overlap)`` returns logits the size of the input image,
-whatever its size, in memory bounded by the window batch plus two accumulators of the output's size.
+``stream_logits(model, windows, tile, overlap)`` yields the logits of an image of any size as row
+bands, top to bottom, in memory bounded by the tile, the window batch and the image WIDTH, never its
+height: the input is read window by window (``ImageWindows``: a tensor, or a raw array normalised per
+window, e.g. memory-mapped from the decode cache), and the blended sums live in two accumulators of
+one window's height; the rows no later window can reach are divided out and handed on, then dropped.
+``sliding_window_logits(model, image, tile, overlap)`` assembles the bands into the whole logit map
+(the same numbers, bit for bit: every pixel gets the same sums in the same order).
 
 - ``same`` padding: windows of ``tile`` x ``tile`` (shrunk to the image along a side shorter than
   the tile) at evenly spread positions that overlap by at least ``overlap`` pixels (nnU-Net's
@@ -25,8 +30,9 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -37,11 +43,16 @@ __all__ = [
     "AUTO_TILE_PIXELS",
     "BLEND_MODES",
     "VALID_TILE",
+    "ArrayWindows",
+    "ImageWindows",
+    "TensorWindows",
     "blend_window",
     "check_tiling",
     "minimum_input_size",
     "resolve_tile",
     "sliding_window_logits",
+    "stream_logits",
+    "streaming_bytes",
     "window_starts",
 ]
 
@@ -121,6 +132,152 @@ def check_tiling(model: torch.nn.Module, in_channels: int, tile: int | None, ove
         _valid_geometry(model, in_channels, tile)
 
 
+class ImageWindows:
+    """One image (C x H x W as the model sees it) read window by window: what ``stream_logits`` consumes.
+
+    Subclasses implement ``_rows_cols(rows, cols)`` for index arrays (valid padding's mirrored windows)
+    and may override ``window`` for plain rectangles.
+    """
+
+    channels: int
+    height: int
+    width: int
+
+    def window(self, top: int, left: int, height: int, width: int) -> torch.Tensor:
+        """The C x height x width float32 input at (top, left), inside the image."""
+        return self._rows_cols(np.arange(top, top + height), np.arange(left, left + width))
+
+    def mirrored(self, top: int, left: int, height: int, width: int, pads: tuple[int, int, int, int]) -> torch.Tensor:
+        """A window of the image mirror-padded by ``pads`` (top, bottom, left, right) as ``_mirror_pad`` pads
+        it, at (top, left) of the padded image, without padding the whole image."""
+        replicate = self.height == 1 or self.width == 1
+        rows = _mirror_index(self.height, pads[0], pads[1], replicate)[top:top + height]
+        cols = _mirror_index(self.width, pads[2], pads[3], replicate)[left:left + width]
+        return self._rows_cols(rows, cols)
+
+    def release(self, rows: int) -> None:
+        """No window will read rows above ``rows`` again: memory they hold may be given back."""
+
+    def _rows_cols(self, rows: np.ndarray, cols: np.ndarray) -> torch.Tensor:  # overridden
+        raise NotImplementedError
+
+
+class TensorWindows(ImageWindows):
+    """Windows of a C x H x W tensor (already the model's input)."""
+
+    def __init__(self, image: torch.Tensor) -> None:
+        self.image = image
+        self.channels, self.height, self.width = image.shape
+
+    def window(self, top: int, left: int, height: int, width: int) -> torch.Tensor:
+        return self.image[:, top:top + height, left:left + width]
+
+    def _rows_cols(self, rows: np.ndarray, cols: np.ndarray) -> torch.Tensor:
+        return self.image[:, torch.from_numpy(rows)][:, :, torch.from_numpy(cols)]
+
+
+class ArrayWindows(ImageWindows):
+    """Windows of a raw H x W x C array (any dtype; a memory map is read only where windows fall),
+    normalised per window by ``spec`` (``unetlab.normalization``; resolve a per-image spec on the whole
+    image first with ``image_spec``). Normalisation is per pixel, so a window equals the same window of
+    the normalised whole image, bit for bit."""
+
+    def __init__(self, raw: np.ndarray, spec: dict) -> None:
+        from .normalization import per_image
+
+        self.raw = raw if raw.ndim == 3 else raw[..., None]
+        if per_image(spec) and "offset" not in spec:
+            raise ValueError("resolve a per-image normalisation on the whole image first (image_spec)")
+        self.spec = spec
+        self.height, self.width, self.channels = self.raw.shape
+
+    def window(self, top: int, left: int, height: int, width: int) -> torch.Tensor:
+        return self._normalise(self.raw[top:top + height, left:left + width])
+
+    def release(self, rows: int) -> None:
+        """Drop the pages of a memory-mapped image above row ``rows`` from this process (they stay in the
+        page cache and are read again if needed): without it, every page read would count in the RSS until
+        the image is done, so a 12k image would add its whole file to the peak."""
+        import mmap
+
+        array = self.raw
+        while array is not None and not isinstance(getattr(array, "_mmap", None), mmap.mmap):
+            array = array.base if isinstance(array.base, np.ndarray) else None
+        if array is None or not hasattr(mmap, "MADV_DONTNEED") or not array.flags.c_contiguous:
+            return
+        start_in_map = array.offset % mmap.ALLOCATIONGRANULARITY  # np.memmap maps from an aligned offset
+        length = (start_in_map + rows * array.strides[0]) // mmap.PAGESIZE * mmap.PAGESIZE
+        if length > 0:
+            array._mmap.madvise(mmap.MADV_DONTNEED, 0, length)
+
+    def _rows_cols(self, rows: np.ndarray, cols: np.ndarray) -> torch.Tensor:
+        low, high = int(rows.min()), int(rows.max()) + 1  # read only the rows the window needs
+        return self._normalise(np.asarray(self.raw[low:high])[rows - low][:, cols])
+
+    def _normalise(self, block: np.ndarray) -> torch.Tensor:
+        from .normalization import apply_normalization
+
+        return torch.from_numpy(apply_normalization(block, self.spec))
+
+
+def _mirror_index(n: int, before: int, after: int, replicate: bool) -> np.ndarray:
+    """Source index of each position of a side of ``n`` pixels padded by ``before``/``after`` exactly as
+    ``_mirror_pad`` pads it (reflect, repeatedly; replicate when a side of the image is 1 pixel)."""
+    index = np.arange(n)
+    if replicate:
+        return np.concatenate([np.zeros(before, int), index, np.full(after, n - 1)])
+    while before or after:
+        m = len(index)
+        b, a = min(before, m - 1), min(after, m - 1)
+        index = np.concatenate([index[1:b + 1][::-1], index, index[m - 1 - a:m - 1][::-1]])
+        before, after = before - b, after - a
+    return index
+
+
+def streaming_bytes(channels: int, classes: int, width: int, tile: int, batch_size: int = 4) -> int:
+    """Bytes ``stream_logits`` holds besides the model: the window batch (float32 input and logits) and
+    the two band accumulators (one window high, the image's width): what bounds streamed validation."""
+    return 4 * (batch_size * tile * tile * (channels + classes) + tile * width * (classes + 1) * 2)
+
+
+def stream_logits(model: Callable[[torch.Tensor], torch.Tensor], windows: ImageWindows, tile: int | None = None,
+                  overlap: int = 32, *, batch_size: int = 4, mode: str = "gaussian", sigma_scale: float = 0.125,
+                  padding: str | None = None, device: torch.device | None = None
+                  ) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(first row, K x rows x W float32 logits)`` bands covering the image top to bottom, by sliding windows.
+
+    The numbers are ``sliding_window_logits``'s (its implementation); only a window batch and two
+    accumulators one window high exist at a time, so a 12000 x 12000 image costs what a 512-row strip
+    of it costs. Run it under ``torch.no_grad()`` (and autocast) while consuming the bands.
+    """
+    padding = padding or _padding(model)
+    device = device or _device(model, torch.empty(0))
+    height, width = windows.height, windows.width
+    tile = resolve_tile(height, width, tile, padding)
+    if padding == "valid":
+        out_side, margin = _valid_geometry(model, windows.channels, tile)
+        pads = (margin, margin + max(0, out_side - height), margin, margin + max(0, out_side - width))
+        boxes = [(top, left, out_side, out_side) for top in window_starts(max(height, out_side), out_side, out_side)
+                 for left in window_starts(max(width, out_side), out_side, out_side)]
+        weight = torch.ones(out_side, out_side)  # blocks are exact: nothing to blend
+
+        def read(t: int, l: int, h: int, w: int) -> torch.Tensor:
+            return windows.mirrored(t, l, h + 2 * margin, w + 2 * margin, pads)
+
+        yield from _bands(model, read, boxes, weight, batch_size, device, height, width)
+        return
+    if tile is None:
+        image = windows.window(0, 0, height, width)
+        yield 0, _forward(model, image[None].to(device), (height, width))[0].float().to(image.device)
+        return
+    win_h, win_w = min(tile, height), min(tile, width)
+    step = max(tile - overlap, 1)
+    boxes = [(top, left, win_h, win_w) for top in window_starts(height, win_h, step)
+             for left in window_starts(width, win_w, step)]
+    yield from _bands(model, windows.window, boxes, blend_window(win_h, win_w, mode, sigma_scale), batch_size,
+                      device, height, width, windows.release)
+
+
 @torch.no_grad()
 def sliding_window_logits(model: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor,
                           tile: int | None = None, overlap: int = 32, *, batch_size: int = 4,
@@ -135,20 +292,16 @@ def sliding_window_logits(model: Callable[[torch.Tensor], torch.Tensor], image: 
     """
     if image.dim() != 3:
         raise ValueError(f"expected one C x H x W image, got shape {tuple(image.shape)}")
-    padding = padding or _padding(model)
     device = device or _device(model, image)
-    height, width = image.shape[-2:]
-    tile = resolve_tile(height, width, tile, padding)
-    if padding == "valid":
-        return _valid_logits(model, image, tile, batch_size, device)
-    if tile is None:
-        return _forward(model, image[None].to(device), (height, width))[0].float().to(image.device)
-    win_h, win_w = min(tile, height), min(tile, width)
-    step = max(tile - overlap, 1)
-    boxes = [(top, left, win_h, win_w) for top in window_starts(height, win_h, step)
-             for left in window_starts(width, win_w, step)]
-    weight = blend_window(win_h, win_w, mode, sigma_scale).to(image.device)
-    return _accumulate(model, image, boxes, 0, weight, batch_size, device)
+    out = None
+    for top, band in stream_logits(model, TensorWindows(image), tile, overlap, batch_size=batch_size, mode=mode,
+                                   sigma_scale=sigma_scale, padding=padding, device=device):
+        if top == 0 and band.shape[1] == image.shape[1]:
+            return band.to(image.device)
+        if out is None:
+            out = torch.empty(band.shape[0], *image.shape[1:], device=image.device)
+        out[:, top:top + band.shape[1]] = band
+    return out
 
 
 def _padding(model) -> str:
@@ -174,32 +327,55 @@ def _forward(model, batch: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         raise
 
 
-def _accumulate(model, source: torch.Tensor, boxes: list[tuple[int, int, int, int]], margin: int,
-                weight: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
-    """Run the windows of ``boxes`` (output top, left, height, width) and blend them into one logit map.
+def _bands(model, read: Callable[[int, int, int, int], torch.Tensor], boxes: list[tuple[int, int, int, int]],
+           weight: torch.Tensor, batch_size: int, device: torch.device, height: int, width: int,
+           release: Callable[[int], None] | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    """Run the windows of ``boxes`` (output top, left, height, width; row-major) and blend them, yielding
+    finished row bands of the output cropped to ``height`` x ``width``.
 
-    A box's input window is ``source[:, top:top + height + 2 * margin, left:left + width + 2 * margin]``:
-    the same region for same padding (margin 0); for valid padding ``source`` is the image mirror-padded
-    by ``margin``, so the window's output lands exactly on the box. Only ``batch_size`` windows' logits
-    exist at a time: memory is bounded by the two accumulators of the output's size.
+    ``read(top, left, h, w)`` is a box's input window. A pixel's sum is the same sequence of float32
+    additions as one accumulator of the whole output would make (windows in the same order), so the
+    bands equal the rows of the whole map. Rows above a window's top are final when it arrives (windows
+    come row by row), so the accumulators only span one window height; only ``batch_size`` windows'
+    logits exist at a time.
     """
-    height = max(t + h for t, _, h, _ in boxes)
-    width = max(l + w for _, l, _, w in boxes)
-    out = norm = None
+    out_width = max(l + w for _, l, _, w in boxes)
+    out_height = max(t + h for t, _, h, _ in boxes)
+    cap = max(h for _, _, h, _ in boxes)
+    acc = norm = None
+    base = 0
+
+    def finished(rows: int) -> Iterator[tuple[int, torch.Tensor]]:
+        end = min(base + rows, height)
+        if end > base:
+            yield base, acc[:, :end - base, :width] / norm[:end - base, :width]
+
     for i in range(0, len(boxes), batch_size):
         chunk = boxes[i:i + batch_size]
-        batch = torch.stack([source[:, t:t + h + 2 * margin, l:l + w + 2 * margin] for t, l, h, w in chunk])
-        logits = _forward(model, batch.to(device), tuple(batch.shape[-2:])).float().to(source.device)
-        if out is None:
-            out = torch.zeros(logits.shape[1], height, width, device=source.device)
-            norm = torch.zeros(height, width, device=source.device)
+        batch = torch.stack([read(t, l, h, w) for t, l, h, w in chunk])
+        weight = weight.to(batch.device)  # the outputs live where the input does
+        logits = _forward(model, batch.to(device), tuple(batch.shape[-2:])).float().to(weight.device)
+        if acc is None:
+            acc = torch.zeros(logits.shape[1], cap, out_width, device=weight.device)
+            norm = torch.zeros(cap, out_width, device=weight.device)
         for (t, l, h, w), window_logits in zip(chunk, logits):
             if window_logits.shape[-2:] != (h, w):
+                margin = (batch.shape[-1] - w) // 2
                 raise UnetlabError(f"the model maps a {h + 2 * margin}x{w + 2 * margin} window to "
                                    f"{tuple(window_logits.shape[-2:])}, expected {h}x{w}")
-            out[:, t:t + h, l:l + w] += window_logits * weight
-            norm[t:t + h, l:l + w] += weight
-    return out / norm
+            if t > base:  # rows above t are final: hand them on, then move the accumulators down
+                yield from finished(t - base)
+                kept = cap - (t - base)
+                acc[:, :kept] = acc[:, t - base:].clone()
+                acc[:, kept:] = 0
+                norm[:kept] = norm[t - base:].clone()
+                norm[kept:] = 0
+                base = t
+                if release is not None:  # no later window reads input rows above this one's
+                    release(t)
+            acc[:, t - base:t - base + h, l:l + w] += window_logits * weight
+            norm[t - base:t - base + h, l:l + w] += weight
+    yield from finished(out_height - base)
 
 
 def _valid_geometry(model, in_channels: int, tile: int) -> tuple[int, int]:
@@ -212,19 +388,6 @@ def _valid_geometry(model, in_channels: int, tile: int) -> tuple[int, int]:
         raise UnetlabError(f"--tile {tile} gives an output of {out_side}: the margin must be even; "
                            f"try --tile {tile + 1}")
     return out_side, margin // 2
-
-
-def _valid_logits(model, image: torch.Tensor, tile: int, batch_size: int, device: torch.device) -> torch.Tensor:
-    channels, height, width = image.shape
-    out_side, margin = _valid_geometry(model, channels, tile)
-    # mirror by the margin on every side, and at the far sides up to one whole output block
-    padded = _mirror_pad(image, margin, margin + max(0, out_side - height),
-                         margin, margin + max(0, out_side - width))
-    boxes = [(top, left, out_side, out_side) for top in window_starts(max(height, out_side), out_side, out_side)
-             for left in window_starts(max(width, out_side), out_side, out_side)]
-    weight = torch.ones(out_side, out_side, device=image.device)  # blocks are exact: nothing to blend
-    logits = _accumulate(model, padded, boxes, margin, weight, batch_size, device)
-    return logits[:, :height, :width]
 
 
 def _mirror_pad(image: torch.Tensor, top: int, bottom: int, left: int, right: int) -> torch.Tensor:

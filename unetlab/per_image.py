@@ -6,7 +6,8 @@ metric reports classes, under the same keys the run logs (``val_iou``, ``val_iou
 per-image ``val_loss``. ``unetlab compare`` pairs variants on these rows (``unetlab.paired_stats``).
 
 The images are the ones validation scores (``unetlab.validation.validation_images``): whole images
-through the same sliding window when the run trains on patches, one image at a time, never tiles;
+through the same sliding window when the run trains on patches, one image at a time, never tiles
+(``unetlab.validation.score_whole_image``: streamed in row bands when an image is over the budget);
 rows are named by the dataset's ``names`` (file stems for folder data), losses and metrics ignore
 the dataset's ``ignore_index`` as in training.
 
@@ -120,19 +121,29 @@ def validation_per_image(model: torch.nn.Module, source: Any, train_config: dict
     """Per-image rows for the images validation scores on ``source``, predicted as validation predicts
     them (whole images by ``unetlab.validation.whole_image_logits``, autocast ``dtype``), with the
     source's ``ignore_index``."""
-    from .validation import validation_images, whole_image_logits
+    from .trainer import build_loss, build_metrics
+    from .validation import memory_budget, score_whole_image, validation_images
 
     dataset = validation_images(source)
     ignore_index = getattr(source, "ignore_index", None)
     if not getattr(source, "whole_image_validation", False):
         return evaluate_per_image(model, dataset, train_config, num_classes, registry, ignore_index=ignore_index)
-
-    def sliding_window(images: torch.Tensor) -> torch.Tensor:  # a batch of one: whole images differ in size
-        model.eval()
-        device = next(model.parameters()).device
-        return whole_image_logits(model, images[0], device, dtype).cpu()
-
-    return evaluate_per_image(model, dataset, train_config, num_classes, registry, sliding_window, 1, ignore_index)
+    # whole images, one at a time, scored as validation scores them (streamed in row bands when large)
+    metrics = build_metrics(train_config, num_classes, registry, ignore_index)
+    loss_fn = build_loss(train_config, num_classes, registry, ignore_index)
+    device = next(model.parameters()).device
+    model.eval()
+    budget = memory_budget()
+    rows: list[dict[str, Any]] = []
+    for index, image_id in enumerate(_image_ids(dataset)):
+        for metric in metrics:
+            metric.reset()
+        row: dict[str, Any] = {"image": image_id}
+        row["val_loss"] = score_whole_image(model, dataset, index, loss_fn, metrics, device, dtype, budget=budget)
+        for metric in metrics:
+            row.update({f"val_{k}": float(v) for k, v in metric.compute().items()})
+        rows.append(row)
+    return rows
 
 
 def log_per_image_metrics(tracker: RunTracker, rows: list[dict[str, Any]]) -> None:

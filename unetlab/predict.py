@@ -5,6 +5,9 @@ Images go through ``unetlab.inference.sliding_window_logits``, the same code who
 uses: same padding blends overlapping windows with a Gaussian; valid padding uses the paper's mirror
 overlap-tile; without ``--tile`` an image above ``AUTO_TILE_PIXELS`` pixels is tiled automatically,
 so memory stays bounded. Optional test-time augmentation averages the probabilities over flips.
+Without flips or ``data.resize`` an image is streamed (``streamed_mask``): normalised window by window,
+its logits turned into mask rows band by band, so memory beyond the decoded file and its mask is bounded
+by the tile, the window batch and the image's width; with them the whole image's probabilities are held.
 
 A file becomes the model's input exactly as in training (``read_image``: training's reader, grey
 conversion, ``data.resize`` and normalisation, all stored with the model); a mask is written at the
@@ -30,7 +33,7 @@ from .inference import check_tiling, minimum_input_size, sliding_window_logits
 from .model_store import TrainedModel, load_model
 from .normalization import check_stored_spec
 
-__all__ = ["load_model", "predict_files", "predict_probabilities", "read_image"]
+__all__ = ["load_model", "predict_files", "predict_probabilities", "read_image", "streamed_mask"]
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 
@@ -132,16 +135,21 @@ def _minimum_image_side(model: torch.nn.Module, channels: int) -> int:
 def _check_inputs(files: list[Path], model: torch.nn.Module, trained: TrainedModel) -> None:
     """Turn every input into the model's input once and check its size, so that nothing is written when one
     is bad."""
+    from .normalization import dtype_spec
+
     minimum = _minimum_image_side(model, trained.in_channels)
     for path in files:
-        height, width = read_image(path, trained.in_channels, trained.normalization, trained.resize).shape[-2:]
+        raw = _decode(path, trained.in_channels)  # decoded, not normalised: a float copy would cost 4x the file
+        if trained.normalization is None:
+            dtype_spec(raw.dtype, raw.shape[2])  # refuses a dtype without a default scale before anything is written
+        height, width = trained.resize or raw.shape[:2]
+        del raw
         if min(height, width) < minimum:
             size = f"resized to {height}x{width} (the model's data.resize)" if trained.resize else \
                 f"{height}x{width}"
             raise UnetlabError(f"'{path}' is {size}: this model needs images of at least "
                                f"{minimum}x{minimum} pixels")
 
-    check_stored_spec(trained.normalization, trained.source)
 
 def predict_files(model_spec: str, inputs: list[str], out_dir: str, tile: int | None, overlap: int, tta: bool,
                   overlay: bool, tracking_uri: str | None = None) -> list[Path]:
@@ -159,6 +167,7 @@ def predict_files(model_spec: str, inputs: list[str], out_dir: str, tile: int | 
         mlflow.set_tracking_uri(tracking_uri)
     files = _inputs(inputs)
     trained = load_trained(model_spec)
+    check_stored_spec(trained.normalization, trained.source)
     model, channels = trained.model, trained.in_channels
     check_tiling(model, channels, tile, overlap)
     _check_inputs(files, model, trained)
@@ -172,22 +181,48 @@ def predict_files(model_spec: str, inputs: list[str], out_dir: str, tile: int | 
         from tqdm import tqdm
 
         iterator = tqdm(files, desc="predict", unit="image", file=sys.stderr)
+    binary = trained.out_channels == 1
     for path in iterator:
         raw = _decode(path, channels)
-        image = _model_input(raw, trained.normalization, trained.resize)
-        probs = _to_size(predict_probabilities(model, image, tile, overlap, tta), raw.shape[:2])
-        if probs.shape[0] == 1:
-            mask = ((probs[0] > 0.5).numpy() * 255).astype(np.uint8)
-        else:
-            mask = probs.argmax(0).numpy().astype(np.uint8)
+        if trained.resize is None and not tta:
+            mask = streamed_mask(model, raw, trained.normalization, tile, overlap)
+        else:  # flips and resizing back need the probabilities of the whole image
+            image = _model_input(raw, trained.normalization, trained.resize)
+            mask = _mask(_to_size(predict_probabilities(model, image, tile, overlap, tta), raw.shape[:2]))
         target = out / f"{path.stem}_mask.png"
         io.imsave(target, mask, check_contrast=False)
         written.append(target)
         if overlay:
-            shown = image if trained.resize is None else _model_input(raw, trained.normalization, None)
-            io.imsave(out / f"{path.stem}_overlay.png", _overlay(shown, mask, probs.shape[0] == 1),
-                      check_contrast=False)
+            shown = _model_input(raw, trained.normalization, None)
+            io.imsave(out / f"{path.stem}_overlay.png", _overlay(shown, mask, binary), check_contrast=False)
     return written
+
+
+def _mask(probs: torch.Tensor) -> np.ndarray:
+    """Probabilities (K x h x W) -> mask rows: 0/255 for binary (> 0.5), else the class index."""
+    if probs.shape[0] == 1:
+        return ((probs[0] > 0.5).numpy() * 255).astype(np.uint8)
+    return probs.argmax(0).numpy().astype(np.uint8)
+
+
+@torch.no_grad()
+def streamed_mask(model: torch.nn.Module, raw: np.ndarray, normalization: dict | None, tile: int | None = None,
+                  overlap: int = 32) -> np.ndarray:
+    """The mask (H x W uint8) of one raw H x W x C image, streamed: the image is normalised window by window
+    and its logits arrive in row bands (``unetlab.inference.stream_logits``), each turned into mask rows and
+    dropped, so memory beyond the decoded file and the mask is bounded by the tile, the batch and the width.
+    The mask equals ``predict_probabilities`` on the whole normalised image thresholded as predict does."""
+    from .inference import ArrayWindows, stream_logits
+    from .normalization import dtype_spec, image_spec
+
+    spec = normalization if normalization is not None else dtype_spec(raw.dtype, raw.shape[2])
+    windows = ArrayWindows(raw, image_spec(spec, raw))
+    mask = np.empty(raw.shape[:2], np.uint8)
+    model.eval()
+    for top, band in stream_logits(model, windows, tile, overlap, device=next(model.parameters()).device):
+        rows = _mask(_probabilities(band.cpu()))
+        mask[top:top + rows.shape[0]] = rows
+    return mask
 
 
 def _to_size(probs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -30,6 +30,7 @@ class ConfusionMetric:
 
     key = "confusion"
     value_range = (0.0, 1.0)  # every score here is a ratio of pixel counts (unetlab.metric_ranges)
+    pixel_additive = True  # counts add up over pixels: whole-image validation may feed an image in row bands
 
     def __init__(self, num_classes: int, include_background: bool = False, ignore_index: int | None = None):
         self.num_classes = max(int(num_classes), 2)
