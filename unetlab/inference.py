@@ -49,6 +49,7 @@ __all__ = [
     "blend_window",
     "check_tiling",
     "minimum_input_size",
+    "release_rows",
     "resolve_tile",
     "sliding_window_logits",
     "stream_logits",
@@ -195,20 +196,7 @@ class ArrayWindows(ImageWindows):
         return self._normalise(self.raw[top:top + height, left:left + width])
 
     def release(self, rows: int) -> None:
-        """Drop the pages of a memory-mapped image above row ``rows`` from this process (they stay in the
-        page cache and are read again if needed): without it, every page read would count in the RSS until
-        the image is done, so a 12k image would add its whole file to the peak."""
-        import mmap
-
-        array = self.raw
-        while array is not None and not isinstance(getattr(array, "_mmap", None), mmap.mmap):
-            array = array.base if isinstance(array.base, np.ndarray) else None
-        if array is None or not hasattr(mmap, "MADV_DONTNEED") or not array.flags.c_contiguous:
-            return
-        start_in_map = array.offset % mmap.ALLOCATIONGRANULARITY  # np.memmap maps from an aligned offset
-        length = (start_in_map + rows * array.strides[0]) // mmap.PAGESIZE * mmap.PAGESIZE
-        if length > 0:
-            array._mmap.madvise(mmap.MADV_DONTNEED, 0, length)
+        release_rows(self.raw, rows)
 
     def _rows_cols(self, rows: np.ndarray, cols: np.ndarray) -> torch.Tensor:
         low, high = int(rows.min()), int(rows.max()) + 1  # read only the rows the window needs
@@ -218,6 +206,22 @@ class ArrayWindows(ImageWindows):
         from .normalization import apply_normalization
 
         return torch.from_numpy(apply_normalization(block, self.spec))
+
+
+def release_rows(array: np.ndarray, rows: int) -> None:
+    """Drop the pages of a memory-mapped array's rows above ``rows`` from this process (they stay in the
+    page cache and are read again if needed; nothing happens for an array in RAM). Without it every page
+    read counts in the RSS until the array is closed, so a 12k image would add its whole file to the peak."""
+    import mmap
+
+    while array is not None and not isinstance(getattr(array, "_mmap", None), mmap.mmap):
+        array = array.base if isinstance(array.base, np.ndarray) else None
+    if array is None or not hasattr(mmap, "MADV_DONTNEED") or not array.flags.c_contiguous:
+        return
+    start_in_map = array.offset % mmap.ALLOCATIONGRANULARITY  # np.memmap maps from an aligned offset
+    length = (start_in_map + rows * array.strides[0]) // mmap.PAGESIZE * mmap.PAGESIZE
+    if length > 0:
+        array._mmap.madvise(mmap.MADV_DONTNEED, 0, length)
 
 
 def _mirror_index(n: int, before: int, after: int, replicate: bool) -> np.ndarray:

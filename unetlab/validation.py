@@ -38,6 +38,7 @@ from .inference import (
     ArrayWindows,
     ImageWindows,
     TensorWindows,
+    release_rows,
     resolve_tile,
     sliding_window_logits,
     stream_logits,
@@ -141,7 +142,9 @@ def _image(dataset: Any, index: int) -> tuple[ImageWindows, Callable[[int, int],
         lut = store.lut
 
         def store_rows(top: int, rows: int) -> torch.Tensor:
-            return torch.from_numpy(np.asarray(lut[np.asarray(mask[top:top + rows])], dtype=np.int64))
+            classes = torch.from_numpy(np.asarray(lut[np.asarray(mask[top:top + rows])], dtype=np.int64))
+            release_rows(mask, top)  # bands come top to bottom: rows above are done
+            return classes
 
         return ArrayWindows(raw, store.image_spec(index)), store_rows
     image, target = dataset[index]
