@@ -203,9 +203,13 @@ def test_normalization_mismatch_is_one_warning_naming_both():
 
 
 def test_cli_lists_validates_runs_and_predicts_offline(tmp_path):
+    from conftest import REPO
+
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
     listed = run_cli("plugins", "--kind", "encoder", env=env)
     assert listed.returncode == 0 and "timm" in listed.stdout
+    shipped = run_cli("validate", str(REPO / "experiments" / "encoders.yaml"), env=env)
+    assert shipped.returncode == 0, shipped.stderr
     path, _ = weights_file(tmp_path, "resnet18")
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     exp = tmp_path / "timm.yaml"
