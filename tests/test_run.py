@@ -435,7 +435,8 @@ def test_more_processes_per_node_than_gpus_is_one_line_naming_both(tmp_path, cap
 def test_sigterm_under_jobs_reaches_every_worker_and_leaves_nothing_running(tmp_path):
     psutil = pytest.importorskip("psutil")
     (tmp_path / "control.py").write_text(CONTROL)
-    path = experiment(tmp_path, epochs=500, extra="plugins: [control.py]\nseeds: [1, 2, 3]\n")
+    # 1 thread per run: --jobs 2 reserves train.threads cores per run, and 2 runs must train at once on 2 cores
+    path = experiment(tmp_path, epochs=500, extra="plugins: [control.py]\nseeds: [1, 2, 3]\ntrain: {threads: 1}\n")
     proc = subprocess.Popen([sys.executable, "-m", "unetlab", "run", str(path), "--jobs", "2", "--quiet"], cwd=tmp_path,
                             env={**os.environ, "MARKER_DIR": str(tmp_path)}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
