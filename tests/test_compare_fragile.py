@@ -143,3 +143,25 @@ def test_the_compare_figure_carries_the_verdicts_n_and_the_margin(store):
     assert f"val_iou (higher is better): n = 2 variant(s) x 2 seeds x {IMAGES} images; margin ±{margin:g}" in text
     text = figure_text(comparison_figure(compare_runs(client, exp, None, None)))
     assert "a - b\nno difference shown\nn = 2 seeds" in text and "no margin (equivalence not tested)" in text
+
+
+@pytest.mark.parametrize("low, high, p", [
+    (0.048, 0.10, 0.001),    # "A better": the lower bound near +margin cannot change that
+    (-0.001, 0.03, 0.5),     # "equivalent": the lower bound near 0 cannot change that
+    (-0.10, -0.049, 0.001),  # "B better": the upper bound near -margin cannot change that
+    (0.0004, 0.06, 0.2),     # "not resolved" (p >= 0.05): crossing 0 leaves it not resolved
+])
+def test_a_bound_near_a_threshold_that_cannot_flip_the_verdict_is_not_fragile(low, high, p):
+    result = paired_stats.PairedResult((low + high) / 2, low, high, 3, 40, p, 0.5, 0.5)
+    assert paired_stats.fragility(result, 0.05) is None
+
+
+def test_a_bound_that_can_flip_the_verdict_is_still_fragile():
+    # "A better" with the lower bound 0.0004 above 0 (p small): crossing 0 makes it not resolved
+    result = paired_stats.PairedResult(0.03, 0.0004, 0.06, 3, 40, 0.001, 0.5, 0.5)
+    f = paired_stats.fragility(result, 0.05)
+    assert f["bound"] == "ci_low" and f["threshold"] == 0
+    # "A better" with its upper bound just over +margin: below it, the pair would be "equivalent"
+    result = paired_stats.PairedResult(0.03, 0.01, 0.0502, 3, 40, 0.001, 0.5, 0.5)
+    f = paired_stats.fragility(result, 0.05)
+    assert f["bound"] == "ci_high" and f["threshold"] == 0.05

@@ -51,6 +51,8 @@ def bad_tables() -> dict[str, str]:
         "nan": table_text(nan_rows),
         "nan_literal": table_text(rows).replace(f"{rows[4]['val_iou']!r}", "NaN", 1),
         "five": table_text(five),
+        # parses as a Python int but has no float value (float() raises OverflowError)
+        "bigint": table_text(rows).replace(f"{rows[0]['val_iou']!r}", "9" * 400, 1),
         "huge": json.dumps({"columns": ["image", "val_iou"],
                             "data": [[f"pad{i:07d}", 0.5] for i in range(450_000)]}),
     }
@@ -109,6 +111,7 @@ def test_a_clean_store_warns_about_nothing(store, capsys):
     ("types", "per_image_metrics.json: data[0].val_iou must be a number or null, got [0.5]"),
     ("five", "per_image_metrics.json: data[3].val_iou = 5 (image 'im03') is outside the metric's declared "
              "range [0, 1]"),
+    ("bigint", "per_image_metrics.json: data[0].val_iou must be a number or null, got " + "9" * 40),
     ("huge", "per_image_metrics.json is 9.0 MiB, over the 8 MiB a per-image table may have (refused unread)"),
 ])
 def test_a_bad_table_is_one_line_naming_the_run_and_the_verdict_says_what_was_dropped(store, capsys, case, says):

@@ -190,6 +190,29 @@ def test_a_comparison_that_fails_is_one_warning_and_keeps_the_exit_status(tmp_pa
     assert len(warnings) == 1 and "not a table" in warnings[0]
 
 
+def test_an_experiment_file_changed_during_the_run_does_not_change_its_comparison(tmp_path, capsys):
+    from unetlab.cli import main
+
+    path = write_tiny(tmp_path)
+    # a plugin that breaks the file's compare.margin while the runs train (an editor saving mid-run)
+    (tmp_path / "editor.py").write_text(f"""
+def on_run_end(run_name):
+    from pathlib import Path
+    p = Path({str(path)!r})
+    p.write_text(p.read_text().replace("margin: 0.05", "margin: -1"))
+""")
+    path.write_text("plugins: [editor.py]\n" + path.read_text())
+    assert main(["run", str(path), "--quiet"]) == 0  # was exit 2: the margin was read again after training
+    err = capsys.readouterr().err
+    assert "margin" not in err and "comparison not logged" not in err
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 't.db'}")
+    [parent] = [r for r in client.search_runs([client.get_experiment_by_name("dash_pair").experiment_id])
+                if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.data.tags["unetlab.compare.margin"] == "0.05"
+
+
 # --- `unetlab ui` ------------------------------------------------------------------------------------------
 
 
@@ -200,6 +223,37 @@ def test_ui_refuses_a_non_loopback_host_without_expose(host, tmp_path):
     [line] = proc.stderr.splitlines()
     assert line.startswith(f"unetlab: error: --host {host}: not a loopback address") and "--expose" in line
     assert not (tmp_path / "x.db").exists() and proc.stdout == ""
+
+
+def test_ui_refuses_web_server_options_that_could_bind_elsewhere_without_expose(tmp_path):
+    # mlflow ui hands MLFLOW_GUNICORN_OPTS to gunicorn, which binds every -b it is given
+    env = {"MLFLOW_GUNICORN_OPTS": "-b 0.0.0.0:58231"}
+    proc = run_cli("ui", "--tracking-uri", f"sqlite:///{tmp_path / 'x.db'}", env=env, timeout=60)
+    assert proc.returncode == 2
+    [line] = proc.stderr.splitlines()
+    assert line.startswith("unetlab: error: unetlab ui: MLFLOW_GUNICORN_OPTS is set") and "--expose" in line
+
+
+def test_ui_on_a_tracking_server_points_at_its_ui_and_starts_nothing():
+    # nothing listens there: the command must not try mlflow ui on an http store (it raised a traceback)
+    proc = run_cli("ui", "--tracking-uri", "http://127.0.0.1:9", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "the store is a tracking server: its own UI is at http://127.0.0.1:9" in proc.stdout
+    assert "Traceback" not in proc.stderr
+
+
+def test_long_variant_names_fit_mlflow_key_limits():
+    from mlflow.utils.validation import _validate_metric_name, _validate_tag_name
+
+    from unetlab.dashboard import MAX_KEY_LENGTH, _fit
+
+    long_a, long_b = "a" * 200 + "/x", "a" * 200 + "/y"
+    keys = {_fit(f"unetlab.verdict.{long_a}_vs_{long_b}"), _fit(f"unetlab.verdict.{long_a}_vs_{long_a}")}
+    assert len(keys) == 2 and all(len(k) == MAX_KEY_LENGTH for k in keys)
+    for key in keys:
+        _validate_tag_name(key)
+        _validate_metric_name(key)
+    assert _fit("short") == "short"
 
 
 def test_loopback_hosts_need_no_opt_in():

@@ -178,3 +178,19 @@ def test_scaffold_pins_a_unetlab_minor_range_and_the_plugin_api(tmp_path):
     major, minor = (int(p) for p in unetlab.__version__.split(".")[:2])
     assert f'dependencies = ["unetlab>={major}.{minor},<{major}.{minor + 1}"]' in (root / "pyproject.toml").read_text()
     assert 'UNETLAB_PLUGIN_API = ">=2,<3"' in (root / "unetlab_pinned" / "__init__.py").read_text()
+
+
+def test_warnings_are_not_repeated_when_the_registry_is_rebuilt():
+    class Score:
+        """A score."""
+
+        def __init__(self, num_classes: int):
+            pass
+
+    host = PluginHost(autoload=False)
+    host.register(module_from_functions("first", register_metrics=lambda register: (
+        register("score", Score), register("odd", Score, direction="up"))))
+    _ = host.registry
+    host.register(module_from_functions("second", register_fusions=lambda register: None))
+    _ = host.registry  # a second plugin rebuilds the registry, running the first one's hooks again
+    assert len(host.problem_lines()) == 2

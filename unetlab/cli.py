@@ -376,10 +376,19 @@ def cmd_ui(args: argparse.Namespace) -> int:
               f"{uri or 'MLflow default (./mlflow.db)'} to every host that can reach it, readable and writable (runs, "
               "artifacts, models can be created, changed and deleted) with no authentication; for logins use "
               "MLflow's own: mlflow server --app-name basic-auth", file=sys.stderr)
+    # mlflow ui passes these to its web server, whose own bind options would open other addresses
+    # than --host: without --expose they are refused, so the loopback-only promise has no back door.
+    server_opts = sorted(k for k in os.environ if k.startswith("MLFLOW_") and k.endswith("_OPTS") and os.environ[k])
+    if server_opts and not exposed:
+        raise UnetlabError(f"unetlab ui: {', '.join(server_opts)} is set; its web server options can listen on "
+                           "other addresses than --host. Unset it, or pass --expose to serve the store beyond "
+                           "this machine knowingly")
     from .dashboard import ui_urls
 
     for line in ui_urls(uri, experiment_name, args.host, args.port):
         print(line, flush=True)
+    if uri and uri.startswith(("http://", "https://")):
+        return 0  # a tracking server serves its own UI (the line above says where); mlflow ui cannot open one
     # The MLflow of unetlab's own interpreter: the venv need not be activated for this to work.
     command = [sys.executable, "-m", "mlflow", "ui", "--host", args.host, "--port", str(args.port),
                "--workers", str(args.workers)]

@@ -56,7 +56,15 @@ class PerImageRead:
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A JSON number that is a float: an integer of hundreds of digits parses but has no float value."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if isinstance(value, int):
+        try:
+            float(value)
+        except OverflowError:
+            return False
+    return True
 
 
 def declared_ranges(tags: dict[str, str]) -> tuple[dict[str, tuple[float, float]], str | None]:

@@ -143,6 +143,18 @@ def _name(text: str) -> str:
     return _UNSAFE.sub("_", str(text)) or "_"
 
 
+MAX_KEY_LENGTH = 250  # MLflow refuses longer metric and tag keys, and the whole batch with them
+
+
+def _fit(key: str) -> str:
+    """``key`` cut to MLflow's key length, with a digest of the whole so two long keys stay apart."""
+    if len(key) <= MAX_KEY_LENGTH:
+        return key
+    import hashlib
+
+    return f"{key[:MAX_KEY_LENGTH - 11]}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+
+
 def _t_interval(values: list[float]) -> tuple[float, float] | None:
     if len(values) < 2:
         return None
@@ -182,7 +194,7 @@ def summary_metrics(result: dict[str, Any]) -> dict[str, float]:
             prefix = f"paired/{_name(pair['a'])}_vs_{_name(pair['b'])}"
             for field in ("difference", "ci_low", "ci_high"):
                 out[f"{prefix}/{field}"] = float(stats[field])
-    return {k: v for k, v in out.items() if math.isfinite(v)}
+    return {_fit(k): v for k, v in out.items() if math.isfinite(v)}
 
 
 def _p(value: float | None) -> str:
@@ -246,7 +258,7 @@ def log_comparison(client, result: dict[str, Any], figure=None) -> str:
     margin = "none" if result.get("margin") is None else f"{result['margin']:g}"
     previous = parent.data.tags.get(MARGIN_TAG)
     tags = [RunTag(NOTE_TAG, note[:8000]), RunTag(MARGIN_TAG, margin), RunTag("unetlab.compare.metric", metric)]
-    tags += [RunTag(f"unetlab.verdict.{_name(p['a'])}_vs_{_name(p['b'])}", str(p["verdict"])[:500])
+    tags += [RunTag(_fit(f"unetlab.verdict.{_name(p['a'])}_vs_{_name(p['b'])}"), str(p["verdict"])[:500])
              for p in result["pairs"]]
     now = int(time.time() * 1000)
     metrics = [Metric(k, v, now, 0) for k, v in summary_metrics(result).items()]

@@ -287,11 +287,31 @@ def fragility(result: PairedResult, margin: float | None, diffs: Any = None,
     tolerance = fraction * (margin if margin else half_width)
     if not tolerance > 0:
         return None
-    thresholds = [0.0] + ([-margin, margin] if margin else [])
-    distance, bound, threshold = min((abs(value - t), name, t) for t in thresholds
-                                     for name, value in (("ci_low", result.ci_low), ("ci_high", result.ci_high)))
-    if distance >= tolerance:
+    significant = not result.wilcoxon_p >= ALPHA  # NaN (too few images) counts as significant: CI alone decides
+
+    def outcome(low: float, high: float) -> str:  # verdict()'s decision, without its wording
+        if margin and -margin < low and high < margin:
+            return "equivalent"
+        if low > 0 or high < 0:
+            return ("A" if low > 0 else "B") if significant else "not resolved"
+        return "not resolved"
+
+    now = outcome(result.ci_low, result.ci_high)
+    # Only a bound whose crossing of its threshold would change the verdict makes it fragile: an upper
+    # bound near +margin matters for "equivalent", not for "B better" far below 0.
+    candidates = []
+    for t in [0.0] + ([-margin, margin] if margin else []):
+        for name, value in (("ci_low", result.ci_low), ("ci_high", result.ci_high)):
+            distance = abs(value - t)
+            if distance >= tolerance:
+                continue
+            crossed = [2 * t - value] if value != t else [t - tolerance / 2, t + tolerance / 2]
+            bounds = [(c, result.ci_high) if name == "ci_low" else (result.ci_low, c) for c in crossed]
+            if any(outcome(*pair) != now for pair in bounds):
+                candidates.append((distance, name, t))
+    if not candidates:
         return None
+    distance, bound, threshold = min(candidates)
     target = abs(threshold - result.difference) - tolerance
     settle = None
     if target > 0 and diffs is not None:

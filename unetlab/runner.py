@@ -132,11 +132,11 @@ def run_experiment(path: str | Path, overrides: Sequence[str] = (), resume: bool
         else:
             code = run_sequential(inv)
         if parent_run_id is None and code in (0, 1):  # the parent carries the comparison; not after an interrupt
-            from .compare import margin_from_file
             from .dashboard import report_dashboard
 
+            # the margin of the file as it was loaded: the file may have changed (or gone) while the runs trained
             report_dashboard(tracker.client, tracker.experiment_id, inv.parent_id, runs[0].config["train"]["monitor"],
-                             margin_from_file(path), experiment.runs, tracker.uri, str(path), reporter.info)
+                             experiment.compare_margin, experiment.runs, tracker.uri, str(path), reporter.info)
         return code
     finally:
         distributed.shutdown(ctx)
