@@ -14,7 +14,7 @@ from conftest import make_distribution, one_line_error, run_cli
 
 FIRST_PARTY = {"unetlab_std.encoders", "unetlab_std.upsamplers", "unetlab_std.fusions", "unetlab_std.blocks",
                "unetlab_std.initializers", "unetlab_std.losses", "unetlab_std.metrics", "unetlab_std.datasets",
-               "unetlab_std.augmentations"}
+               "unetlab_std.augmentations", "unetlab_timm.encoders", "unetlab_timm.normalization"}
 
 GOOD_PLUGIN = '''
 import torch, unetlab
