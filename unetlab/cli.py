@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -158,11 +159,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 0
+    # MLflow writes "View run ... at: URL" to stdout whenever a run on a tracking server ends: that would break
+    # --jsonl (stdout is JSON lines only) and repeat what unetlab prints itself at the end of `run`.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     handler = COMMANDS[args.command]
     # MLflow's INFO chatter ("Creating initial MLflow database tables...") is noise on our stderr;
     # setdefault: a user who sets MLFLOW_LOGGING_LEVEL gets what they asked for.
-    import os
-
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     try:
         return handler(args)
