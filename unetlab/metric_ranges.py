@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .errors import PluginError, exception_text
-from .registry import Registry, _probe_batch, component_params
+from .errors import PluginError
+from .registry import Registry, metric_keys
 
 __all__ = ["declared_value_range", "metric_ranges"]
 
@@ -42,20 +42,8 @@ def metric_ranges(train_config: Mapping[str, Any], num_classes: int,
     batch holding every class and asked for ``compute()``.
     """
     ranges: dict[str, list[float | None]] = {}
-    logits, target = _probe_batch(num_classes)
     for spec in train_config["metrics"]:
-        component = registry.get("metric", spec["name"])
-        declared = declared_value_range(component.factory)
-        if declared is None:
-            continue
-        metric = registry.create("metric", spec["name"], num_classes=num_classes, **component_params(spec))
-        try:
-            metric.reset()
-            if not (component.binary_only and num_classes > 2):
-                metric.update(logits, target)
-            keys = list(metric.compute())
-        except Exception as exc:  # noqa: BLE001 - a plugin's bug: one line naming the metric, not a traceback
-            raise PluginError(f"metric '{spec['name']}' (plugin {component.plugin}) failed on a tiny "
-                              f"{num_classes}-class batch: {exception_text(exc)}") from None
-        ranges.update({f"val_{key}": list(declared) for key in keys})
+        declared = declared_value_range(registry.get("metric", spec["name"]).factory)
+        if declared is not None:
+            ranges.update({f"val_{key}": list(declared) for key in metric_keys(spec, num_classes, registry)})
     return ranges

@@ -28,6 +28,7 @@ __all__ = [
     "check_registration",
     "component_params",
     "metric_directions",
+    "metric_keys",
     "resolve_monitor_mode",
     "undirected_metric_warning",
 ]
@@ -252,6 +253,22 @@ def _probe_batch(num_classes: int) -> tuple[Any, Any]:
     return logits, target
 
 
+def metric_keys(spec: Mapping[str, Any], num_classes: int, registry: Registry) -> list[str]:
+    """The keys metric ``spec`` (``{name, **params}``) returns from ``compute()``, found by building it and
+    feeding it one tiny batch holding every class; a metric that fails on it is a one-line ``PluginError``."""
+    component = registry.get("metric", spec["name"])
+    metric = registry.create("metric", spec["name"], num_classes=num_classes, **component_params(spec))
+    logits, target = _probe_batch(num_classes)
+    try:
+        metric.reset()
+        if not (component.binary_only and num_classes > 2):
+            metric.update(logits, target)
+        return list(metric.compute())
+    except Exception as exc:  # noqa: BLE001 - a plugin's bug: one line naming the metric, not a traceback
+        raise PluginError(f"metric '{spec['name']}' (plugin {component.plugin}) failed on a tiny "
+                          f"{num_classes}-class batch: {exception_text(exc)}") from None
+
+
 def metric_directions(train_config: Mapping[str, Any], num_classes: int, registry: Registry) -> dict[str, str]:
     """Every key a run logs (``train_loss``, ``val_loss``, ``val_<metric key>``) -> ``"max"`` or ``"min"``.
 
@@ -259,19 +276,9 @@ def metric_directions(train_config: Mapping[str, Any], num_classes: int, registr
     asked for ``compute()``: each key it returns gets the direction its metric registered with.
     """
     directions = {"train_loss": "min", "val_loss": "min"}
-    logits, target = _probe_batch(num_classes)
     for spec in train_config["metrics"]:
         component = registry.get("metric", spec["name"])
-        metric = registry.create("metric", spec["name"], num_classes=num_classes, **component_params(spec))
-        try:
-            metric.reset()
-            if not (component.binary_only and num_classes > 2):
-                metric.update(logits, target)
-            keys = list(metric.compute())
-        except Exception as exc:  # noqa: BLE001 - a plugin's bug: one line naming the metric, not a traceback
-            raise PluginError(f"metric '{spec['name']}' (plugin {component.plugin}) failed on a tiny "
-                              f"{num_classes}-class batch: {exception_text(exc)}") from None
-        for key in keys:
+        for key in metric_keys(spec, num_classes, registry):
             directions[f"val_{key}"] = component.direction or "max"
     return directions
 
