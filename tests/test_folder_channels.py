@@ -72,25 +72,31 @@ def test_the_reader_keeps_channels_and_drops_only_a_declared_alpha(tmp_path, kin
     assert got.dtype == expected.dtype and np.array_equal(got, expected)
 
 
-def test_data_training_and_predict_read_a_two_channel_tiff_alike(tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # checkpoints go under ./.unetlab
+def write_tiff_experiment(tmp_path, name, image):
+    """Three 2-channel TIFFs (``image(i)``, written contiguous) with PNG masks under tmp_path/data, and a
+    one-epoch experiment file ``name`` on them; returns (data root, experiment path)."""
     root = tmp_path / "data"
     (root / "images").mkdir(parents=True)
     (root / "masks").mkdir()
     mask = np.zeros((H, W), np.uint8)
     mask[3:8, 4:10] = 255
     for i in range(3):
-        tifffile.imwrite(root / "images" / f"t{i}.tif", np.roll(TWO, i, axis=0), photometric="minisblack",
-                         planarconfig="contig")
+        tifffile.imwrite(root / "images" / f"t{i}.tif", image(i), photometric="minisblack", planarconfig="contig")
         Image.fromarray(mask).save(root / "masks" / f"t{i}.png")
     exp = tmp_path / "exp.yaml"
     exp.write_text(f"""\
-name: channels
+name: {name}
 data: {{dataset: {{name: folder, root: data, val_fraction: 0.34}}, batch_size: 2}}
 model: {{encoder: {{name: classic, depth: 2, base_channels: 4}}}}
 train: {{epochs: 1}}
 tracking: {{uri: sqlite:///{tmp_path / 'mlflow.db'}, log_model: false, figures: false}}
 """)
+    return root, exp
+
+
+def test_data_training_and_predict_read_a_two_channel_tiff_alike(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # checkpoints go under ./.unetlab
+    root, exp = write_tiff_experiment(tmp_path, "channels", lambda i: np.roll(TWO, i, axis=0))
     assert cli_main(["data", str(exp)]) == 0
     out = capsys.readouterr().out
     assert "images: 2 channel(s), uint16" in out and "no problems found" in out
@@ -117,22 +123,7 @@ def test_a_multi_page_tiff_is_refused_alike_by_data_training_and_predict(tmp_pat
     """Pages without a declared channel axis (a stack, or an H x W x 2 array written without
     planarconfig, which TIFF stores as H pages of W x 2) are refused in one line by all three."""
     monkeypatch.chdir(tmp_path)
-    root = tmp_path / "data"
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    mask = np.zeros((H, W), np.uint8)
-    mask[3:8, 4:10] = 255
-    for i in range(3):
-        tifffile.imwrite(root / "images" / f"t{i}.tif", TWO, photometric="minisblack", planarconfig="contig")
-        Image.fromarray(mask).save(root / "masks" / f"t{i}.png")
-    exp = tmp_path / "exp.yaml"
-    exp.write_text(f"""\
-name: pages
-data: {{dataset: {{name: folder, root: data, val_fraction: 0.34}}, batch_size: 2}}
-model: {{encoder: {{name: classic, depth: 2, base_channels: 4}}}}
-train: {{epochs: 1}}
-tracking: {{uri: sqlite:///{tmp_path / 'mlflow.db'}, log_model: false, figures: false}}
-""")
+    root, exp = write_tiff_experiment(tmp_path, "pages", lambda i: TWO)
     assert cli_main(["run", str(exp), "--quiet"]) == 0, capsys.readouterr().err
     (best,) = (tmp_path / ".unetlab").rglob("best.pt")
     capsys.readouterr()
