@@ -21,7 +21,7 @@ data:
   foreground_oversample: 0.9
   batch_size: 2
 model: {encoder: {name: classic, depth: 2, base_channels: 4}}
-train: {epochs: 1}
+train: {epochs: 1, device: cpu}  # bit-identity is a CPU promise
 tracking: {log_model: false, figures: false}
 """
 
