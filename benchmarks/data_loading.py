@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from unetlab.data import build_augment, build_source, make_loader
-from unetlab.experiment import load_experiment
-from unetlab.plugins import default_host
-from unetlab.preflight import prepare
-from unetlab.trainer import TrainSetup, train_run
+from unetlab.config.experiment import load_experiment
+from unetlab.data.sources import build_augment, build_source, make_loader
+from unetlab.plugin_api.host import default_host
+from unetlab.training.preflight import prepare
+from unetlab.training.trainer import TrainSetup, train_run
 
 REPO = Path(__file__).resolve().parents[1]
 

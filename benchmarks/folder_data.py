@@ -75,7 +75,7 @@ def link_copies(source: Path, target: Path, times: int) -> None:
 
 def build(root: Path, workers: int = 0):
     import unetlab
-    from unetlab.data_options import configure_source
+    from unetlab.data.options import configure_source
 
     source = unetlab.create("dataset", "folder", root=str(root), val_fraction=0.05)
     configure_source(source, {"patch_size": [PATCH, PATCH], "num_workers": workers}, "folder")
@@ -83,7 +83,7 @@ def build(root: Path, workers: int = 0):
 
 
 def loader_for(source, batch: int, workers: int):
-    from unetlab.data import make_loader
+    from unetlab.data.sources import make_loader
 
     loader = make_loader(source.split("train"), batch, True, workers, False)
     loader.epoch_sampler.set_epoch(0)

@@ -5,10 +5,11 @@ on and off, bilinear and transpose upsamplers, at 128 and 256 px (issue 10's tab
 Each row trains the assembled 64-to-1024 U-Net (classic encoder, depth 5, concat, BCE, Adam) on a fixed
 random batch: ``--warmup`` untimed steps (the first compiles with ``+compile``), then ``--steps`` timed
 steps between two device synchronisations. Training FLOPs = 3 x the forward FLOPs counted by
-``unetlab.model.forward_flops``. ``+host_batch`` copies each step's input batch from pinned host memory
+``unetlab.model.unet.forward_flops``. ``+host_batch`` copies each step's input batch from pinned host memory
 (a DataLoader-fed run) instead of using one already on the device. ``bilinear (PyTorch kernel)`` is the
 bilinear upsampler forced onto F.interpolate (what unetlab used before its matrix-product path): the price
-of PyTorch's deterministic fallback. Deterministic rows use ``unetlab.determinism.configure`` exactly as a run does.
+of PyTorch's deterministic fallback. Deterministic rows use
+``unetlab.training.determinism.configure`` exactly as a run does.
 
     python benchmarks/gpu.py                            # everything on cuda (rows print as they finish)
     python benchmarks/gpu.py --sizes 128 --no-compile   # a part of it
@@ -89,8 +90,8 @@ def build(upsampler: str, base: int, depth: int) -> torch.nn.Module:
 
 def measure(device, size, batch, upsampler, setting, deterministic, args) -> dict:
     """Images/s and training FLOP/s of one configuration."""
-    from unetlab.determinism import configure, report_nondeterministic_ops
-    from unetlab.model import forward_flops
+    from unetlab.model.unet import forward_flops
+    from unetlab.training.determinism import configure, report_nondeterministic_ops
 
     amp, tf32, channels_last, compiled, host_batch = SETTINGS[setting]
     configure(deterministic, device)
@@ -193,7 +194,7 @@ def profile(args) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from unetlab.cli import main as cli
+    from unetlab.cli.main import main as cli
 
     device = torch.device(args.device)
     overrides = ["model.encoder.base_channels=64", "model.encoder.depth=5", "data.dataset.image_size=128",

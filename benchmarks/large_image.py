@@ -4,7 +4,8 @@ A synthetic RGB uint8 image of SIZE x SIZE (default 12000) with a binary mask is
 uncompressed TIFF and decoded into the decode cache first (as ``unetlab run`` does before training).
 Then, each in a fresh process (so its peak RSS is its own):
 
-- ``validate``: ``unetlab.validation.evaluate_whole_images`` on that image (the trainer's whole-image
+- ``validate``: ``unetlab.training.whole_image_validation.evaluate_whole_images`` on that image
+  (the trainer's whole-image
   validation: sliding windows of 512, batches of 4, cross entropy and iou/dice), the image memory-mapped
   from the cache;
 - ``predict``: ``unetlab predict`` of the TIFF with a checkpoint of the same model.
@@ -31,10 +32,10 @@ import json, resource, sys, time
 import torch
 torch.set_num_threads(1)
 import unetlab
-from unetlab.data_options import configure_source
-from unetlab.model import build_unet
-from unetlab.trainer import build_loss, build_metrics
-from unetlab.validation import evaluate_whole_images
+from unetlab.data.options import configure_source
+from unetlab.model.unet import build_unet
+from unetlab.training.trainer import build_loss, build_metrics
+from unetlab.training.whole_image_validation import evaluate_whole_images
 root, config = sys.argv[1], json.loads(sys.argv[2])
 source = configure_source(unetlab.create("dataset", "folder", root=root, split_file=root + "/split.json"),
                           {"patch_size": [256, 256]}, "folder")
@@ -60,7 +61,7 @@ CHILD_PREDICT = r"""
 import json, resource, sys, time
 import torch
 torch.set_num_threads(1)
-from unetlab.cli import main
+from unetlab.cli.main import main
 start = time.perf_counter()
 code = main(json.loads(sys.argv[1]))
 seconds = time.perf_counter() - start
@@ -72,7 +73,7 @@ print(json.dumps({"peak_mb": peak / 1024, "seconds": seconds}))
 
 
 def model_config() -> dict:
-    from unetlab.plugins import default_host
+    from unetlab.plugin_api.host import default_host
 
     registry = default_host().registry
 
@@ -119,8 +120,8 @@ def main() -> None:
 
     import unetlab
     from unetlab.checkpoint import save_atomic
-    from unetlab.data_options import configure_source
-    from unetlab.model import build_unet
+    from unetlab.data.options import configure_source
+    from unetlab.model.unet import build_unet
 
     with tempfile.TemporaryDirectory() as tmp:
         root, env = Path(tmp) / "data", {**os.environ, "UNETLAB_CACHE_DIR": str(Path(tmp) / "cache"),

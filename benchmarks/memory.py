@@ -15,7 +15,7 @@ import time
 import torch
 
 import unetlab
-from unetlab.plugins import default_host
+from unetlab.plugin_api.host import default_host
 
 
 def saved_bytes_and_time(model, x) -> tuple[int, float]:

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import unetlab
-from unetlab.model import count_parameters, forward_flops
+from unetlab.model.unet import count_parameters, forward_flops
 
 from reference_unet import ReferenceUNet
 

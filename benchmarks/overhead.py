@@ -2,7 +2,8 @@
 
 One process, interleaved rounds (alternating which loop goes first). Each round trains one epoch of the
 headline experiment's first run (concat/seed=1 of experiments/concat_vs_add.yaml, augmentation off so both
-loops do the same work) with ``unetlab.trainer.train_run``, then one epoch of a hand-written loop: the same model
+loops do the same work) with
+``unetlab.training.trainer.train_run``, then one epoch of a hand-written loop: the same model
 config, optimizer, loss and batches (the same order), nothing else. Compared: training time per image. The
 trainer's time comes from its own ``images_per_s`` (the training loop only, data loading included;
 validation and the checkpoint written after each epoch are reported separately).
@@ -24,13 +25,13 @@ from pathlib import Path
 
 import torch
 
-from unetlab.data import build_source, model_io
-from unetlab.determinism import configure
-from unetlab.experiment import load_experiment
-from unetlab.model import build_unet
-from unetlab.plugins import default_host
-from unetlab.preflight import prepare, resolve_runtime
-from unetlab.trainer import (
+from unetlab.config.experiment import load_experiment
+from unetlab.data.sources import build_source, model_io
+from unetlab.model.unet import build_unet
+from unetlab.plugin_api.host import default_host
+from unetlab.training.determinism import configure
+from unetlab.training.preflight import prepare, resolve_runtime
+from unetlab.training.trainer import (
     TrainSetup,
     build_loss,
     epoch_seed,

@@ -8,7 +8,7 @@ separates the parts by difference:
 - fixed cost of a run = wall(1 epoch) - one epoch (process start and imports, data, model build,
   MLflow run and params, checkpoints, model logging, figures);
 - model logging + figures = wall(1 epoch) - wall(1 epoch with tracking.log_model=false, tracking.figures=false);
-- process start and imports alone: ``python -c "import unetlab.cli, torch, mlflow"``.
+- process start and imports alone: ``python -c "import unetlab.cli.main, torch, mlflow"``.
 
 Each configuration runs ``--repeats`` times, interleaved; the medians are printed.
 
@@ -55,7 +55,7 @@ def main() -> None:
         "1 epoch, no model logging, no figures": ["train.epochs=1", "train.warmup_epochs=0",
                                                   "tracking.log_model=false", "tracking.figures=false"],
     }
-    imports = [sys.executable, "-c", "import unetlab.cli, torch, mlflow"]
+    imports = [sys.executable, "-c", "import unetlab.cli.main, torch, mlflow"]
     times: dict[str, list[float]] = {name: [] for name in [*configs, "imports"]}
     for _ in range(args.repeats):
         for name, extra in configs.items():

@@ -19,10 +19,10 @@ import time
 
 import pytest
 
-from unetlab.cli import main
+from unetlab.cli.main import main
+from unetlab.config.experiment import load_experiment
+from unetlab.config.yaml_loader import MAX_BYTES, MAX_DEPTH, MAX_VALUES
 from unetlab.errors import ConfigError
-from unetlab.experiment import load_experiment
-from unetlab.yamlio import MAX_BYTES, MAX_DEPTH, MAX_VALUES
 
 from conftest import one_line_error, run_cli
 

@@ -9,7 +9,7 @@ from conftest import run_cli
 
 
 def test_help_does_not_import_torch_or_mlflow():
-    code = ("import sys\nfrom unetlab.cli import main\n"
+    code = ("import sys\nfrom unetlab.cli.main import main\n"
             "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
             "heavy = [m for m in ('torch', 'mlflow', 'numpy') if m in sys.modules]\n"
             "print('HEAVY', heavy)\n")

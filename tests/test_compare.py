@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from unetlab import paired_stats
-from unetlab.per_image import log_per_image_metrics
+from unetlab.analysis import paired_stats
+from unetlab.tracking.per_image import log_per_image_metrics
 
 from conftest import one_line_error, run_cli
 
@@ -161,7 +161,7 @@ def test_paired_verdicts_and_numbers_match_independent_computations(store, tmp_p
 
 
 def test_table_names_each_test(store, tmp_path, capsys):
-    from unetlab.compare import compare_command
+    from unetlab.analysis.compare import compare_command
 
     assert compare_command("known", None, "table", str(tmp_path / "k.png"), None, store, margin=0.01) == 0
     table = capsys.readouterr().out
@@ -197,7 +197,7 @@ def test_run_logs_per_image_tables_that_compare_pairs(tmp_path):
     assert "higher is better (the runs' unetlab.metric_directions tag)" in table
     from mlflow.tracking import MlflowClient
 
-    from unetlab.compare import compare_runs
+    from unetlab.analysis.compare import compare_runs
 
     client = MlflowClient(f"sqlite:///{tmp_path / 't.db'}")
     hd95 = compare_runs(client, client.get_experiment_by_name("tiny_pair").experiment_id, "val_hd95", None)
@@ -211,7 +211,7 @@ def test_run_logs_per_image_tables_that_compare_pairs(tmp_path):
 
 def test_old_runs_fall_back_to_seed_level_and_an_unknown_direction_is_said(store, tmp_path, capsys):
     # runs from before per-image tables and direction tags (in-process: the CLI is tested above)
-    from unetlab.compare import compare_command
+    from unetlab.analysis.compare import compare_command
 
     assert compare_command("old", None, "json", str(tmp_path / "old.png"), None, store) == 0
     out = capsys.readouterr()
@@ -261,7 +261,7 @@ def test_bootstrap_is_the_documented_loop_and_holm_matches_by_hand():
 
 
 def test_margin_from_the_experiment_file(tmp_path):
-    from unetlab.compare import margin_from_file
+    from unetlab.analysis.compare import margin_from_file
     from unetlab.errors import ConfigError
 
     path = tmp_path / "exp.yaml"
@@ -273,8 +273,8 @@ def test_margin_from_the_experiment_file(tmp_path):
 
 
 def test_an_experiment_file_with_a_compare_margin_validates_and_a_bad_one_is_one_line(tmp_path, capsys):
-    from unetlab.cli import main
-    from unetlab.experiment import load_experiment
+    from unetlab.cli.main import main
+    from unetlab.config.experiment import load_experiment
 
     path = tmp_path / "exp.yaml"
     path.write_text("name: e\ntrain: {epochs: 1}\ncompare:\n  margin: 0.02\n")

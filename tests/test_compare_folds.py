@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from unetlab import paired_stats
-from unetlab.per_image import log_per_image_metrics
+from unetlab.analysis import paired_stats
+from unetlab.tracking.per_image import log_per_image_metrics
 
 from conftest import run_cli
 
@@ -163,8 +163,8 @@ def test_the_compare_figure_of_folds_names_replicates_and_the_cv_estimate(store)
     from matplotlib.text import Text
     from mlflow.tracking import MlflowClient
 
-    from unetlab.compare import compare_runs
-    from unetlab.figures import comparison_figure
+    from unetlab.analysis.compare import compare_runs
+    from unetlab.analysis.figures import comparison_figure
 
     client = MlflowClient(store)
     pair = compare_runs(client, client.get_experiment_by_name("cv_pair").experiment_id, None, None, margin=0.01)

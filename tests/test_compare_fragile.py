@@ -16,8 +16,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from unetlab import paired_stats
-from unetlab.per_image import log_per_image_metrics
+from unetlab.analysis import paired_stats
+from unetlab.tracking.per_image import log_per_image_metrics
 
 SEEDS, IMAGES = [1, 2], 24
 
@@ -68,7 +68,7 @@ def loop_interval(diffs: np.ndarray) -> tuple[float, float]:
 
 
 def test_a_bound_near_the_margin_is_fragile_and_one_clear_of_it_is_not(store):
-    from unetlab.compare import compare_runs, render
+    from unetlab.analysis.compare import compare_runs, render
 
     uri, exp = store
     values = known_values()
@@ -129,8 +129,8 @@ def figure_text(figure) -> str:
 def test_the_compare_figure_carries_the_verdicts_n_and_the_margin(store):
     from mlflow.tracking import MlflowClient
 
-    from unetlab.compare import compare_runs
-    from unetlab.figures import comparison_figure
+    from unetlab.analysis.compare import compare_runs
+    from unetlab.analysis.figures import comparison_figure
 
     uri, exp = store
     client = MlflowClient(uri)

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from unetlab.per_image import log_per_image_metrics
+from unetlab.tracking.per_image import log_per_image_metrics
 
 SEEDS, IMAGES = [1, 2], 32
 RANGES = {"val_iou": [0.0, 1.0], "val_hd95": [0.0, None]}
@@ -89,7 +89,7 @@ def store(tmp_path_factory):
 
 
 def compare(store, case, capsys, fmt="json"):
-    from unetlab.compare import compare_command
+    from unetlab.analysis.compare import compare_command
 
     uri, _ = store
     assert compare_command(case, None, fmt, f"{case}.png", None, uri, margin=0.01) == 0
@@ -173,7 +173,7 @@ def test_garbled_tags_and_params_are_warnings_not_tracebacks(store, capsys):
 def test_the_reader_refuses_a_huge_table_before_downloading_it(store):
     from mlflow.tracking import MlflowClient
 
-    from unetlab.compare_inputs import read_per_image
+    from unetlab.analysis.compare_inputs import read_per_image
 
     uri, bad = store
     client = MlflowClient(uri)

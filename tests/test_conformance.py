@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import unetlab
-from unetlab.plugins import PluginHost, module_from_functions
-from unetlab.testing import ContractError, check_component, components_of
+from unetlab.plugin_api.conformance import ContractError, check_component, components_of
+from unetlab.plugin_api.host import PluginHost, module_from_functions
 
 REGISTRY = unetlab.default_host().registry
 SMALL = {  # required or heavy parameters of first-party components, kept small here

@@ -52,7 +52,7 @@ def _mlflow_ui_bundle() -> str:
 def test_the_view_uses_only_what_the_installed_mlflow_ui_reads():
     # the shared-view tag prefix, the URL key and every field of our view state exist in this MLflow's UI:
     # a renamed field would silently open an ungrouped page
-    from unetlab.dashboard import VIEW_TAG_PREFIX, view_state
+    from unetlab.analysis.dashboard import VIEW_TAG_PREFIX, view_state
 
     bundle = _mlflow_ui_bundle()
     assert f'"{VIEW_TAG_PREFIX}"' in bundle and '"viewStateShareKey"' in bundle
@@ -64,7 +64,7 @@ def test_the_view_uses_only_what_the_installed_mlflow_ui_reads():
 
 
 def test_urls_open_the_training_runs_view():
-    from unetlab.dashboard import experiment_runs_url, run_url, ui_base_url, view_key
+    from unetlab.analysis.dashboard import experiment_runs_url, run_url, ui_base_url, view_key
 
     base = ui_base_url(None, "0.0.0.0", 5123)
     assert base == "http://127.0.0.1:5123"  # a wildcard host is opened locally
@@ -76,8 +76,8 @@ def test_urls_open_the_training_runs_view():
 
 
 def test_factor_keys_and_groups_are_what_differs_between_variants_not_replicates(tmp_path):
-    from unetlab.dashboard import factor_keys, group_tags
-    from unetlab.experiment import load_experiment
+    from unetlab.analysis.dashboard import factor_keys, group_tags
+    from unetlab.config.experiment import load_experiment
 
     path = write_tiny(tmp_path)
     runs = load_experiment(path).runs
@@ -96,7 +96,7 @@ def test_summary_metrics_match_scipy_and_are_valid_mlflow_names():
     from mlflow.utils.validation import _validate_metric_name
     from scipy import stats
 
-    from unetlab.dashboard import summary_metrics
+    from unetlab.analysis.dashboard import summary_metrics
 
     values = {"a": {"1": 0.80, "2": 0.84, "3": 0.83}, "lr=0.1": {"1": 0.70, "2": 0.74}}
     result = {"metric": "val_iou", "seed_bests": values, "pairs": [
@@ -121,8 +121,8 @@ def test_summary_metrics_match_scipy_and_are_valid_mlflow_names():
 def test_run_leaves_the_comparison_on_its_parent_and_compare_updates_it(tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
-    from unetlab.cli import main
-    from unetlab.compare import compare_runs
+    from unetlab.analysis.compare import compare_runs
+    from unetlab.cli.main import main
 
     path = write_tiny(tmp_path)
     assert main(["run", str(path)]) == 0
@@ -176,13 +176,13 @@ def test_run_leaves_the_comparison_on_its_parent_and_compare_updates_it(tmp_path
 
 
 def test_a_comparison_that_fails_is_one_warning_and_keeps_the_exit_status(tmp_path, capsys, monkeypatch):
-    import unetlab.compare
-    from unetlab.cli import main
+    import unetlab.analysis.compare
+    from unetlab.cli.main import main
 
     def broken(*args, **kwargs):
         raise ValueError("per-image table of run x: not a table")
 
-    monkeypatch.setattr(unetlab.compare, "compare_runs", broken)
+    monkeypatch.setattr(unetlab.analysis.compare, "compare_runs", broken)
     assert main(["run", str(write_tiny(tmp_path)), "--quiet"]) == 0
     err = capsys.readouterr().err
     warnings = [line for line in err.splitlines() if "comparison not logged" in line]
@@ -191,7 +191,7 @@ def test_a_comparison_that_fails_is_one_warning_and_keeps_the_exit_status(tmp_pa
 
 
 def test_an_experiment_file_changed_during_the_run_does_not_change_its_comparison(tmp_path, capsys):
-    from unetlab.cli import main
+    from unetlab.cli.main import main
 
     path = write_tiny(tmp_path)
     # a plugin that breaks the file's compare.margin while the runs train (an editor saving mid-run)
@@ -245,7 +245,7 @@ def test_ui_on_a_tracking_server_points_at_its_ui_and_starts_nothing():
 def test_long_variant_names_fit_mlflow_key_limits():
     from mlflow.utils.validation import _validate_metric_name, _validate_tag_name
 
-    from unetlab.dashboard import MAX_KEY_LENGTH, _fit
+    from unetlab.analysis.dashboard import MAX_KEY_LENGTH, _fit
 
     long_a, long_b = "a" * 200 + "/x", "a" * 200 + "/y"
     keys = {_fit(f"unetlab.verdict.{long_a}_vs_{long_b}"), _fit(f"unetlab.verdict.{long_a}_vs_{long_a}")}
@@ -257,7 +257,7 @@ def test_long_variant_names_fit_mlflow_key_limits():
 
 
 def test_loopback_hosts_need_no_opt_in():
-    from unetlab.cli import _check_ui_host
+    from unetlab.cli.main import _check_ui_host
 
     for host in ("127.0.0.1", "127.0.0.2", "localhost", "::1", "[::1]"):
         assert _check_ui_host(host, expose=False) is False
@@ -265,7 +265,7 @@ def test_loopback_hosts_need_no_opt_in():
 
 
 def test_ui_urls_never_create_a_store(tmp_path):
-    from unetlab.dashboard import ui_urls
+    from unetlab.analysis.dashboard import ui_urls
 
     uri = f"sqlite:///{tmp_path / 'none.db'}"
     assert ui_urls(uri, None, "127.0.0.1", 5000) == [
@@ -305,7 +305,7 @@ def test_ui_with_expose_listens_beyond_loopback_and_says_what_it_exposes(tmp_pat
 def test_prediction_figure_draws_masks_side_by_side_and_outlines_where_the_masks_end():
     import matplotlib.pyplot as plt
 
-    from unetlab.figures import foreground_iou, prediction_figure
+    from unetlab.analysis.figures import foreground_iou, prediction_figure
 
     truth = np.zeros((32, 32), dtype=np.int64)
     truth[4:12, 6:20] = 1

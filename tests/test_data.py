@@ -10,7 +10,7 @@ import torch
 from skimage import io
 
 import unetlab
-from unetlab.cli import main
+from unetlab.cli.main import main
 
 
 def source(name, **params):

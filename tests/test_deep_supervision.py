@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import unetlab
-from unetlab.deep_supervision import deep_supervision_loss, deep_supervision_weights, level_target
-from unetlab.model import build_unet, resolve_model_config
-from unetlab.preflight import prepare
-from unetlab.trainer import TrainSetup, train_run
+from unetlab.model.deep_supervision import deep_supervision_loss, deep_supervision_weights, level_target
+from unetlab.model.unet import build_unet, resolve_model_config
+from unetlab.training.preflight import prepare
+from unetlab.training.trainer import TrainSetup, train_run
 
 from conftest import run_cli
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import inspect
 import re
 
-from unetlab import hookspecs
-from unetlab.schema import TOP_LEVEL_KEYS, iter_fields, reference_markdown
+from unetlab.config.schema import TOP_LEVEL_KEYS, iter_fields, reference_markdown
+from unetlab.plugin_api import hookspecs
 
 from conftest import REPO
 
@@ -35,7 +35,7 @@ def test_every_experiment_key_is_in_the_readme_reference():
 
 
 def test_readme_reference_table_is_current():
-    # regenerate with: python -c "from unetlab.schema import reference_markdown as r; print(r())"
+    # regenerate with: python -c "from unetlab.config.schema import reference_markdown as r; print(r())"
     assert reference_markdown() in (REPO / "README.md").read_text()
 
 
@@ -53,8 +53,8 @@ def _doc_section(docs: str, heading: str) -> str:
 
 
 def test_one_kind_one_definition_hookspecs_checks_schema_and_docs_agree():
-    from unetlab.registry import KINDS
-    from unetlab.testing import CHECKS
+    from unetlab.plugin_api.conformance import CHECKS
+    from unetlab.plugin_api.registry import KINDS
 
     docs = (REPO / "docs" / "plugins.md").read_text()
     component_hooks = {name for name in HOOKS if name.startswith("register_")}
@@ -72,7 +72,7 @@ def test_one_kind_one_definition_hookspecs_checks_schema_and_docs_agree():
 
 
 def test_the_register_callback_is_documented_with_its_exact_signature():
-    from unetlab.plugins import PluginHost, module_from_functions
+    from unetlab.plugin_api.host import PluginHost, module_from_functions
 
     seen = []
     host = PluginHost(autoload=False)

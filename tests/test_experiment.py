@@ -8,7 +8,7 @@ import textwrap
 import pytest
 
 import unetlab
-from unetlab.experiment import flatten
+from unetlab.config.experiment import flatten
 
 from conftest import one_line_error, run_cli
 
@@ -183,7 +183,7 @@ def test_shipped_experiments_validate():
 
 
 def test_a_plugin_declares_parameter_ranges_in_its_signature(tmp_path):
-    from unetlab.plugins import PluginHost
+    from unetlab.plugin_api.host import PluginHost
 
     (tmp_path / "my_plugin.py").write_text(textwrap.dedent('''
         from __future__ import annotations  # string annotations: Range must survive get_type_hints
@@ -191,7 +191,7 @@ def test_a_plugin_declares_parameter_ranges_in_its_signature(tmp_path):
         from typing import Annotated, Optional
 
         import unetlab
-        from unetlab.params import Range
+        from unetlab.plugin_api.params import Range
 
 
         def gated(skip_channels: int, up_channels: int, heads: Annotated[int, Range(1, 8)] = 2,
@@ -233,7 +233,7 @@ def test_a_plugin_declares_parameter_ranges_in_its_signature(tmp_path):
 def test_check_value_enforces_declared_ranges(value, annotation, expected):
     from typing import Annotated, Literal, Optional, Union  # noqa: F401 (used by eval)
 
-    from unetlab.params import OutOfRange, Range, check_value  # noqa: F401 (Range used by eval)
+    from unetlab.plugin_api.params import OutOfRange, Range, check_value  # noqa: F401 (Range used by eval)
 
     hint = eval(annotation)
     if expected is None or expected == value:

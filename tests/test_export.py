@@ -7,7 +7,7 @@ import torch
 
 import unetlab
 from unetlab.checkpoint import save_atomic
-from unetlab.model import build_unet
+from unetlab.model.unet import build_unet
 
 from conftest import run_cli
 
@@ -39,7 +39,7 @@ def test_same_padding_export_has_dynamic_batch_and_size(tmp_path, fmt):
     proc = run_cli("export", str(path), "--format", fmt, "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     assert "dynamic: batch, height and width (multiples of 4)" in proc.stdout
-    from unetlab.export import check_export
+    from unetlab.deploy.export import check_export
 
     # sizes and batches never seen at export time, stated tolerance 1e-4
     assert check_export(model, fmt, out, [(1, 1, 20, 36), (5, 1, 44, 28)]) < 1e-4
@@ -50,7 +50,7 @@ def test_valid_padding_export_keeps_its_tile_size(tmp_path):
     out = tmp_path / "valid.pt2"
     proc = run_cli("export", str(path), "--format", "pt2", "--out", str(out), "--size", "92")
     assert proc.returncode == 0, proc.stderr
-    from unetlab.export import check_export
+    from unetlab.deploy.export import check_export
 
     assert check_export(model, "pt2", out, [(3, 1, 92, 92)]) < 1e-4
     assert torch.export.load(str(out)).module()(torch.randn(1, 1, 92, 92)).shape == (1, 2, 52, 52)

@@ -25,8 +25,8 @@ import torch
 from PIL import Image
 
 import unetlab
-from unetlab.cli import main as cli_main
-from unetlab.data_options import configure_source
+from unetlab.cli.main import main as cli_main
+from unetlab.data.options import configure_source
 
 
 def write_set(root: Path, n: int = 3) -> None:

@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 import unetlab
-from unetlab.cli import main as cli_main
-from unetlab.data_options import configure_source
-from unetlab.folder_cache import read_image_file
-from unetlab.predict import read_image
+from unetlab.cli.main import main as cli_main
+from unetlab.data.decode_cache import read_image_file
+from unetlab.data.options import configure_source
+from unetlab.deploy.predict import read_image
 
 RNG = np.random.default_rng(5)
 H, W = 12, 14

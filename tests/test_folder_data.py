@@ -16,10 +16,10 @@ from PIL import Image
 from scipy.stats import binomtest
 
 import unetlab
-from unetlab.cli import main as cli_main
-from unetlab.data_options import configure_source
-from unetlab.experiment import load_experiment
-from unetlab.patches import IGNORE_INDEX
+from unetlab.cli.main import main as cli_main
+from unetlab.config.experiment import load_experiment
+from unetlab.data.options import configure_source
+from unetlab.data.patches import IGNORE_INDEX
 
 
 def folder(root: Path, data: dict | None = None, **params):
@@ -121,8 +121,8 @@ def test_padding_is_ignored_by_losses_and_metrics(tmp_path):
 
 
 def test_the_trainer_gives_losses_and_metrics_the_dataset_ignore_index():
-    from unetlab.plugins import default_host
-    from unetlab.trainer import build_loss, build_metrics
+    from unetlab.plugin_api.host import default_host
+    from unetlab.training.trainer import build_loss, build_metrics
 
     registry = default_host().registry
     train = {"loss": [{"name": "cross_entropy", "weight": 1.0, "class_weights": None, "ignore_index": None,
@@ -209,7 +209,7 @@ def test_mixed_sizes_train_with_patches_and_with_resize(tmp_path, monkeypatch, c
     # each what predict scores on that image; split sizes count whole images; the figure shows them
     from mlflow.tracking import MlflowClient
 
-    from unetlab.per_image import load_per_image_metrics
+    from unetlab.tracking.per_image import load_per_image_metrics
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment_id = client.get_experiment_by_name("exp").experiment_id

@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 import unetlab
-from unetlab.data import make_loader
-from unetlab.data_options import configure_source
-from unetlab.patches import finish_batch, zero_outside_masked
+from unetlab.data.options import configure_source
+from unetlab.data.patches import finish_batch, zero_outside_masked
+from unetlab.data.sources import make_loader
 
 
 def write_set(root: Path, kind: str) -> None:
@@ -50,7 +50,7 @@ def patches(root: Path, normalize: dict | None, cache: str):
 
 def reference(dataset, key) -> tuple[torch.Tensor, torch.Tensor]:
     """The window of item ``key``, normalised alone by ``SampleStore.read`` (``apply_normalization``)."""
-    from unetlab.patches import patch_origin
+    from unetlab.data.patches import patch_origin
 
     index, seed = key
     rng = np.random.default_rng(seed)
@@ -123,7 +123,7 @@ def test_two_workers_give_the_batches_of_none(tmp_path, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_raw_patches_finished_on_the_gpu_equal_the_host_batches(tmp_path, monkeypatch):
     """CudaPrefetcher copies the raw (smaller) batches and finishes them on the GPU: same numbers."""
-    from unetlab.data import CudaPrefetcher
+    from unetlab.data.sources import CudaPrefetcher
 
     monkeypatch.setenv("UNETLAB_CACHE_DIR", str(tmp_path / "cache"))
     write_set(tmp_path / "data", "rgb8")

@@ -11,7 +11,7 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from unetlab.cli import main as cli_main
+from unetlab.cli.main import main as cli_main
 
 EXPERIMENT = """\
 name: where
@@ -48,7 +48,7 @@ def train(folder: Path, monkeypatch, capsys) -> dict:
     per-image table."""
     from mlflow.tracking import MlflowClient
 
-    from unetlab.per_image import load_per_image_metrics
+    from unetlab.tracking.per_image import load_per_image_metrics
 
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

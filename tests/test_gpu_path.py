@@ -120,7 +120,7 @@ def restore_determinism():
 
 
 def test_configure_sets_flags_and_cublas_workspace_only_if_unset(monkeypatch, restore_determinism):
-    from unetlab.determinism import configure
+    from unetlab.training.determinism import configure
 
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     configure(True, torch.device("cpu"))
@@ -139,7 +139,7 @@ def test_configure_sets_flags_and_cublas_workspace_only_if_unset(monkeypatch, re
 def test_op_without_deterministic_kernel_is_named_once(restore_determinism, monkeypatch):
     import warnings
 
-    from unetlab.determinism import configure, report_nondeterministic_ops
+    from unetlab.training.determinism import configure, report_nondeterministic_ops
 
     class PluginLayer(torch.nn.Module):
         """A third-party layer using an op that has no deterministic kernel even on the CPU (put_)."""
@@ -164,8 +164,8 @@ def test_op_without_deterministic_kernel_is_named_once(restore_determinism, monk
 
 
 def _tiny_model(**parts):
-    from unetlab.model import build_unet
-    from unetlab.plugins import default_host
+    from unetlab.model.unet import build_unet
+    from unetlab.plugin_api.host import default_host
 
     registry = default_host().registry
 
@@ -217,7 +217,7 @@ def test_first_party_losses_metrics_augmentations_under_strict_determinism(resto
 
 @pytest.mark.parametrize("shuffle, world_size", [(True, 1), (True, 2), (False, 1)])
 def test_device_batches_equal_the_dataloader_batches(shuffle, world_size):
-    from unetlab.data import DeviceBatches, make_batches, make_loader
+    from unetlab.data.sources import DeviceBatches, make_batches, make_loader
 
     images = torch.randn(23, 2, 4, 4)
     masks = torch.randint(0, 3, (23, 4, 4))
@@ -237,7 +237,7 @@ def test_device_batches_equal_the_dataloader_batches(shuffle, world_size):
 
 
 def test_split_too_large_for_the_device_keeps_the_loader(monkeypatch):
-    from unetlab import data
+    from unetlab.data import sources as data
 
     dataset = torch.utils.data.TensorDataset(torch.zeros(4, 1, 2, 2))
     assert isinstance(data.make_batches(dataset, 2, True, 0, False, torch.device("cpu")), data.DeviceBatches)
@@ -272,7 +272,7 @@ def test_gpu_benchmark_runs_on_cpu(tmp_path):
 # --- MLflow system metrics ---------------------------------------------------------------------------------
 
 def test_system_metrics_setting():
-    from unetlab.system_metrics import system_metrics_enabled
+    from unetlab.training.system_metrics import system_metrics_enabled
 
     pytest.importorskip("psutil")
     assert system_metrics_enabled("auto", "cuda") and not system_metrics_enabled("auto", "cpu")
@@ -283,7 +283,7 @@ def test_system_metrics_without_psutil_is_a_config_error(monkeypatch):
     import importlib.util
 
     import unetlab
-    from unetlab.system_metrics import system_metrics_enabled
+    from unetlab.training.system_metrics import system_metrics_enabled
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "psutil" else real(name, *a))
@@ -296,7 +296,7 @@ def test_system_metrics_are_logged_to_the_run(tmp_path, monkeypatch):
     pytest.importorskip("psutil")
     import mlflow
 
-    from unetlab.system_metrics import start_system_metrics
+    from unetlab.training.system_metrics import start_system_metrics
 
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # a file store: no sqlite schema to create (seconds)
     uri = (tmp_path / "mlruns").as_uri()
@@ -322,7 +322,7 @@ def test_system_metrics_are_logged_to_the_run(tmp_path, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_batches_resident_and_prefetched_equal_the_cpu_batches():
-    from unetlab.data import CudaPrefetcher, DeviceBatches, make_batches, make_loader
+    from unetlab.data.sources import CudaPrefetcher, DeviceBatches, make_batches, make_loader
 
     dataset = torch.utils.data.TensorDataset(torch.randn(37, 3, 8, 8), torch.randint(0, 2, (37, 8, 8)))
     cuda = torch.device("cuda")
@@ -345,9 +345,9 @@ def test_a_run_gives_the_same_numbers_with_data_on_the_device_or_from_a_dataload
     import textwrap
 
     import unetlab
-    from unetlab import data
-    from unetlab.preflight import prepare
-    from unetlab.trainer import TrainSetup, train_run
+    from unetlab.data import sources as data
+    from unetlab.training.preflight import prepare
+    from unetlab.training.trainer import TrainSetup, train_run
 
     registry = unetlab.default_host().registry
     path = tmp_path / "e.yaml"
@@ -364,7 +364,7 @@ def test_a_run_gives_the_same_numbers_with_data_on_the_device_or_from_a_dataload
         built.append(real_make_batches(*args, **kwargs))
         return built[-1]
 
-    monkeypatch.setattr("unetlab.trainer.make_batches", spy)
+    monkeypatch.setattr("unetlab.training.trainer.make_batches", spy)
     histories = {}
     for resident in (True, False):
         monkeypatch.setattr(data, "fits_on_device", lambda *a, r=resident, **k: r)

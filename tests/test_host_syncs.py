@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import unetlab
-from unetlab.host_sync import record_host_syncs
+from unetlab.training.host_sync import record_host_syncs
 
 AUGMENTATIONS = {"hflip": {}, "vflip": {}, "rot90": {}, "crop": {"size": 24}, "affine": {}, "brightness_contrast": {},
                  "elastic": {}}

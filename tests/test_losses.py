@@ -181,7 +181,7 @@ def test_half_precision_logits_give_float32_loss():
 
 
 def test_combined_loss_list_weights(tmp_path):
-    from unetlab.trainer import build_loss
+    from unetlab.training.trainer import build_loss
 
     path = tmp_path / "e.yaml"
     path.write_text("train: {loss: [{name: bce, weight: 0.25}, {name: dice, weight: 0.75}]}\n")

@@ -160,7 +160,7 @@ def test_per_image_rows_are_each_metric_on_one_image():
     # so every row can be checked against scikit-learn and NumPy on that image alone
     from sklearn.metrics import f1_score
 
-    from unetlab.per_image import evaluate_per_image
+    from unetlab.tracking.per_image import evaluate_per_image
 
     rng = np.random.default_rng(5)
     logits = rng.normal(0, 2, (5, 1, 6, 6))

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import unetlab
-from unetlab.model import build_unet, count_parameters, forward_flops, output_shape
-from unetlab.plugins import default_host
+from unetlab.model.unet import build_unet, count_parameters, forward_flops, output_shape
+from unetlab.plugin_api.host import default_host
 
 from conftest import REPO, one_line_error, run_cli
 from reference_unet import ReferenceUNet
@@ -152,7 +152,7 @@ def test_encoder_contract_violation_is_reported():
             super().__init__()
 
     host = unetlab.PluginHost()
-    from unetlab.plugins import module_from_functions
+    from unetlab.plugin_api.host import module_from_functions
 
     host.register(module_from_functions("bad_encoder", register_encoders=lambda register: register("bad", NoChannels)))
     config = model_config()

@@ -17,8 +17,8 @@ from PIL import Image
 
 import unetlab
 from unetlab.checkpoint import save_atomic
-from unetlab.data_options import configure_source
-from unetlab.normalization import apply_normalization, check_normalize, image_statistics
+from unetlab.data.normalization import apply_normalization, check_normalize, image_statistics
+from unetlab.data.options import configure_source
 
 from conftest import one_line_error
 
@@ -62,7 +62,7 @@ def hand(image: np.ndarray, mode: str, lower: float = 1, upper: float = 99.8) ->
 def test_image_statistics_equal_numpy_for_integer_and_float_images(monkeypatch):
     """The histogram (integers) and banded (floats) statistics equal numpy's on the whole image, also when
     the image is read in many row bands."""
-    import unetlab.normalization as norm
+    import unetlab.data.normalization as norm
 
     monkeypatch.setattr(norm, "BAND_PIXELS", 37)  # many bands of a few rows
     rng = np.random.default_rng(3)
@@ -155,10 +155,10 @@ def test_per_image_normalisation_round_trips_through_run_and_predict_bit_for_bit
     the same weights, and its mask scores the checkpoint's validation value."""
     from sklearn.metrics import jaccard_score
 
-    from unetlab.cli import main as cli_main
-    from unetlab.model_store import load_trained
-    from unetlab.predict import predict_probabilities, read_image
-    from unetlab.validation import whole_image_logits
+    from unetlab.cli.main import main as cli_main
+    from unetlab.deploy.predict import predict_probabilities, read_image
+    from unetlab.training.model_store import load_trained
+    from unetlab.training.whole_image_validation import whole_image_logits
 
     raw = pool(tmp_path / "data", [(24, 24), (40, 36), (28, 44), (32, 32), (36, 26), (30, 30)], seed=2)
     exp = tmp_path / "exp.yaml"
@@ -201,10 +201,10 @@ def test_per_image_normalisation_round_trips_through_run_and_predict_bit_for_bit
 def test_a_checkpoint_without_scope_is_per_dataset_and_a_bad_stored_spec_is_one_line(tmp_path, capsys):
     """A spec written before scopes existed (offset/scale, no scope) is applied as per-dataset statistics;
     a spec read back with an unknown scope or missing statistics is refused in one line, nothing written."""
-    from unetlab.cli import main as cli_main
-    from unetlab.model import build_unet
-    from unetlab.model_store import load_trained
-    from unetlab.predict import read_image
+    from unetlab.cli.main import main as cli_main
+    from unetlab.deploy.predict import read_image
+    from unetlab.model.unet import build_unet
+    from unetlab.training.model_store import load_trained
 
     registry = unetlab.default_host().registry
 

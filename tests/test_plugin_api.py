@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import unetlab
-from unetlab.plugins import PluginHost, module_from_functions
+from unetlab.plugin_api.host import PluginHost, module_from_functions
 
 from conftest import make_distribution, run_cli
 
@@ -172,7 +172,7 @@ def test_a_plugin_states_the_plugin_api_versions_it_supports(tmp_path, stated, l
 
 
 def test_scaffold_pins_a_unetlab_minor_range_and_the_plugin_api(tmp_path):
-    from unetlab.scaffold import scaffold_plugin
+    from unetlab.cli.new_plugin import scaffold_plugin
 
     root = scaffold_plugin("pinned", tmp_path)
     major, minor = (int(p) for p in unetlab.__version__.split(".")[:2])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import unetlab
-from unetlab.plugins import PluginHost, module_from_functions
+from unetlab.plugin_api.host import PluginHost, module_from_functions
 
 from conftest import make_distribution, one_line_error, run_cli
 
@@ -270,7 +270,7 @@ tracking: {{uri: "sqlite:///{tmp_path / 'm.db'}", checkpoint_dir: "{tmp_path / '
 
 
 def test_metric_directions_cover_every_logged_key():
-    from unetlab.registry import metric_directions, resolve_monitor_mode
+    from unetlab.plugin_api.registry import metric_directions, resolve_monitor_mode
 
     registry = unetlab.default_host().registry
     train = {"metrics": [{"name": "dice", "include_background": False, "ignore_index": None},
@@ -324,7 +324,7 @@ def test_validate_builds_components_and_reports_factory_errors(tmp_path):
     assert line == (f"unetlab: error: {exp}: run 'concat/seed=0': model.upsampler: cannot build upsampler 'boom': "
                     "ValueError: factor 3 is not supported")
     # with a value the factory accepts it validates: built on the meta device, the 256 GiB block uses no memory
-    from unetlab.meta_build import build_runs_on_meta
+    from unetlab.model.meta_build import build_runs_on_meta
 
     host = PluginHost()
     experiment = unetlab.load_experiment(exp, ["model.upsampler.factor=2"], host=host)
@@ -335,7 +335,7 @@ def test_validate_builds_components_and_reports_factory_errors(tmp_path):
 def test_build_model_accepts_the_forms_of_an_experiment_file():
     import torch
 
-    from unetlab.model import count_parameters
+    from unetlab.model.unet import count_parameters
 
     model = unetlab.build_model({"encoder": {"depth": 3, "base_channels": 4}, "fusion": "add"}, 1, 2)
     assert len(model.blocks) == 2 and model(torch.zeros(1, 1, 16, 16)).shape == (1, 2, 16, 16)

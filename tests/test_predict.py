@@ -17,7 +17,7 @@ from skimage import io
 
 import unetlab
 from unetlab.checkpoint import save_atomic
-from unetlab.model import build_unet
+from unetlab.model.unet import build_unet
 
 from conftest import one_line_error, run_cli
 
@@ -64,7 +64,7 @@ class Payload:
 
 def cli(capsys, *args: str) -> subprocess.CompletedProcess:
     """``unetlab ARGS`` in this process (main() as the console script calls it), output captured."""
-    from unetlab.cli import main
+    from unetlab.cli.main import main
 
     capsys.readouterr()
     code = main(list(args))
@@ -82,7 +82,7 @@ def store(tmp_path_factory):
     import mlflow.pytorch
     from mlflow.tracking import MlflowClient
 
-    from unetlab.model_store import log_model_weights
+    from unetlab.training.model_store import log_model_weights
 
     tmp = tmp_path_factory.mktemp("store")
     uri = f"sqlite:///{tmp / 'm.db'}"
@@ -108,7 +108,7 @@ def test_predict_and_export_by_run_id_never_unpickle_the_store(store, tmp_path, 
     """Issue 13.1: a planted pickle in place of the logged MLflow model must not run."""
     import mlflow.pytorch
 
-    from unetlab.predict import predict_probabilities
+    from unetlab.deploy.predict import predict_probabilities
 
     marker = tmp_path / "pwned"
     pickles = list((store.tmp / "artifacts").rglob("model.pth"))
@@ -158,7 +158,7 @@ def test_tampered_weights_and_missing_weights_are_refused_in_one_line(store, tmp
 def test_run_id_runs_and_models_uris_load_the_same_weights(store):
     import mlflow
 
-    from unetlab.model_store import load_model
+    from unetlab.training.model_store import load_model
 
     mlflow.set_tracking_uri(store.uri)
     store.client.create_registered_model("tiny")
@@ -176,7 +176,7 @@ def test_run_id_runs_and_models_uris_load_the_same_weights(store):
 
 def test_tiles_of_a_pointwise_model_equal_the_whole_image():
     """A 1x1 conv is exactly translation-equivariant: every tiling must reproduce it (odd, small sizes too)."""
-    from unetlab.inference import sliding_window_logits
+    from unetlab.model.sliding_window import sliding_window_logits
 
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(2, 3, 1)
@@ -193,7 +193,7 @@ def test_tiles_of_a_pointwise_model_equal_the_whole_image():
 def test_windows_are_placed_and_blended_as_computed_by_hand():
     """A model that outputs each pixel's row and column inside its window: the blend is a weighted mean of
     window positions, computed here from the hand-placed windows and the Gaussian formula."""
-    from unetlab.inference import sliding_window_logits
+    from unetlab.model.sliding_window import sliding_window_logits
 
     class Position(torch.nn.Module):
         def forward(self, x):
@@ -222,7 +222,7 @@ def test_windows_are_placed_and_blended_as_computed_by_hand():
 def test_gaussian_window_equals_a_hand_computed_gaussian():
     from scipy.ndimage import gaussian_filter
 
-    from unetlab.inference import blend_window
+    from unetlab.model.sliding_window import blend_window
 
     for n in (9, 33):  # odd: nnU-Net's construction (a filtered centred impulse) is exact
         impulse = np.zeros((n, n))
@@ -238,8 +238,8 @@ def test_gaussian_window_equals_a_hand_computed_gaussian():
 
 def test_valid_padding_equals_the_mirrored_whole_image():
     """Overlap-tile: tiled output equals one pass over the whole image mirror-padded by the margin (numpy)."""
-    from unetlab.inference import sliding_window_logits
-    from unetlab.model import output_shape
+    from unetlab.model.sliding_window import sliding_window_logits
+    from unetlab.model.unet import output_shape
 
     _, model = tiny_model(1, valid=True, out_channels=2)
     tile = 92
@@ -257,7 +257,7 @@ def test_valid_padding_equals_the_mirrored_whole_image():
 
 
 def test_tiled_unet_matches_whole_image_and_tta_keeps_shape():
-    from unetlab.predict import predict_probabilities
+    from unetlab.deploy.predict import predict_probabilities
 
     _, model = tiny_model(0)
     image = torch.rand(1, 120, 100, generator=torch.Generator().manual_seed(0))
@@ -272,8 +272,8 @@ def test_tiled_unet_matches_whole_image_and_tta_keeps_shape():
 
 def test_a_large_image_is_tiled_automatically_in_bounded_batches(monkeypatch):
     """Issue 13.8: without --tile, an image above the pixel threshold goes through the model in tiles."""
-    from unetlab import inference
-    from unetlab.predict import predict_probabilities
+    from unetlab.deploy.predict import predict_probabilities
+    from unetlab.model import sliding_window as inference
 
     _, model = tiny_model(0)
     image = torch.rand(1, 150, 130, generator=torch.Generator().manual_seed(3))
@@ -363,8 +363,8 @@ def test_unknown_model_spec_is_one_line(store, tmp_path, capsys):
 
 def test_images_are_normalised_as_the_model_was_trained(tmp_path):
     """The checkpoint's normalisation spec is applied; without one, integers scale by their type, not per image."""
-    from unetlab.model_store import load_trained
-    from unetlab.predict import read_image
+    from unetlab.deploy.predict import read_image
+    from unetlab.training.model_store import load_trained
 
     config, model = tiny_model(0)
     spec = {"mode": "fixed", "offset": [100.0], "scale": [50.0], "clip": None}
@@ -413,7 +413,7 @@ def test_unetlab_run_logs_the_weights_that_predict_reads(tmp_path, capsys):
 
 
 def _folder_source(root: Path, grayscale: bool, data: dict):
-    from unetlab.data_options import configure_source
+    from unetlab.data.options import configure_source
 
     source = unetlab.create("dataset", "folder", root=str(root), grayscale=grayscale, val_fraction=0.0)
     return configure_source(source, data, "folder")
@@ -424,7 +424,7 @@ def test_predict_feeds_the_model_the_tensor_training_feeds_it(tmp_path):
     dropped, 1-bit as 0/255), same rounded grey mean, same resize, same normalisation spec."""
     from PIL import Image
 
-    from unetlab.predict import read_image
+    from unetlab.deploy.predict import read_image
 
     rng = np.random.default_rng(0)
     h, w = 18, 22
@@ -461,8 +461,8 @@ def test_model_identity_stores_resize_and_predict_resizes_both_ways(tmp_path, ca
     resized back: the mask equals an independent computation (skimage resize, sigmoid, bilinear back)."""
     from skimage.transform import resize as sk_resize
 
-    from unetlab.model_store import load_trained, model_identity
-    from unetlab.predict import predict_probabilities
+    from unetlab.deploy.predict import predict_probabilities
+    from unetlab.training.model_store import load_trained, model_identity
 
     config, model = tiny_model(0)
     write_image(tmp_path / "a.png", (50, 61), seed=4)

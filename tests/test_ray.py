@@ -151,7 +151,7 @@ def test_ctrl_c_reaches_every_trainer_at_once_and_reports_true_statuses(tmp_path
 
 
 def test_a_tasks_environment_does_not_set_its_thread_count(monkeypatch):
-    from unetlab.ray_runs import task_env
+    from unetlab.runs.ray_runs import task_env
 
     monkeypatch.setenv("OMP_NUM_THREADS", "5")
     monkeypatch.setenv("UNETLAB_CACHE_DIR", "/cache")

@@ -174,7 +174,7 @@ def test_a_dead_tracking_server_fails_the_run_in_one_line_and_signals_stay_live(
 
 def test_the_tracking_timeout_setting_is_checked(monkeypatch):
     from unetlab.errors import UnetlabError
-    from unetlab.store_client import DEFAULT_TIMEOUT_S, tracking_timeout
+    from unetlab.tracking.store_client import DEFAULT_TIMEOUT_S, tracking_timeout
 
     monkeypatch.delenv("UNETLAB_TRACKING_TIMEOUT", raising=False)
     assert tracking_timeout() == DEFAULT_TIMEOUT_S
@@ -191,7 +191,7 @@ def test_an_unreachable_server_is_retried_for_the_budget_then_reported(monkeypat
     # after it is spent the next call fails at once (the tracker does not wait again for each call).
     from mlflow.tracking import MlflowClient
 
-    from unetlab.store_client import (
+    from unetlab.tracking.store_client import (
         BoundedClient,
         TrackingUnavailable,
         configure_mlflow_http,
@@ -228,7 +228,7 @@ def test_an_unreachable_server_is_retried_for_the_budget_then_reported(monkeypat
 RACER = """
 import os, sys, time
 import mlflow.store.tracking.sqlalchemy_store  # imported before the start signal: only opening the store races
-from unetlab.tracking import Tracker
+from unetlab.tracking.run_tracker import Tracker
 
 print("ready", flush=True)
 while not os.path.exists(sys.argv[2]):
@@ -356,7 +356,7 @@ def test_load_checkpoint_names_the_file_and_the_problem(tmp_path):
 def test_predict_and_export_refuse_unreadable_checkpoints_in_one_line(tmp_path, capsys):
     from PIL import Image
 
-    from unetlab.cli import main
+    from unetlab.cli.main import main
 
     image = tmp_path / "image.png"
     Image.new("L", (32, 32)).save(image)
@@ -412,7 +412,7 @@ def test_ui_stopped_with_sigterm_leaves_no_server_behind(tmp_path, migrated_stor
 def test_experiments_open_on_the_runs_table_and_runs_show_their_dataset(tmp_path, migrated_store):
     from mlflow.tracking import MlflowClient
 
-    from unetlab.tracking import Tracker
+    from unetlab.tracking.run_tracker import Tracker
 
     uri = store_copy(migrated_store, tmp_path / "mlflow.db")
     client = MlflowClient(uri)
@@ -445,7 +445,7 @@ def test_experiments_open_on_the_runs_table_and_runs_show_their_dataset(tmp_path
 def test_the_dataset_digest_changes_with_the_data_and_only_with_it(tmp_path):
     from types import SimpleNamespace
 
-    from unetlab.dataset_identity import dataset_identity
+    from unetlab.training.dataset_identity import dataset_identity
 
     class Source:
         def __init__(self, root=None):
@@ -487,7 +487,7 @@ def test_a_retried_create_run_leaves_exactly_one_run(tmp_path, migrated_store, p
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from unetlab.store_client import BoundedClient
+    from unetlab.tracking.store_client import BoundedClient
 
     store = MlflowClient(store_copy(migrated_store, tmp_path / "mlflow.db"))
     experiment_id = store.create_experiment("late")
@@ -535,8 +535,8 @@ def _statuses(tmp_path: Path) -> tuple[list, list]:
 def test_a_run_stopped_while_it_is_being_created_is_not_left_running(tmp_path, migrated_store, monkeypatch, stop):
     # The child run exists from create_run on, but run_sequential takes charge of it only once its params,
     # config.yaml and dataset are logged: a Ctrl-C or an error in between used to leave it RUNNING.
-    from unetlab.cli import main
-    from unetlab.tracking import RunTracker
+    from unetlab.cli.main import main
+    from unetlab.tracking.run_tracker import RunTracker
 
     store_copy(migrated_store, tmp_path / "mlflow.db")
     path = tiny_experiment(tmp_path)
@@ -561,10 +561,10 @@ def test_a_run_stopped_while_it_is_being_created_is_not_left_running(tmp_path, m
 
 def test_a_unetlab_error_in_a_run_is_its_own_line_and_a_lost_server_stops_the_invocation(tmp_path, migrated_store,
                                                                                         monkeypatch, capsys):
-    import unetlab.trainer
+    import unetlab.training.trainer
     from unetlab.checkpoint import CheckpointError
-    from unetlab.cli import main
-    from unetlab.store_client import TrackingUnavailable
+    from unetlab.cli.main import main
+    from unetlab.tracking.store_client import TrackingUnavailable
 
     store_copy(migrated_store, tmp_path / "mlflow.db")
     path = tiny_experiment(tmp_path)
@@ -573,7 +573,7 @@ def test_a_unetlab_error_in_a_run_is_its_own_line_and_a_lost_server_stops_the_in
     def disk_full(setup):
         raise CheckpointError(full)
 
-    monkeypatch.setattr(unetlab.trainer, "train_run", disk_full)
+    monkeypatch.setattr(unetlab.training.trainer, "train_run", disk_full)
     assert main(["run", str(path)]) == 1
     _, children = _statuses(tmp_path)
     assert [(c.info.status, c.data.tags["unetlab.error"]) for c in children] == [("FAILED", full)]
@@ -583,7 +583,7 @@ def test_a_unetlab_error_in_a_run_is_its_own_line_and_a_lost_server_stops_the_in
     def server_gone(setup):
         raise TrackingUnavailable("the MLflow tracking server http://x is unreachable")
 
-    monkeypatch.setattr(unetlab.trainer, "train_run", server_gone)
+    monkeypatch.setattr(unetlab.training.trainer, "train_run", server_gone)
     assert main(["run", str(path), "--quiet"]) == 2  # the CLI's one line, not a run failure
     assert capsys.readouterr().err.strip() == "unetlab: error: the MLflow tracking server http://x is unreachable"
     parents, children = _statuses(tmp_path)
@@ -597,7 +597,7 @@ def test_dataset_caches_remove_what_killed_writers_left(tmp_path, monkeypatch):
     from skimage import io
     from unetlab_std.datasets import shapes
 
-    from unetlab.folder_cache import decode_cached
+    from unetlab.data.decode_cache import decode_cached
 
     monkeypatch.setenv("UNETLAB_CACHE_DIR", str(tmp_path / "cache"))
     dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,

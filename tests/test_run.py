@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from unetlab.execution import usable_cores
+from unetlab.runs.execution import usable_cores
 
 from conftest import run_cli
 
@@ -407,7 +407,7 @@ def _wait_for(predicate, process, timeout: float = 240) -> None:
     ("train.device=cuda:7", "train.device: 'cuda:7' asked for"),
 ])
 def test_settings_that_cannot_train_here_are_one_line_before_any_mlflow_run(tmp_path, capsys, setting, message):
-    from unetlab.cli import main
+    from unetlab.cli.main import main
 
     path = experiment(tmp_path, epochs=1)
     assert main(["run", str(path), "--quiet", "--set", "train.device=cpu", "--set", setting]) == 2
@@ -419,7 +419,7 @@ def test_settings_that_cannot_train_here_are_one_line_before_any_mlflow_run(tmp_
 def test_more_processes_per_node_than_gpus_is_one_line_naming_both(tmp_path, capsys, monkeypatch):
     import torch
 
-    from unetlab.cli import main
+    from unetlab.cli.main import main
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with one GPU
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)

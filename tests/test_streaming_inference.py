@@ -18,8 +18,9 @@ import torch
 from PIL import Image
 
 import unetlab
-from unetlab.data_options import configure_source
-from unetlab.inference import (
+from unetlab.data.normalization import apply_normalization
+from unetlab.data.options import configure_source
+from unetlab.model.sliding_window import (
     ArrayWindows,
     TensorWindows,
     _mirror_index,
@@ -29,8 +30,7 @@ from unetlab.inference import (
     stream_logits,
     window_starts,
 )
-from unetlab.model import build_unet
-from unetlab.normalization import apply_normalization
+from unetlab.model.unet import build_unet
 
 REGISTRY = unetlab.default_host().registry
 
@@ -78,7 +78,7 @@ def old_same(model, image, tile, overlap, batch_size=4):
 
 
 def old_valid(model, image, tile, batch_size=4):
-    from unetlab.inference import _valid_geometry
+    from unetlab.model.sliding_window import _valid_geometry
 
     channels, height, width = image.shape
     out_side, margin = _valid_geometry(model, channels, tile)
@@ -146,9 +146,9 @@ def test_streamed_validation_equals_whole_image_validation(tmp_path, monkeypatch
     """Images of odd sizes, validated whole (the previous path: dataset item, whole logits) and streamed in
     row bands (a budget of 1 byte): confusion metrics identical, cross-entropy loss to float rounding;
     per-image rows likewise."""
-    from unetlab.per_image import validation_per_image
-    from unetlab.trainer import build_loss, build_metrics
-    from unetlab.validation import evaluate_whole_images, whole_image_logits
+    from unetlab.tracking.per_image import validation_per_image
+    from unetlab.training.trainer import build_loss, build_metrics
+    from unetlab.training.whole_image_validation import evaluate_whole_images, whole_image_logits
 
     folder_pool(tmp_path / "d", [(45, 71), (90, 33), (64, 64), (23, 101)], classes=classes)
     source = folder(tmp_path / "d", normalize={"mode": "zscore", "scope": "image"})
@@ -198,8 +198,8 @@ def test_streamed_validation_equals_whole_image_validation(tmp_path, monkeypatch
 def test_predict_streams_the_same_mask_as_the_whole_probabilities(tmp_path, classes):
     """``streamed_mask`` on raw images of odd sizes (auto tiling forced small) equals the mask of
     ``predict_probabilities`` on the whole normalised image, exactly."""
-    import unetlab.inference as inference
-    from unetlab.predict import predict_probabilities, streamed_mask
+    import unetlab.model.sliding_window as inference
+    from unetlab.deploy.predict import predict_probabilities, streamed_mask
 
     model = tiny(1, classes)
     rng = np.random.default_rng(2)
@@ -219,7 +219,7 @@ def test_predict_streams_the_same_mask_as_the_whole_probabilities(tmp_path, clas
 
 
 def test_unetlab_data_warns_about_images_over_the_validation_budget(tmp_path, capsys):
-    from unetlab.cli import main as cli_main
+    from unetlab.cli.main import main as cli_main
 
     folder_pool(tmp_path / "d", [(40, 60), (300, 200), (40, 44), (300, 210)])
     exp = tmp_path / "exp.yaml"
@@ -249,10 +249,10 @@ import json, resource, sys
 import torch
 torch.set_num_threads(1)
 import unetlab
-from unetlab.data_options import configure_source
-from unetlab.trainer import build_loss, build_metrics
-from unetlab.model import build_unet
-from unetlab.validation import evaluate_whole_images
+from unetlab.data.options import configure_source
+from unetlab.training.trainer import build_loss, build_metrics
+from unetlab.model.unet import build_unet
+from unetlab.training.whole_image_validation import evaluate_whole_images
 reg = unetlab.default_host().registry
 def spec(kind, name, **p):
     return {"name": name, **reg.get(kind, name).defaults(), **p}
@@ -285,7 +285,7 @@ def test_validating_a_2000_pixel_image_stays_within_a_bound_set_by_tile_and_batc
     previous implementation held the whole image's input, logits and loss intermediates and exceeds it.
     The child reads its own peak (VmHWM; ``ru_maxrss`` of a child on Linux starts at the RSS its parent
     had when it forked, here pytest's, which would hide the growth)."""
-    from unetlab.inference import streaming_bytes
+    from unetlab.model.sliding_window import streaming_bytes
 
     root = tmp_path / "d"
     folder_pool(root, [(300, 300), (2000, 2000)])

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from unetlab.execution import jobs_at_once
-from unetlab.ray_runs import RayPlan, reservations
+from unetlab.runs.execution import jobs_at_once
+from unetlab.runs.ray_runs import RayPlan, reservations
 
 from conftest import one_line_error, run_cli
 from test_run import client_for, experiment, runs_of

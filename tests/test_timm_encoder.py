@@ -19,9 +19,9 @@ from safetensors.torch import save_file  # noqa: E402 - only with timm, which br
 
 import unetlab  # noqa: E402
 from unetlab.checkpoint import load_checkpoint  # noqa: E402
-from unetlab.model import build_unet, resolve_model_config  # noqa: E402
-from unetlab.preflight import prepare  # noqa: E402
-from unetlab.trainer import TrainSetup, train_run  # noqa: E402
+from unetlab.model.unet import build_unet, resolve_model_config  # noqa: E402
+from unetlab.training.preflight import prepare  # noqa: E402
+from unetlab.training.trainer import TrainSetup, train_run  # noqa: E402
 
 from conftest import run_cli  # noqa: E402
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import unetlab
-from unetlab.data import make_loader
-from unetlab.preflight import prepare
-from unetlab.schedule import Schedule
-from unetlab.trainer import TrainSetup, train_run
+from unetlab.data.sources import make_loader
+from unetlab.training.lr_schedule import Schedule
+from unetlab.training.preflight import prepare
+from unetlab.training.trainer import TrainSetup, train_run
 
 REGISTRY = unetlab.default_host().registry
 
@@ -117,8 +117,8 @@ def test_gpu_path_amp_channels_last_compile(tmp_path, amp, compile_):
 
 def _hand_written_steps(prep, optimizer: str, clip: float | None, steps: int = 2) -> torch.nn.Module:
     """The first ``steps`` optimiser steps of a run, written directly against torch (the trainer's reference)."""
-    from unetlab.model import build_unet
-    from unetlab.trainer import build_loss, epoch_seed
+    from unetlab.model.unet import build_unet
+    from unetlab.training.trainer import build_loss, epoch_seed
 
     t = prep.run.config["train"]
     torch.manual_seed(t["seed"])

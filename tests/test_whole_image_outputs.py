@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from test_folder_data import folder, write_pair
 
-from unetlab.patches import IGNORE_INDEX
+from unetlab.data.patches import IGNORE_INDEX
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = [(24, 24), (40, 52), (20, 36)]
@@ -35,11 +35,11 @@ def three_class_pool(root: Path, n: int = 6) -> list[str]:
 
 def test_each_fold_of_a_folder_experiment_gets_its_own_source():
     # folder_example.yaml: 5 folds in a matrix; runs differing only in data.fold must not share a source
-    from unetlab.experiment import load_experiment
-    from unetlab.plugins import default_host
-    from unetlab.preflight import dataset_key, prepare_all
-    from unetlab.splits import kfold
-    from unetlab.validation import validation_images
+    from unetlab.config.experiment import load_experiment
+    from unetlab.data.splits import kfold
+    from unetlab.plugin_api.host import default_host
+    from unetlab.training.preflight import dataset_key, prepare_all
+    from unetlab.training.whole_image_validation import validation_images
 
     runs = load_experiment(REPO / "experiments" / "folder_example.yaml",
                            ["model.encoder.depth=2", "model.encoder.base_channels=4"]).runs  # quick to check
@@ -56,12 +56,12 @@ def test_each_fold_of_a_folder_experiment_gets_its_own_source():
 def test_per_image_rows_are_whole_images_by_the_sliding_window_ignoring_255(tmp_path):
     from sklearn.metrics import jaccard_score
 
-    from unetlab.dataset_identity import dataset_identity
-    from unetlab.inference import sliding_window_logits
-    from unetlab.per_image import validation_per_image
-    from unetlab.plugins import default_host
-    from unetlab.trainer import build_loss, build_metrics
-    from unetlab.validation import evaluate_whole_images
+    from unetlab.model.sliding_window import sliding_window_logits
+    from unetlab.plugin_api.host import default_host
+    from unetlab.tracking.per_image import validation_per_image
+    from unetlab.training.dataset_identity import dataset_identity
+    from unetlab.training.trainer import build_loss, build_metrics
+    from unetlab.training.whole_image_validation import evaluate_whole_images
 
     three_class_pool(tmp_path)
     src = folder(tmp_path, {"patch_size": [16, 16]}, val_fraction=0.5)

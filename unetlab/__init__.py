@@ -9,7 +9,7 @@ Public API::
     model = unetlab.build_model(exp.runs[0].config["model"], in_channels=3, out_channels=1)
     model = unetlab.build_model({"encoder": {"depth": 3}, "fusion": "add"}, in_channels=1, out_channels=1)
 
-Plugins implement the hooks in ``unetlab.hookspecs`` with ``@unetlab.hookimpl``.
+Plugins implement the hooks in ``unetlab.plugin_api.hookspecs`` with ``@unetlab.hookimpl``.
 This module imports neither torch nor mlflow, so ``unetlab --help`` starts fast.
 """
 
@@ -19,11 +19,11 @@ import importlib.metadata
 from collections.abc import Mapping
 from typing import Any
 
-from .errors import ConfigError, PluginError, UnetlabError
-from .experiment import Experiment, Run, load_experiment
-from .hookspecs import PLUGIN_API_VERSION, hookimpl
-from .plugins import PluginHost, default_host
-from .registry import KINDS, Component, PluginDeprecationWarning, Registry
+from unetlab.config.experiment import Experiment, Run, load_experiment
+from unetlab.errors import ConfigError, PluginError, UnetlabError
+from unetlab.plugin_api.hookspecs import PLUGIN_API_VERSION, hookimpl
+from unetlab.plugin_api.host import PluginHost, default_host
+from unetlab.plugin_api.registry import KINDS, Component, PluginDeprecationWarning, Registry
 
 try:  # one home for the version: pyproject.toml, read back from the installed distribution's metadata
     __version__ = importlib.metadata.version("unetlab")
@@ -84,7 +84,7 @@ def build_model(model_config: Mapping[str, Any] | str | None, in_channels: int, 
     ``out_channels`` is 1 for binary (one sigmoid logit; class 1 where the logit > 0) or the number
     of classes. An unknown name or parameter raises ``ConfigError`` with the key path and a did-you-mean.
     """
-    from .model import (  # torch is imported only when a model is built
+    from unetlab.model.unet import (  # torch is imported only when a model is built
         build_unet,
         resolve_model_config,
     )

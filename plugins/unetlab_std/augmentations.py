@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import unetlab
-from unetlab.params import Range
+from unetlab.plugin_api.params import Range
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 Probability = Annotated[float, Range(0, 1)]

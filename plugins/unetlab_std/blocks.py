@@ -8,7 +8,7 @@ from typing import Annotated
 from torch import nn
 
 import unetlab
-from unetlab.params import Range
+from unetlab.plugin_api.params import Range
 
 from .layers import Activation, BasicBlock, DoubleConv, Norm, Padding
 

@@ -20,19 +20,19 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 import unetlab
-from unetlab.data_options import DataOptions
-from unetlab.errors import UnetlabError
-from unetlab.folder_cache import cache_home, decode_many, remove_stale_temporaries_once
-from unetlab.normalization import fit_normalization
-from unetlab.params import FilePath, Range
-from unetlab.patches import (
+from unetlab.data.decode_cache import cache_home, decode_many, remove_stale_temporaries_once
+from unetlab.data.normalization import fit_normalization
+from unetlab.data.options import DataOptions
+from unetlab.data.patches import (
     IGNORE_INDEX,
     PatchDataset,
     SampleStore,
     TileDataset,
     WholeImageDataset,
 )
-from unetlab.splits import kfold, random_split, split_from_file
+from unetlab.data.splits import kfold, random_split, split_from_file
+from unetlab.errors import UnetlabError
+from unetlab.plugin_api.params import FilePath, Range
 
 SHAPE_TYPES = ("circle", "rectangle", "triangle", "ellipse")
 MAX_IMAGES = 1_000_000

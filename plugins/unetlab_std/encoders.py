@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import unetlab
-from unetlab.params import Range
+from unetlab.plugin_api.params import Range
 
 from .layers import Activation, BasicBlock, DoubleConv, Norm, Padding, make_activation, make_norm
 

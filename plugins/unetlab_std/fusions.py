@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import unetlab
-from unetlab.params import Range
+from unetlab.plugin_api.params import Range
 
 
 class ConcatFusion(nn.Module):

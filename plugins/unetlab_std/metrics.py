@@ -22,14 +22,14 @@ import numpy as np
 import torch
 
 import unetlab
-from unetlab.model import logits_to_classes as predictions
+from unetlab.model.unet import logits_to_classes as predictions
 
 
 class ConfusionMetric:
     """Accumulates a K x K confusion matrix (rows: truth, columns: prediction) and derives a score from it."""
 
     key = "confusion"
-    value_range = (0.0, 1.0)  # every score here is a ratio of pixel counts (unetlab.metric_ranges)
+    value_range = (0.0, 1.0)  # every score here is a ratio of pixel counts (unetlab.plugin_api.metric_ranges)
     pixel_additive = True  # counts add up over pixels: whole-image validation may feed an image in row bands
 
     def __init__(self, num_classes: int, include_background: bool = False, ignore_index: int | None = None):
@@ -186,7 +186,7 @@ def hausdorff95(pred: np.ndarray, truth: np.ndarray) -> float:
 class HD95:
     """95th-percentile Hausdorff distance (pixels), per image and class, averaged over images (lower is better)."""
 
-    value_range = (0.0, None)  # a distance (unetlab.metric_ranges)
+    value_range = (0.0, None)  # a distance (unetlab.plugin_api.metric_ranges)
 
     def __init__(self, num_classes: int, include_background: bool = False):
         self.num_classes = max(int(num_classes), 2)

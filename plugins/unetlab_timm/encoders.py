@@ -14,7 +14,7 @@
 - ``input_norm``: the weights' normalisation (timm's ``pretrained_cfg`` mean and std) applied inside
   the encoder to images in [0, 1] (``data.normalize`` unset); default (null): on when pretrained.
 
-The build follows ``unetlab.model.pretrained_mode()``: ``check`` (validate, preflight) only confirms
+The build follows ``unetlab.model.unet.pretrained_mode()``: ``check`` (validate, preflight) only confirms
 the weights can be read, ``skip`` (predict, export, ``--resume``) reads nothing, since unetlab loads
 its own saved weights into the model next: a trained run never needs the file, the cache or the hub.
 """
@@ -34,8 +34,8 @@ from torch import nn
 
 import unetlab
 from unetlab.errors import did_you_mean
-from unetlab.model import pretrained_mode
-from unetlab.params import FilePath
+from unetlab.model.unet import pretrained_mode
+from unetlab.plugin_api.params import FilePath
 
 __all__ = ["TimmEncoder", "pretrained_state_dict", "weights_file"]
 

@@ -1,0 +1,147 @@
+"""``unetlab run``: check every run first, then execute them into MLflow with an explicit final status.
+
+Order of work, so that bad input leaves nothing behind and a crash never leaves a run RUNNING:
+
+1. load the experiment file (``experiment``) and check every run (``preflight``): no MLflow yet;
+2. create the MLflow experiment and one parent run for this invocation, or reopen it for --resume
+   (``tracking``);
+3. execute the runs (``execution``): one after another, in a pool of workers, or as a DDP rank; each
+   is trained by ``trainer`` and its outputs logged by ``run_outputs``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from unetlab.config.experiment import load_experiment
+from unetlab.errors import ConfigError, UnetlabError
+from unetlab.plugin_api.host import default_host
+
+if TYPE_CHECKING:
+    from unetlab.runs.ray_runs import RayPlan
+
+__all__ = ["run_experiment"]
+
+
+def run_experiment(path: str | Path, overrides: Sequence[str] = (), resume: bool = False, output: str = "bar",
+                   only: Sequence[str] = (), jobs: int = 1, parent_run_id: str | None = None,
+                   exact: Sequence[str] = (), ray: RayPlan | None = None) -> int:
+    """Train every run of an experiment file; return the exit code (0 all finished, 1 any failed, 128+N killed).
+
+    ``jobs > 1`` trains independent runs in that many processes (one GPU each when there are several),
+    all under one parent run. ``parent_run_id`` and ``exact`` are how those worker processes are told
+    which parent to log under and which run to train. ``ray`` submits each run as a Ray task instead.
+    """
+    from unetlab import __version__
+    from unetlab.runs.execution import (
+        Invocation,
+        claim_resumed_runs,
+        run_parallel,
+        run_rank,
+        run_sequential,
+        warn_if_omp_threads_ignored,
+    )
+    from unetlab.runs.progress import Reporter
+    from unetlab.tracking.run_ownership import owner_tags
+    from unetlab.tracking.run_tracker import Tracker, git_commit, resolve_tracking_uri
+    from unetlab.training import distributed
+    from unetlab.training.preflight import prepare_all
+
+    ctx = distributed.current()
+    if ctx.enabled and jobs > 1:
+        raise UnetlabError("--jobs and several processes per run (--nproc-per-node, torchrun) do not combine")
+    host = default_host()
+    experiment = load_experiment(path, overrides, host=host)
+    for line in host.problem_lines() if ctx.is_main else []:
+        print(f"unetlab: warning: {line}", file=sys.stderr)
+    runs = [r for r in experiment.runs if (not only or any(r.name.startswith(o) for o in only))
+            and (not exact or r.name in exact)]
+    if not runs:
+        raise UnetlabError(f"--only {' '.join(only)}: matches no run "
+                           f"(runs: {', '.join(r.name for r in experiment.runs)})")
+    if len({r.config["tracking"]["uri"] for r in runs}) > 1:
+        raise ConfigError("tracking.uri: every run of one invocation must log to the same store; set it in the base "
+                          "config, not in variants or the matrix")
+    if ray is not None:  # a cluster that cannot reach the store or the checkpoints: refuse before any work
+        from unetlab.runs.ray_runs import check_ray_settings
+
+        check_ray_settings(ray, resolve_tracking_uri(runs[0].config["tracking"]["uri"]),
+                           [r.config["tracking"]["checkpoint_dir"] for r in runs])
+    # bad input stops here: nothing written yet (--resume: a pretrained encoder's file or cache is not
+    # required, the runs continue from their own checkpoints)
+    prepared = prepare_all(runs, host.registry, ctx.world_size, pretrained="skip" if resume else "check")
+    if ray is not None:  # before any MLflow run: a cluster that cannot be reached is one line
+        from unetlab.runs.ray_runs import connect
+
+        connect(ray)
+    reporter = Reporter(output if ctx.is_main else "silent", runs[0].config["train"]["monitor"])
+    inv = Invocation(Path(path), tuple(overrides), resume, experiment, prepared, host, ctx, reporter)
+    distributed.init(ctx, prepared[0].runtime.device)
+    try:
+        if not ctx.is_main:
+            return run_rank(inv)
+        inv.tracker = tracker = Tracker(experiment.name, resolve_tracking_uri(runs[0].config["tracking"]["uri"]),
+                                        experiment_file=path)
+        invocation = hashlib.sha256("\n".join(p.key for p in prepared).encode()).hexdigest()[:16]
+        commit = git_commit(Path(path).resolve())
+        from unetlab.analysis.dashboard import factor_keys
+
+        factors = factor_keys(experiment.runs)  # what differs between the variants: a param to group by
+        inv.base_tags = {"unetlab.experiment_file": str(Path(path).resolve()), "unetlab.invocation": invocation,
+                         **({"unetlab.factor": ", ".join(factors)[:500]} if factors else {}),
+                         "unetlab.version": __version__, **({"mlflow.source.git.commit": commit} if commit else {})}
+        inv.parent_id, inv.owns_parent = parent_run_id, parent_run_id is None
+        if parent_run_id is not None:  # a worker of --jobs: the parent belongs to the process that started us
+            tracker.parent_id = parent_run_id
+        else:
+            tracker.reap_orphans()  # runs left RUNNING by a process that is gone (SIGKILL...) become KILLED
+        if parent_run_id is None and resume:
+            # a run another live process trains is refused here, before anything is reopened; when this
+            # process trains the runs itself it also takes their folder locks now (workers take their own)
+            claim_resumed_runs(inv, lock=ray is None and not (jobs > 1 and len(prepared) > 1))
+            parents = [r for r in tracker.find_runs("unetlab.invocation", invocation)
+                       if r.data.tags.get("unetlab.parent")]
+            if parents:
+                inv.parent_id = tracker.parent_id = parents[0].info.run_id
+                tracker.reopen(inv.parent_id)
+                tracker.child(inv.parent_id).set_tags(owner_tags())
+        if inv.parent_id is None:
+            inv.parent_id = tracker.start_parent(f"{experiment.name} {time.strftime('%Y-%m-%d %H:%M:%S')}",
+                                                 {**inv.base_tags, **owner_tags(), "unetlab.parent": "true"},
+                                                 experiment.description)
+            tracker.client.log_text(inv.parent_id, Path(path).read_text(encoding="utf-8"), "experiment.yaml")
+        if parent_run_id is None:
+            reporter.info(f"{experiment.name}: {len(prepared)} run(s), tracking at {tracker.uri} "
+                          f"(experiment '{experiment.name}', parent run {inv.parent_id})")
+            if not ctx.enabled:  # torchrun sets OMP_NUM_THREADS=1 for its ranks itself
+                warn_if_omp_threads_ignored({p.run.config["train"]["threads"] for p in prepared})
+        if ray is not None:
+            from unetlab.runs.execution import signals_interrupt
+            from unetlab.runs.ray_runs import run_on_ray
+
+            with signals_interrupt():
+                code = run_on_ray(ray, path, overrides, resume,
+                                  [(p.run.name, p.key, p.run.config["train"]["threads"]) for p in prepared], tracker,
+                                  inv.parent_id, reporter)
+        elif jobs > 1 and len(prepared) > 1:
+            code = run_parallel(inv, jobs)
+        else:
+            code = run_sequential(inv)
+        if parent_run_id is None and code in (0, 1):  # the parent carries the comparison; not after an interrupt
+            from unetlab.analysis.dashboard import report_dashboard
+
+            # the margin of the file as it was loaded: the file may have changed (or gone) while the runs trained
+            report_dashboard(tracker.client, tracker.experiment_id, inv.parent_id, runs[0].config["train"]["monitor"],
+                             experiment.compare_margin, experiment.runs, tracker.uri, str(path), reporter.info)
+        return code
+    finally:
+        distributed.shutdown(ctx)
+        if ray is not None:
+            from unetlab.runs.ray_runs import disconnect
+
+            disconnect()

@@ -1,0 +1,40 @@
+"""The identity of a run's data, recorded as the run's MLflow dataset input (the runs table's Dataset
+column): a name, a digest that changes whenever the data does, the split sizes and where it comes from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from unetlab.training.preflight import Prepared
+
+__all__ = ["dataset_identity"]
+
+
+def dataset_identity(prepared: Prepared) -> tuple[str, str, dict[str, int], str]:
+    """``(name, digest, split sizes, source)`` of a prepared run's data, for ``RunTracker.log_dataset``.
+
+    The digest covers the whole ``data`` section (generator parameters and seed, patches, resizing,
+    normalisation) and, for data read from a folder, every file's path, size and modification time:
+    runs on different data get different digests.
+    """
+    data = prepared.run.config["data"]
+    spec = data["dataset"]
+    ident: dict[str, Any] = {"data": data}
+    root = getattr(prepared.source, "root", None)
+    if root is not None:
+        ident["files"] = sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
+                                for p in Path(root).rglob("*")
+                                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    from unetlab.training.whole_image_validation import (
+        validation_images,  # whole images, not tiles, for a patch-trained run (imports torch)
+    )
+
+    splits = {"train": len(prepared.source.split("train")), "val": len(validation_images(prepared.source))}
+    source = str(root) if root is not None else json.dumps(spec, sort_keys=True, default=str)
+    return str(spec["name"]), digest, splits, source
