@@ -43,10 +43,11 @@ from pathlib import Path
 from typing import Any
 
 from unetlab.errors import ConfigError, UnetlabError, did_you_mean
+from unetlab.tracking import tags as run_tags
 
 __all__ = ["compare_command", "compare_runs", "margin_from_file", "render", "welch"]
 
-DIRECTIONS_TAG = "unetlab.metric_directions"
+DIRECTIONS_TAG = run_tags.METRIC_DIRECTIONS
 
 
 def welch(a: list[float], b: list[float]) -> float | None:
@@ -68,18 +69,18 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
 
 
 _FOLD_PART = re.compile(r"^(?:data\.)?fold=(.*)$")
-FOLD_TAG = "unetlab.matrix.data.fold"
+FOLD_TAG = run_tags.FOLD
 
 
 def _variant(run) -> str:
     """The run's variant: its name without the ``seed=`` and ``fold=`` parts (replicates, not variants)."""
     name = run.info.run_name or ""
     parts = [p for p in name.split("/") if not p.startswith("seed=") and not _FOLD_PART.match(p)]
-    return "/".join(parts) or run.data.tags.get("unetlab.variant") or name or run.info.run_id
+    return "/".join(parts) or run.data.tags.get(run_tags.VARIANT) or name or run.info.run_id
 
 
 def _seed(run) -> str:
-    tag = run.data.tags.get("unetlab.seed")
+    tag = run.data.tags.get(run_tags.SEED)
     if tag is not None:
         return tag
     found = re.search(r"seed=([^/]*)$", run.info.run_name or "")

@@ -28,10 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from unetlab.tracking import tags as run_tags
+
 __all__ = ["MAX_TABLE_BYTES", "RANGES_TAG", "PerImageRead", "declared_ranges", "read_per_image"]
 
 MAX_TABLE_BYTES = 8 * 2**20  # ~20,000 images x 20 metric columns; parsing costs ~20x the file in memory
-RANGES_TAG = "unetlab.metric_ranges"
+RANGES_TAG = run_tags.METRIC_RANGES
 ARTIFACT = "per_image_metrics.json"
 
 

@@ -28,6 +28,8 @@ import sys
 from typing import Any
 from urllib.parse import quote
 
+from unetlab.tracking import tags as run_tags
+
 __all__ = ["VIEW_TAG_PREFIX", "comparison_markdown", "experiment_runs_url", "factor_keys", "group_tags",
            "latest_parent",
            "log_comparison", "report_dashboard", "run_url", "set_runs_view", "summary_metrics", "ui_base_url",
@@ -36,7 +38,7 @@ __all__ = ["VIEW_TAG_PREFIX", "comparison_markdown", "experiment_runs_url", "fac
 
 VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 NOTE_TAG = "mlflow.note.content"
-MARGIN_TAG = "unetlab.compare.margin"
+MARGIN_TAG = run_tags.COMPARE_MARGIN
 NOTE_MARKER = "<!-- unetlab compare: everything below is rewritten by unetlab compare -->"
 KEEP_VIEWS = 20  # shared-view tags kept per experiment (older invocations' URLs then open unfiltered)
 _UNSAFE = re.compile(r"[^\w.\-]")
@@ -56,16 +58,16 @@ def group_tags(runs) -> list[str]:
     """The tags that tell ``runs``' (``experiment.Run``) variants apart as ``unetlab compare`` does:
     ``unetlab.variant`` and each matrix key's tag, except the fold (folds are replicates, like seeds)."""
     keys = sorted({k for r in runs for k in r.matrix if k not in ("data.fold",)})
-    return ["unetlab.variant", *[f"unetlab.matrix.{k}" for k in keys]]
+    return [run_tags.VARIANT, *[run_tags.matrix_tag(k) for k in keys]]
 
 
 def view_state(parent_id: str, monitor: str, factors: list[str] = (),
-               groups: list[str] = ("unetlab.variant",)) -> dict[str, Any]:
+               groups: list[str] = (run_tags.VARIANT,)) -> dict[str, Any]:
     """The shared view of ``parent_id``'s children: filtered to them, grouped by variant (the ``groups``
     tags), columns first the best and last value of ``monitor``, then the params that differ between
     variants and the seed."""
     columns = [_column("metrics", f"best_{monitor}"), _column("metrics", monitor),
-               *[_column("params", f) for f in factors], _column("tags", "unetlab.seed"),
+               *[_column("params", f) for f in factors], _column("tags", run_tags.SEED),
                _column("params", "model.num_params")]
     return {
         "searchFilter": f"tags.`mlflow.parentRunId` = '{parent_id}'",
@@ -78,7 +80,7 @@ def view_state(parent_id: str, monitor: str, factors: list[str] = (),
 
 
 def set_runs_view(client, experiment_id: str, parent_id: str, monitor: str, factors: list[str] = (),
-                  groups: list[str] = ("unetlab.variant",)) -> str:
+                  groups: list[str] = (run_tags.VARIANT,)) -> str:
     """Store the shared view of ``parent_id`` as an experiment tag and return its key; keep the newest
     ``KEEP_VIEWS`` unetlab views of the experiment (one per invocation)."""
     key = view_key(parent_id)
@@ -257,8 +259,8 @@ def log_comparison(client, result: dict[str, Any], figure=None) -> str:
     note = "\n\n".join(part for part in (description, NOTE_MARKER, comparison_markdown(result, figure_name)) if part)
     margin = "none" if result.get("margin") is None else f"{result['margin']:g}"
     previous = parent.data.tags.get(MARGIN_TAG)
-    tags = [RunTag(NOTE_TAG, note[:8000]), RunTag(MARGIN_TAG, margin), RunTag("unetlab.compare.metric", metric)]
-    tags += [RunTag(_fit(f"unetlab.verdict.{_name(p['a'])}_vs_{_name(p['b'])}"), str(p["verdict"])[:500])
+    tags = [RunTag(NOTE_TAG, note[:8000]), RunTag(MARGIN_TAG, margin), RunTag(run_tags.COMPARE_METRIC, metric)]
+    tags += [RunTag(_fit(run_tags.VERDICT_PREFIX + f"{_name(p['a'])}_vs_{_name(p['b'])}"), str(p["verdict"])[:500])
              for p in result["pairs"]]
     now = int(time.time() * 1000)
     metrics = [Metric(k, v, now, 0) for k, v in summary_metrics(result).items()]

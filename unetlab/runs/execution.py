@@ -19,6 +19,7 @@ from unetlab.config.experiment import Experiment, Run
 from unetlab.errors import UnetlabError, exception_text
 from unetlab.plugin_api.host import PluginHost
 from unetlab.runs.progress import Reporter
+from unetlab.tracking import tags as run_tags
 from unetlab.training.distributed import DistContext
 from unetlab.training.preflight import Prepared, config_hash
 
@@ -157,7 +158,7 @@ def run_sequential(inv: Invocation) -> int:
         try:
             for index, prep in enumerate(inv.prepared, 1):
                 run = prep.run
-                found = tracker.find_runs("unetlab.run_key", prep.key) if inv.resume else []
+                found = tracker.find_runs(run_tags.RUN_KEY, prep.key) if inv.resume else []
                 if found and found[0].info.status == "FINISHED":
                     ctx.broadcast({"skip": True, "resume": False})  # the other ranks follow rank 0's plan
                     reporter.run_end(run.name, "SKIPPED", {}, "finished in an earlier invocation")
@@ -174,7 +175,7 @@ def run_sequential(inv: Invocation) -> int:
                     child = current = tracker.child(found[0].info.run_id)  # in charge before it is RUNNING again
                     tracker.reopen(child.run_id)
                     child.set_tags(owner_tags())
-                    for stale in ("unetlab.status_reason", "unetlab.error"):  # said of the attempt before
+                    for stale in (run_tags.STATUS_REASON, run_tags.ERROR):  # said of the attempt before
                         if stale in found[0].data.tags:
                             tracker.client.delete_tag(child.run_id, stale)
                     state = _resumable_state(ckpt_dir)
@@ -206,7 +207,7 @@ def run_sequential(inv: Invocation) -> int:
             tracker.fail_fast()
             if current is not None:
                 with contextlib.suppress(Exception):  # a dead store must not stop the cleanup below
-                    current.set_tags({"unetlab.status_reason": "interrupted"})
+                    current.set_tags({run_tags.STATUS_REASON: "interrupted"})
                 _end_quietly(tracker, current.run_id, "KILLED")
             _end_children_quietly(inv, "KILLED", "interrupted")
             if inv.owns_parent:
@@ -266,7 +267,7 @@ def claim_resumed_runs(inv: Invocation, lock: bool) -> None:
 
     code, unmatched = code_digest(inv.host), []
     for prep in inv.prepared:
-        found = inv.tracker.find_runs("unetlab.run_key", prep.key)
+        found = inv.tracker.find_runs(run_tags.RUN_KEY, prep.key)
         if not found:
             unmatched.append(prep.run.name)
         if not found or found[0].info.status == "FINISHED":

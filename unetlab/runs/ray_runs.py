@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from unetlab.errors import UnetlabError, exception_text
+from unetlab.tracking import tags as run_tags
 
 if TYPE_CHECKING:
     from unetlab.runs.progress import Reporter
@@ -44,7 +45,7 @@ CANCEL_GRACE_S = 20.0
 # The driver's stop request, a tag of the parent run that every task reads (every CANCEL_POLL_S seconds):
 # it reaches a task on any node through the store, whether or not Ray's own cancel gets through to the
 # task (measured here: it often did not, and the run trained on until the grace period was over).
-CANCEL_TAG, CANCEL_POLL_S = "unetlab.ray_cancel", 1.0
+CANCEL_TAG, CANCEL_POLL_S = run_tags.RAY_CANCEL, 1.0
 
 
 @dataclass(frozen=True)

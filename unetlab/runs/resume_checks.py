@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from unetlab.errors import UnetlabError
+from unetlab.tracking import tags as run_tags
 
 if TYPE_CHECKING:
     from unetlab.plugin_api.host import PluginHost
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = ["CODE_DIGEST_TAG", "DATA_DIGEST_TAG", "ResumeRefused", "check_unchanged", "code_digest"]
 
-DATA_DIGEST_TAG, CODE_DIGEST_TAG = "unetlab.data_digest", "unetlab.code_digest"
+DATA_DIGEST_TAG, CODE_DIGEST_TAG = run_tags.DATA_DIGEST, run_tags.CODE_DIGEST
 
 
 class ResumeRefused(UnetlabError):

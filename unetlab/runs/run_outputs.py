@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from unetlab.tracking import tags as run_tags
 from unetlab.training.preflight import Prepared
 from unetlab.training.trainer import RunResult
 
@@ -49,7 +50,7 @@ def log_model(tracker: RunTracker, model: torch.nn.Module, prep: Prepared) -> No
 
     log_model_weights(tracker, model, model_identity(prep))  # the same identity as the checkpoints
     uri = tracker.log_model(model.cpu(), [f"torch=={torch.__version__.split('+')[0]}", f"unetlab=={__version__}"])
-    tracker.set_tags({"unetlab.model_uri": uri})
+    tracker.set_tags({run_tags.MODEL_URI: uri})
 
 
 def log_figures(tracker: RunTracker, result: RunResult, prep: Prepared) -> None:

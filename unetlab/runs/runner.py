@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from unetlab.config.experiment import load_experiment
 from unetlab.errors import ConfigError, UnetlabError
 from unetlab.plugin_api.host import default_host
+from unetlab.tracking import tags as run_tags
 
 if TYPE_CHECKING:
     from unetlab.runs.ray_runs import RayPlan
@@ -92,9 +93,9 @@ def run_experiment(path: str | Path, overrides: Sequence[str] = (), resume: bool
         from unetlab.analysis.dashboard import factor_keys
 
         factors = factor_keys(experiment.runs)  # what differs between the variants: a param to group by
-        inv.base_tags = {"unetlab.experiment_file": str(Path(path).resolve()), "unetlab.invocation": invocation,
-                         **({"unetlab.factor": ", ".join(factors)[:500]} if factors else {}),
-                         "unetlab.version": __version__, **({"mlflow.source.git.commit": commit} if commit else {})}
+        inv.base_tags = {run_tags.EXPERIMENT_FILE: str(Path(path).resolve()), run_tags.INVOCATION: invocation,
+                         **({run_tags.FACTOR: ", ".join(factors)[:500]} if factors else {}),
+                         run_tags.VERSION: __version__, **({"mlflow.source.git.commit": commit} if commit else {})}
         inv.parent_id, inv.owns_parent = parent_run_id, parent_run_id is None
         if parent_run_id is not None:  # a worker of --jobs: the parent belongs to the process that started us
             tracker.parent_id = parent_run_id
@@ -104,15 +105,15 @@ def run_experiment(path: str | Path, overrides: Sequence[str] = (), resume: bool
             # a run another live process trains is refused here, before anything is reopened; when this
             # process trains the runs itself it also takes their folder locks now (workers take their own)
             claim_resumed_runs(inv, lock=ray is None and not (jobs > 1 and len(prepared) > 1))
-            parents = [r for r in tracker.find_runs("unetlab.invocation", invocation)
-                       if r.data.tags.get("unetlab.parent")]
+            parents = [r for r in tracker.find_runs(run_tags.INVOCATION, invocation)
+                       if r.data.tags.get(run_tags.PARENT)]
             if parents:
                 inv.parent_id = tracker.parent_id = parents[0].info.run_id
                 tracker.reopen(inv.parent_id)
                 tracker.child(inv.parent_id).set_tags(owner_tags())
         if inv.parent_id is None:
             inv.parent_id = tracker.start_parent(f"{experiment.name} {time.strftime('%Y-%m-%d %H:%M:%S')}",
-                                                 {**inv.base_tags, **owner_tags(), "unetlab.parent": "true"},
+                                                 {**inv.base_tags, **owner_tags(), run_tags.PARENT: "true"},
                                                  experiment.description)
             tracker.client.log_text(inv.parent_id, Path(path).read_text(encoding="utf-8"), "experiment.yaml")
         if parent_run_id is None:

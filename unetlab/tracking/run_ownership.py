@@ -21,11 +21,12 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from unetlab.errors import UnetlabError
+from unetlab.tracking import tags as run_tags
 
 __all__ = ["OWNER_HOST", "OWNER_PID", "OWNER_STARTED", "RunBusy", "RunLock", "claim_run_folder", "describe_owner",
            "live_owner_here", "owner_alive", "owner_tags", "process_start_time"]
 
-OWNER_HOST, OWNER_PID, OWNER_STARTED = "unetlab.owner.host", "unetlab.owner.pid", "unetlab.owner.started"
+OWNER_HOST, OWNER_PID, OWNER_STARTED = run_tags.OWNER_HOST, run_tags.OWNER_PID, run_tags.OWNER_STARTED
 
 
 def process_start_time(pid: int) -> str:
@@ -66,7 +67,7 @@ class RunBusy(UnetlabError):
 
 def describe_owner(tags: Mapping[str, str]) -> str:
     """``pid 123 on host h, started 2026-12-03 18:00:02``: who owns a run, from its owner tags (or a lock file)."""
-    started = tags.get("unetlab.owner.since") or _started_clock(tags.get(OWNER_STARTED, ""))
+    started = tags.get(run_tags.OWNER_SINCE) or _started_clock(tags.get(OWNER_STARTED, ""))
     return (f"pid {tags.get(OWNER_PID, '?')} on host {tags.get(OWNER_HOST, '?')}"
             + (f", started {started}" if started else ""))
 
@@ -126,7 +127,7 @@ def claim_run_folder(folder: Path, run_name: str, wait_s: float = 0.0) -> RunLoc
                 raise RunBusy(f"run '{run_name}' is being trained by {describe_owner(_read_owner(path))} "
                               f"(it holds {path}); not starting it a second time") from None
             time.sleep(0.2)
-    owner = {**owner_tags(), "unetlab.owner.since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    owner = {**owner_tags(), run_tags.OWNER_SINCE: time.strftime("%Y-%m-%d %H:%M:%S")}
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(owner).encode(), 0)
     return RunLock(folder, fd)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from unetlab.errors import UnetlabError, exception_text
+from unetlab.tracking import tags as run_tags
 from unetlab.tracking.run_ownership import owner_alive
 from unetlab.tracking.store_client import (
     BoundedClient,
@@ -156,7 +157,7 @@ class Tracker:
         for run in self.client.search_runs([self.experiment_id], filter_string="attributes.status = 'RUNNING'",
                                            max_results=1000):
             if not owner_alive(run.data.tags):
-                self.client.set_tag(run.info.run_id, "unetlab.status_reason", "owner process gone")
+                self.client.set_tag(run.info.run_id, run_tags.STATUS_REASON, "owner process gone")
                 self.end(run.info.run_id, "KILLED")
                 reaped.append(run.info.run_id)
         return reaped
@@ -170,7 +171,7 @@ class Tracker:
         for run in self.client.search_runs(
                 [self.experiment_id], max_results=10000,
                 filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}' and attributes.status = 'RUNNING'"):
-            self.client.set_tag(run.info.run_id, "unetlab.status_reason", reason)
+            self.client.set_tag(run.info.run_id, run_tags.STATUS_REASON, reason)
             self.end(run.info.run_id, status)
             ended.append(run.info.run_id)
         return ended
@@ -190,15 +191,15 @@ class Tracker:
         run = prepared.run
         identity = dataset_identity(prepared)
         child = self.start_child(run.name, {
-            **base_tags, "unetlab.run_key": prepared.key, "unetlab.run_name": run.name,
-            "unetlab.variant": run.variant, "unetlab.seed": str(run.seed),
-            "unetlab.config_hash": config_hash(run.config),
-            "unetlab.data_digest": identity[1],  # what --resume checks the data against
-            "unetlab.metric_directions": json.dumps(prepared.metric_directions, sort_keys=True),
-            "unetlab.metric_ranges": json.dumps(prepared.metric_ranges, sort_keys=True),
-            **{f"unetlab.matrix.{k}": v if isinstance(v, str) else json.dumps(v) for k, v in run.matrix.items()}})
+            **base_tags, run_tags.RUN_KEY: prepared.key, run_tags.RUN_NAME: run.name,
+            run_tags.VARIANT: run.variant, run_tags.SEED: str(run.seed),
+            run_tags.CONFIG_HASH: config_hash(run.config),
+            run_tags.DATA_DIGEST: identity[1],  # what --resume checks the data against
+            run_tags.METRIC_DIRECTIONS: json.dumps(prepared.metric_directions, sort_keys=True),
+            run_tags.METRIC_RANGES: json.dumps(prepared.metric_ranges, sort_keys=True),
+            **{run_tags.matrix_tag(k): v if isinstance(v, str) else json.dumps(v) for k, v in run.matrix.items()}})
         child.log_params({**run.flat(), "model.num_params": prepared.params,
-                          "model.gflops_per_image": f"{prepared.gflops:.4f}", "unetlab.version": __version__,
+                          "model.gflops_per_image": f"{prepared.gflops:.4f}", run_tags.VERSION: __version__,
                           "torch.version": torch.__version__, "device": str(prepared.runtime.device),
                           "data.num_classes": prepared.num_classes,
                           "model.in_channels_resolved": prepared.in_channels,
@@ -249,7 +250,7 @@ class RunTracker:
     def record_failure(self, message: str, traceback_text: str | None = None) -> None:
         """Say why the run failed: the ``unetlab.error`` tag, and ``error.txt`` with the traceback of an
         unexpected error (the status itself is set by ``Tracker.end``)."""
-        self.set_tags({"unetlab.error": message})
+        self.set_tags({run_tags.ERROR: message})
         if traceback_text:
             self.log_text(traceback_text, "error.txt")
 

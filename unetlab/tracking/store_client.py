@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from unetlab.errors import UnetlabError
+from unetlab.tracking import tags as run_tags
 
 __all__ = ["CREATE_TOKEN_TAG", "DEFAULT_TIMEOUT_S", "TIMEOUT_ENV", "BoundedClient", "TrackingUnavailable",
            "configure_mlflow_http", "is_remote", "sqlite_path", "store_creation_lock", "tracking_timeout"]
@@ -37,7 +38,7 @@ __all__ = ["CREATE_TOKEN_TAG", "DEFAULT_TIMEOUT_S", "TIMEOUT_ENV", "BoundedClien
 TIMEOUT_ENV = "UNETLAB_TRACKING_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300.0
 _FIRST_WAIT_S, _LONGEST_WAIT_S = 0.25, 5.0
-CREATE_TOKEN_TAG = "unetlab.create_token"
+CREATE_TOKEN_TAG = run_tags.CREATE_TOKEN
 
 T = TypeVar("T")
 
