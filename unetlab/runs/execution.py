@@ -19,6 +19,7 @@ from unetlab.config.experiment import Experiment, Run
 from unetlab.errors import UnetlabError, exception_text
 from unetlab.plugin_api.host import PluginHost
 from unetlab.runs.progress import Reporter
+from unetlab.runs.worker_command import worker_run_args
 from unetlab.tracking import tags as run_tags
 from unetlab.training.distributed import DistContext
 from unetlab.training.preflight import Prepared, config_hash
@@ -440,10 +441,9 @@ def run_parallel(inv: Invocation, jobs: int) -> int:
                     if gpus > 1:
                         env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
                     slot += 1
-                    command = [sys.executable, "-m", "unetlab", "run", str(inv.path), "--quiet", "--parent-run-id",
-                               inv.parent_id, "--run-name", name, *[a for s in inv.overrides for a in ("--set", s)]]
-                    if inv.resume:
-                        command.append("--resume")
+                    command = [sys.executable, *worker_run_args(inv.path, inv.overrides, resume=inv.resume,
+                                                                output="quiet", parent_run_id=inv.parent_id,
+                                                                run_name=name)]
                     active[subprocess.Popen(command, env=env, start_new_session=True)] = (name, threads)
                 time.sleep(0.2)
                 for proc in [p for p in active if p.poll() is not None]:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from unetlab.errors import UnetlabError, exception_text
+from unetlab.runs.worker_command import worker_run_args
 from unetlab.tracking import tags as run_tags
 
 if TYPE_CHECKING:
@@ -139,7 +140,7 @@ def _train_task(command: list[str], env: dict[str, str], tracking_uri: str | Non
     client = MlflowClient(tracking_uri)
     parent = client.get_run(parent_id)
     earlier = client.search_runs([parent.info.experiment_id], max_results=1, filter_string=(
-        f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`unetlab.run_key` = '{run_key}'"))
+        f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`{run_tags.RUN_KEY}` = '{run_key}'"))
     if earlier and "--resume" not in command:
         command = [*command, "--resume"]
     child_env = {**os.environ, **env}
@@ -273,8 +274,8 @@ def run_on_ray(plan: RayPlan, path: str | Path, overrides: Sequence[str], resume
         gpus = 1 if resources.get("GPU", 0) >= 1 else 0
         cpus, note = reservations(plan, [threads for _, _, threads in runs], resources.get("CPU", 1.0))
         task = ray.remote(num_gpus=gpus, max_retries=plan.max_retries)(_train_task)
-        base = ["-m", "unetlab", "run", str(Path(path).resolve()), "--jsonl", "--parent-run-id", parent_id,
-                *[a for s in overrides for a in ("--set", s)], *(["--resume"] if resume else [])]
+        base = worker_run_args(Path(path).resolve(), overrides, resume=resume, output="jsonl",
+                               parent_run_id=parent_id)
         # each task reserves as many CPUs as its run has threads: Ray never changes a run's thread count
         pending = {task.options(num_cpus=need).remote([*base, "--run-name", name], env, tracker.uri, parent_id, key,
                                                       token): name for (name, key, _), need in zip(runs, cpus)}
