@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from unetlab.model.unet import center_crop
+from unetlab.model.unet import center_crop, crop_target
 
 __all__ = ["deep_supervision_loss", "deep_supervision_weights", "level_target"]
 
@@ -34,7 +34,7 @@ def level_target(masks: torch.Tensor, output: torch.Tensor, level: int, padding:
     if padding == "valid":
         masks = center_crop(masks, min(masks.shape[-2], height * 2 ** level), min(masks.shape[-1], width * 2 ** level))
     elif level == 0:
-        return center_crop(masks, height, width)
+        return crop_target(masks, output)
     if masks.shape[-2:] == (height, width):
         return masks
     return F.interpolate(masks[:, None].float(), size=(height, width), mode="nearest-exact")[:, 0].long()

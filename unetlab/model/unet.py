@@ -38,6 +38,7 @@ __all__ = [
     "build_unet",
     "center_crop",
     "count_parameters",
+    "crop_target",
     "forward_flops",
     "logits_to_classes",
     "output_shape",
@@ -138,6 +139,12 @@ def center_crop(x, height: int, width: int):
     top = (x.shape[-2] - height) // 2
     left = (x.shape[-1] - width) // 2
     return x[..., top:top + height, left:left + width]
+
+
+def crop_target(masks, logits):
+    """The centre of ``masks`` that ``logits`` predict: valid padding gives an output smaller than its input,
+    so the target (and anything drawn beside it) is cropped to the logits' last two dimensions."""
+    return center_crop(masks, *logits.shape[-2:])
 
 
 def _pad_to(x: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -60,8 +60,8 @@ def log_figures(tracker: RunTracker, result: RunResult, prep: Prepared) -> None:
     import torch
 
     from unetlab.analysis.figures import learning_curves, prediction_figure
-    from unetlab.model.unet import logits_to_classes
-    from unetlab.training.trainer import crop_target, predict_logits
+    from unetlab.model.unet import crop_target, logits_to_classes
+    from unetlab.training.trainer import predict_logits
     from unetlab.training.whole_image_validation import validation_images, whole_image_logits
 
     figure = learning_curves(result.history, prep.run.config["train"]["monitor"])

@@ -75,7 +75,7 @@ def per_image_rows(predict_fn: Callable, dataset: Any, metrics: Sequence[Any], l
     """
     import torch
 
-    from unetlab.training.trainer import crop_target
+    from unetlab.model.unet import crop_target
 
     ids = _image_ids(dataset)
     rows: list[dict[str, Any]] = []

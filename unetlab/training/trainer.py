@@ -26,7 +26,7 @@ from unetlab.checkpoint import load_checkpoint, save_atomic
 from unetlab.data.sources import build_augment, make_batches
 from unetlab.errors import UnetlabError
 from unetlab.model.deep_supervision import deep_supervision_loss
-from unetlab.model.unet import build_unet, center_crop
+from unetlab.model.unet import build_unet, crop_target
 from unetlab.plugin_api.registry import Registry, component_params
 from unetlab.training.determinism import configure
 from unetlab.training.distributed import DistContext
@@ -36,7 +36,7 @@ from unetlab.training.model_store import model_identity
 if TYPE_CHECKING:  # preflight uses build_metrics from here
     from unetlab.training.preflight import Prepared
 
-__all__ = ["RunFailed", "RunResult", "TrainSetup", "TrainState", "build_loss", "build_metrics", "crop_target",
+__all__ = ["RunFailed", "RunResult", "TrainSetup", "TrainState", "build_loss", "build_metrics",
            "epoch_seed", "evaluate", "make_optimizer", "mark_finished", "predict_logits", "train_run"]
 
 
@@ -117,11 +117,6 @@ def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
-
-
-def crop_target(masks: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """Centre-crop masks to the logits' size (valid padding gives a smaller output)."""
-    return center_crop(masks, *logits.shape[-2:])
 
 
 def _ignoring(kind: str, spec: dict, registry: Registry, ignore_index: int | None, *drop: str) -> dict:

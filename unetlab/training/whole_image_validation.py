@@ -44,6 +44,7 @@ from unetlab.model.sliding_window import (
     stream_logits,
     streaming_bytes,
 )
+from unetlab.model.unet import crop_target
 
 __all__ = [
     "MEMORY_ENV",
@@ -171,8 +172,6 @@ def score_whole_image(model: torch.nn.Module, dataset: Any, index: int, loss_fn:
                       tile: int | None = None, overlap: int = 32, budget: int | None = None) -> float | None:
     """Add image ``index`` of ``dataset`` to ``metrics`` (not reset) and return its loss (None without
     ``loss_fn``), streamed when its whole-image outputs exceed ``budget`` (see the module docstring)."""
-    from unetlab.training.trainer import crop_target
-
     windows, target_rows = _image(dataset, index)
     classes = int(getattr(model, "out_channels", 0) or getattr(getattr(model, "head", None), "out_channels", 1))
     whole = full_image_bytes(windows.channels, classes, windows.height, windows.width)
