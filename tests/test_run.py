@@ -236,7 +236,24 @@ def test_lifecycle_hook_logs_an_extra_metric(tmp_path):
     assert history(client, child, "hook_epoch_seen") == [(1, 1.0), (2, 2.0)]
 
 
+VALID_MODEL = {"encoder": {"name": "classic", "depth": 2, "base_channels": 4, "padding": "valid", "norm": "none"},
+               "block": {"name": "double_conv", "norm": "none"}, "upsampler": "transpose"}
+
+
 def test_valid_padding_crops_targets(tmp_path):
+    import torch
+
+    import unetlab
+    from unetlab.model.unet import crop_target
+
+    # the target a valid-padding model's logits are scored against is the masks' centre, cut by hand here
+    logits = unetlab.build_model(VALID_MODEL, 3, 2)(torch.zeros(2, 3, 44, 44))
+    height, width = logits.shape[-2:]
+    assert height < 44 and width < 44  # valid padding shrank the output: there is something to crop
+    masks = torch.arange(2 * 44 * 44).reshape(2, 44, 44)
+    top, left = (44 - height) // 2, (44 - width) // 2
+    assert torch.equal(crop_target(masks, logits), masks[:, top:top + height, left:left + width])
+
     path = experiment(tmp_path, epochs=1, extra="""
         data: {dataset: {name: blobs, image_size: 44, n_train: 8, n_val: 4}, batch_size: 4}
         model:
