@@ -298,6 +298,11 @@ class PluginHost:
             lines += info.warnings
         return lines
 
+    def warn_problems(self) -> None:
+        """Print ``problem_lines`` to stderr, each as ``unetlab: warning: ...``: every command warns through this."""
+        for line in self.problem_lines():
+            print(f"unetlab: warning: {line}", file=sys.stderr)
+
     def broken(self) -> list[PluginInfo]:
         """Plugins that failed to import or raised in a hook (builds the registry first)."""
         _ = self.registry

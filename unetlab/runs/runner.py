@@ -58,8 +58,8 @@ def run_experiment(path: str | Path, overrides: Sequence[str] = (), resume: bool
         raise UnetlabError("--jobs and several processes per run (--nproc-per-node, torchrun) do not combine")
     host = default_host()
     experiment = load_experiment(path, overrides, host=host)
-    for line in host.problem_lines() if ctx.is_main else []:
-        print(f"unetlab: warning: {line}", file=sys.stderr)
+    if ctx.is_main:
+        host.warn_problems()
     runs = [r for r in experiment.runs if (not only or any(r.name.startswith(o) for o in only))
             and (not exact or r.name in exact)]
     if not runs:
