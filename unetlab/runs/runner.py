@@ -12,7 +12,6 @@ Order of work, so that bad input leaves nothing behind and a crash never leaves 
 from __future__ import annotations
 
 import hashlib
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
