@@ -15,14 +15,17 @@ This module imports neither torch nor mlflow, so ``unetlab --help`` starts fast.
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 from collections.abc import Mapping
 from typing import Any
 
+from unetlab import _legacy
 from unetlab.config.experiment import Experiment, Run, load_experiment
-from unetlab.errors import ConfigError, PluginError, UnetlabError
+from unetlab.errors import ConfigError, PluginError, UnetlabError, did_you_mean
 from unetlab.plugin_api.hookspecs import PLUGIN_API_VERSION, hookimpl
-from unetlab.plugin_api.host import PluginHost, default_host
+from unetlab.plugin_api.host import PluginHost, default_host  # noqa: F401  (internal; not in __all__)
+from unetlab.plugin_api.params import FilePath, Range
 from unetlab.plugin_api.registry import KINDS, Component, PluginDeprecationWarning, Registry
 
 try:  # one home for the version: pyproject.toml, read back from the installed distribution's metadata
@@ -30,26 +33,51 @@ try:  # one home for the version: pyproject.toml, read back from the installed d
 except importlib.metadata.PackageNotFoundError:  # imported from a source tree that was never installed
     __version__ = "0+unknown"
 
+_legacy.install()
+
+# What a plugin author needs beyond the names above, imported on first use: each pulls in torch, and
+# ``import unetlab`` (hence ``unetlab --help``) stays free of torch and mlflow.
+_LAZY = {
+    "logits_to_classes": "unetlab.model.unet",
+    "pretrained_mode": "unetlab.model.unet",
+    "record_host_syncs": "unetlab.training.host_sync",
+    "check_component": "unetlab.plugin_api.conformance",
+    "components_of": "unetlab.plugin_api.conformance",
+}
+
 __all__ = [
     "KINDS",
     "PLUGIN_API_VERSION",
     "Component",
     "ConfigError",
     "Experiment",
+    "FilePath",
     "PluginDeprecationWarning",
     "PluginError",
-    "PluginHost",
+    "Range",
     "Run",
     "UnetlabError",
     "__version__",
     "build_model",
+    "check_component",
+    "components_of",
     "create",
-    "default_host",
+    "did_you_mean",
     "get_component",
     "hookimpl",
     "list_components",
     "load_experiment",
+    "logits_to_classes",
+    "pretrained_mode",
+    "record_host_syncs",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """The lazily imported part of the plugin API (``_LAZY``); the 0.2.0 flat modules are ``_legacy``'s."""
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'unetlab' has no attribute {name!r}")
 
 
 def list_components(kind: str, pattern: str = "*") -> list[str]:

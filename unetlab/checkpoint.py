@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .errors import UnetlabError
+from unetlab.errors import UnetlabError
 
 __all__ = ["CheckpointError", "load_checkpoint", "remove_stale_temporaries", "save_atomic"]
 

@@ -239,7 +239,7 @@ TEST = '''"""Every component of {module} honours its kind's contract (unetlab's 
 
 import pytest
 
-from unetlab.plugin_api.conformance import check_component, components_of
+from unetlab import check_component, components_of
 
 
 @pytest.mark.parametrize("kind, name", components_of("{module}"))

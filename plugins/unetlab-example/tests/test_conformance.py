@@ -2,7 +2,7 @@
 
 import pytest
 
-from unetlab.plugin_api.conformance import check_component, components_of
+from unetlab import check_component, components_of
 
 SMALL = {("dataset", "stripes"): {"n_train": 4, "n_val": 2}}
 
