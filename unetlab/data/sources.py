@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
 from unetlab.data.options import configure_source
-from unetlab.errors import UnetlabError
+from unetlab.errors import ConfigError, UnetlabError, exception_text
 from unetlab.plugin_api.registry import Registry, component_params
 
 __all__ = [
@@ -27,17 +27,23 @@ __all__ = [
 
 
 
-def build_source(config: dict, registry: Registry) -> Any:
-    """The dataset source of a resolved run config (raises ``UnetlabError`` on bad data)."""
+def build_source(config: Mapping[str, Any], registry: Registry) -> Any:
+    """The dataset source of a resolved run config, configured by its ``data.*`` options (patch size, resize,
+    normalisation, folds); its splits are not loaded. The one builder of a source: training, ``validate`` and
+    ``data`` all see the same errors. Raises ``UnetlabError`` (at ``data.dataset``) on bad data, a factory
+    that fails in any way, or a source that breaks the dataset contract."""
     spec = config["data"]["dataset"]
     try:
         source = registry.create("dataset", spec["name"], **component_params(spec))
-    except (ValueError, TypeError) as exc:
-        raise UnetlabError(f"data.dataset: cannot build dataset '{spec['name']}': {exc}") from None
-    configure_source(source, config["data"], spec["name"])  # data.patch_size, resize, normalize, folds
+    except UnetlabError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any error of a plugin's factory is reported as one line
+        raise ConfigError(f"cannot build dataset '{spec['name']}': {exception_text(exc)}", "data.dataset") from None
+    configure_source(source, config["data"], spec["name"])
     for attr in ("in_channels", "num_classes", "split"):
         if not hasattr(source, attr):
-            raise UnetlabError(f"dataset '{spec['name']}' breaks the dataset contract: it has no '{attr}'")
+            raise ConfigError(f"dataset '{spec['name']}' breaks the dataset contract: it has no '{attr}'",
+                              "data.dataset")
     return source
 
 

@@ -34,19 +34,6 @@ def _create(registry: Registry, kind: str, spec: Mapping[str, Any], where: str, 
         raise ConfigError(f"cannot build {kind} '{spec['name']}': {exception_text(exc)}", where) from None
 
 
-def _source(config: Mapping[str, Any], registry: Registry) -> Any:
-    spec = config["data"]["dataset"]
-    source = _create(registry, "dataset", spec, "data.dataset")
-    from unetlab.data.options import configure_source
-
-    configure_source(source, config["data"], spec["name"])  # data.patch_size, resize... as build_source does
-    for attr in ("in_channels", "num_classes", "split"):
-        if not hasattr(source, attr):
-            raise UnetlabError(f"data.dataset: dataset '{spec['name']}' breaks the dataset contract: it has no "
-                               f"'{attr}'")
-    return source
-
-
 def build_run_on_meta(config: Mapping[str, Any], registry: Registry, source: Any) -> None:
     """Build one run's model, losses, metrics and augmentations on the meta device; raise on a factory error.
 
@@ -75,6 +62,8 @@ def build_runs_on_meta(runs: Iterable[Any], registry: Registry, where: str = "")
     Raises ``UnetlabError`` prefixed with ``where`` (the file) and the run's name:
     ``exp.yaml: run 'base/seed=0': model.upsampler: cannot build upsampler 'x': ValueError: ...``.
     """
+    from unetlab.data.sources import build_source  # torch is imported only when there are runs to build
+
     sources: dict[str, Any] = {}
     built: set[str] = set()
     prefix = f"{where}: " if where else ""
@@ -87,7 +76,7 @@ def build_runs_on_meta(runs: Iterable[Any], registry: Registry, where: str = "")
             continue
         try:
             if dataset not in sources:
-                sources[dataset] = _source(config, registry)
+                sources[dataset] = build_source(config, registry)
             build_run_on_meta(config, registry, sources[dataset])
         except UnetlabError as exc:
             raise UnetlabError(f"{prefix}run '{run.name}': {exc}") from None
