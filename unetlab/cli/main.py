@@ -40,110 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("plugins", help="list plugins and the components they register")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--kind", help="only components of this kind")
-    p.add_argument("--file", metavar="EXP.yaml", help="also load the local plugins this experiment file names")
-
-    p = sub.add_parser("validate", help="validate an experiment file and print its resolved runs",
-                       description=f"Validate an experiment file and print its resolved runs. {FILES_ARE_CODE}")
-    p.add_argument("file")
-    _add_set(p)
-    p.add_argument("--json", action="store_true", help="print every run's resolved config as JSON")
-
-    p = sub.add_parser("summary", help="parameters, forward GFLOPs and output shape of every run's model",
-                       description="Parameters, forward GFLOPs and output shape of every run's model. "
-                                   f"{FILES_ARE_CODE}")
-    p.add_argument("file")
-    _add_set(p)
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"),
-                   help="input size (default: the dataset's image size)")
-    p = sub.add_parser("data", help="check the dataset of an experiment file: counts, sizes, classes, problems")
-    p.add_argument("file")
-    _add_set(p)
-
-    p = sub.add_parser("run", help="train every run of an experiment file and log each to MLflow",
-                       description=f"Train every run of an experiment file and log each to MLflow. {FILES_ARE_CODE} "
-                                   "A tracking server that stops answering is retried for UNETLAB_TRACKING_TIMEOUT "
-                                   "seconds (default 300), then the run stops in one line; --resume continues "
-                                   "from the last checkpoint.")
-    p.add_argument("file")
-    _add_set(p)
-    p.add_argument("--resume", action="store_true",
-                   help="continue unfinished runs from their last checkpoint, skip finished ones")
-    p.add_argument("--only", nargs="+", default=[], metavar="RUN",
-                   help="only runs whose name starts with one of these (e.g. concat/)")
-    p.add_argument("--jobs", type=int, default=1, metavar="N",
-                   help="train up to N runs at once in separate processes (one GPU each when there are several)")
-    p.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
-                   help="train each run with N processes (DistributedDataParallel: one GPU each, or CPU processes "
-                        "with gloo); data.batch_size is per process. Multi-node: torchrun ... -m unetlab run FILE")
-    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
-                   help="run each run as a Ray task (extra unetlab[ray]): no ADDRESS starts a local Ray instance; "
-                        "'auto' or ray://HOST:PORT joins a cluster (needs an http:// tracking server and an absolute, "
-                        "shared tracking.checkpoint_dir)")
-    p.add_argument("--ray-cpus", type=float, default=None, metavar="N",
-                   help="CPUs each Ray task asks for (default: its run's train.threads; a task gets 1 GPU when the "
-                        "cluster has GPUs)")
-    p.add_argument("--ray-retries", type=int, default=3, metavar="N",
-                   help="times a task whose worker died is retried, resuming from its last checkpoint (default 3)")
-    p.add_argument("--parent-run-id", default=None, help=argparse.SUPPRESS)  # set by --jobs for its workers
-    p.add_argument("--run-name", action="append", default=[], help=argparse.SUPPRESS)
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quiet", action="store_true", help="no progress bars, only one line per run")
-    mode.add_argument("--jsonl", action="store_true", help="JSON lines on stdout (events: start, epoch, run_end...)")
-
-    p = sub.add_parser("compare", help="compare the variants of an experiment: mean +- std over seeds")
-    p.add_argument("experiment", help="an experiment file or an MLflow experiment name")
-    p.add_argument("--metric", default=None, help="metric to compare (default: the runs' train.monitor)")
-    p.add_argument("--format", choices=["table", "md", "csv", "json"], default="table")
-    p.add_argument("--out", default=None, help="where to write the comparison figure (default: compare-NAME.png)")
-    p.add_argument("--parent", default=None, help="compare the runs of this parent run id (default: the latest)")
-    p.add_argument("--margin", type=float, default=None,
-                   help="smallest difference that matters: pairs are then 'equivalent within +-margin' or 'not "
-                        "resolved' (default: compare.margin of the experiment file)")
-    p.add_argument("--direction", choices=["max", "min"], default=None,
-                   help="which way is better for --metric (default: the runs' unetlab.metric_directions tag)")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: as for unetlab run)")
-
-    p = sub.add_parser("predict", help="predict masks for images with a trained model (tiled for large images)")
-    p.add_argument("model", help="checkpoint file (best.pt/last.pt), MLflow run id, runs:/ or models:/ URI")
-    p.add_argument("inputs", nargs="+", help="image files or folders")
-    p.add_argument("--out", required=True, help="folder for the masks (NAME_mask.png: 0/255, or class indices)")
-    p.add_argument("--tile", type=int, default=None,
-                   help="tile size (default, same padding: whole image up to 1024x1024 pixels, else 512; valid: 572)")
-    p.add_argument("--overlap", type=int, default=32, help="overlap between tiles, same padding (default: 32)")
-    p.add_argument("--tta", action="store_true", help="average over flips (test-time augmentation)")
-    p.add_argument("--overlay", action="store_true", help="also write NAME_overlay.png")
-    p.add_argument("--tracking-uri", default=None, help="MLflow store of the run (default: as for unetlab run)")
-
-    p = sub.add_parser("export", help="export a trained model to torch.export (.pt2) or ONNX, checked against PyTorch")
-    p.add_argument("model", help="checkpoint file, MLflow run id, runs:/ or models:/ URI")
-    p.add_argument("--format", choices=["pt2", "onnx"], default="pt2")
-    p.add_argument("--out", required=True, help="file to write")
-    p.add_argument("--size", type=int, default=None, help="example input size (valid padding: the fixed size)")
-    p.add_argument("--tracking-uri", default=None)
-
-    p = sub.add_parser("new-plugin", help="scaffold a plugin project that passes its own tests")
-    p.add_argument("name", help="plugin name: lowercase letters, digits and _ (project unetlab-NAME)")
-    p.add_argument("--dir", default=".", help="where to create the project (default: here)")
-
-    p = sub.add_parser("ui", help="start the MLflow UI on the store unetlab logs to",
-                       description="Start the MLflow UI on the store unetlab logs to and print the URL of the "
-                                   "latest comparison's training runs, grouped by variant (with FILE: that "
-                                   "experiment's). It listens on 127.0.0.1 only unless --expose is given.")
-    p.add_argument("file", nargs="?", help="an experiment file whose tracking.uri and experiment to use")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="interface to listen on (default: 127.0.0.1; any other than loopback needs --expose)")
-    p.add_argument("--expose", action="store_true",
-                   help="allow a non-loopback --host: the store is then readable AND writable by anyone who can "
-                        "reach the port, without authentication (MLflow's own login: mlflow server --app-name "
-                        "basic-auth)")
-    p.add_argument("--port", type=int, default=5000)
-    p.add_argument("--workers", type=int, default=1,
-                   help="server worker processes (default: 1, enough for one person; mlflow's own default is 4)")
-    p.add_argument("--tracking-uri", default=None)
+    add_plugins_command(sub)
+    add_validate_command(sub)
+    add_summary_command(sub)
+    add_data_command(sub)
+    add_run_command(sub)
+    add_compare_command(sub)
+    add_predict_command(sub)
+    add_export_command(sub)
+    add_new_plugin_command(sub)
+    add_ui_command(sub)
     return parser
 
 
@@ -162,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # MLflow writes "View run ... at: URL" to stdout whenever a run on a tracking server ends: that would break
     # --jsonl (stdout is JSON lines only) and repeat what unetlab prints itself at the end of `run`.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    handler = COMMANDS[args.command]
+    handler = args.handler
     # MLflow's INFO chatter ("Creating initial MLflow database tables...") is noise on our stderr;
     # setdefault: a user who sets MLFLOW_LOGGING_LEVEL gets what they asked for.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
@@ -193,6 +99,15 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
     return repr(value)
+
+
+def add_plugins_command(sub: argparse._SubParsersAction) -> None:
+    """The ``unetlab plugins`` command's flags (its handler, ``cmd_plugins``, follows)."""
+    p = sub.add_parser("plugins", help="list plugins and the components they register")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--kind", help="only components of this kind")
+    p.add_argument("--file", metavar="EXP.yaml", help="also load the local plugins this experiment file names")
+    p.set_defaults(handler=cmd_plugins)
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
@@ -253,6 +168,16 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_validate_command(sub: argparse._SubParsersAction) -> None:
+    """The ``unetlab validate`` command's flags (its handler, ``cmd_validate``, follows)."""
+    p = sub.add_parser("validate", help="validate an experiment file and print its resolved runs",
+                       description=f"Validate an experiment file and print its resolved runs. {FILES_ARE_CODE}")
+    p.add_argument("file")
+    _add_set(p)
+    p.add_argument("--json", action="store_true", help="print every run's resolved config as JSON")
+    p.set_defaults(handler=cmd_validate)
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     """``unetlab validate FILE``: load, expand and check every run, build its components on the meta device."""
     from unetlab.config.experiment import load_experiment
@@ -278,6 +203,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_summary_command(sub: argparse._SubParsersAction) -> None:
+    """The ``unetlab summary`` command's flags (its handler, ``cmd_summary``, follows)."""
+    p = sub.add_parser("summary", help="parameters, forward GFLOPs and output shape of every run's model",
+                       description="Parameters, forward GFLOPs and output shape of every run's model. "
+                                   f"{FILES_ARE_CODE}")
+    p.add_argument("file")
+    _add_set(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"),
+                   help="input size (default: the dataset's image size)")
+    p.set_defaults(handler=cmd_summary)
+
+
 def cmd_summary(args: argparse.Namespace) -> int:
     """``unetlab summary FILE``: parameter count, GFLOPs per image and output shape per run."""
     from unetlab.cli.model_summary import summarise_experiment
@@ -291,6 +229,41 @@ def cmd_summary(args: argparse.Namespace) -> int:
         print(f"{r['run']:<32} {r['params']:>14,} {r['gflops']:>11.3f}  "
               f"{'x'.join(map(str, r['input_shape']))} -> {'x'.join(map(str, r['output_shape']))}")
     return 0
+
+
+def add_run_command(sub: argparse._SubParsersAction) -> None:
+    """The ``unetlab run`` command's flags (its handler, ``cmd_run``, follows)."""
+    p = sub.add_parser("run", help="train every run of an experiment file and log each to MLflow",
+                       description=f"Train every run of an experiment file and log each to MLflow. {FILES_ARE_CODE} "
+                                   "A tracking server that stops answering is retried for UNETLAB_TRACKING_TIMEOUT "
+                                   "seconds (default 300), then the run stops in one line; --resume continues "
+                                   "from the last checkpoint.")
+    p.add_argument("file")
+    _add_set(p)
+    p.add_argument("--resume", action="store_true",
+                   help="continue unfinished runs from their last checkpoint, skip finished ones")
+    p.add_argument("--only", nargs="+", default=[], metavar="RUN",
+                   help="only runs whose name starts with one of these (e.g. concat/)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="train up to N runs at once in separate processes (one GPU each when there are several)")
+    p.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
+                   help="train each run with N processes (DistributedDataParallel: one GPU each, or CPU processes "
+                        "with gloo); data.batch_size is per process. Multi-node: torchrun ... -m unetlab run FILE")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run each run as a Ray task (extra unetlab[ray]): no ADDRESS starts a local Ray instance; "
+                        "'auto' or ray://HOST:PORT joins a cluster (needs an http:// tracking server and an absolute, "
+                        "shared tracking.checkpoint_dir)")
+    p.add_argument("--ray-cpus", type=float, default=None, metavar="N",
+                   help="CPUs each Ray task asks for (default: its run's train.threads; a task gets 1 GPU when the "
+                        "cluster has GPUs)")
+    p.add_argument("--ray-retries", type=int, default=3, metavar="N",
+                   help="times a task whose worker died is retried, resuming from its last checkpoint (default 3)")
+    p.add_argument("--parent-run-id", default=None, help=argparse.SUPPRESS)  # set by --jobs for its workers
+    p.add_argument("--run-name", action="append", default=[], help=argparse.SUPPRESS)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quiet", action="store_true", help="no progress bars, only one line per run")
+    mode.add_argument("--jsonl", action="store_true", help="JSON lines on stdout (events: start, epoch, run_end...)")
+    p.set_defaults(handler=cmd_run)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -335,11 +308,36 @@ def cmd_run(args: argparse.Namespace) -> int:
                           jobs=args.jobs, parent_run_id=args.parent_run_id, exact=args.run_name, ray=ray_plan)
 
 
+def add_data_command(sub: argparse._SubParsersAction) -> None:
+    """The ``unetlab data`` command's flags (its handler, ``cmd_data``, follows)."""
+    p = sub.add_parser("data", help="check the dataset of an experiment file: counts, sizes, classes, problems")
+    p.add_argument("file")
+    _add_set(p)
+    p.set_defaults(handler=cmd_data)
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     """``unetlab data FILE``: per split counts, sizes, channels, dtype, classes; exit 2 listing every problem."""
     from unetlab.cli.data_check import data_command
 
     return data_command(args.file, args.overrides)
+
+
+def add_compare_command(sub: argparse._SubParsersAction) -> None:
+    """The ``unetlab compare`` command's flags (its handler, ``cmd_compare``, follows)."""
+    p = sub.add_parser("compare", help="compare the variants of an experiment: mean +- std over seeds")
+    p.add_argument("experiment", help="an experiment file or an MLflow experiment name")
+    p.add_argument("--metric", default=None, help="metric to compare (default: the runs' train.monitor)")
+    p.add_argument("--format", choices=["table", "md", "csv", "json"], default="table")
+    p.add_argument("--out", default=None, help="where to write the comparison figure (default: compare-NAME.png)")
+    p.add_argument("--parent", default=None, help="compare the runs of this parent run id (default: the latest)")
+    p.add_argument("--margin", type=float, default=None,
+                   help="smallest difference that matters: pairs are then 'equivalent within +-margin' or 'not "
+                        "resolved' (default: compare.margin of the experiment file)")
+    p.add_argument("--direction", choices=["max", "min"], default=None,
+                   help="which way is better for --metric (default: the runs' unetlab.metric_directions tag)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: as for unetlab run)")
+    p.set_defaults(handler=cmd_compare)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -348,6 +346,26 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     return compare_command(args.experiment, args.metric, args.format, args.out, args.parent, args.tracking_uri,
                            args.margin, args.direction)
+
+
+def add_ui_command(sub: argparse._SubParsersAction) -> None:
+    """The ``unetlab ui`` command's flags (its handler, ``cmd_ui``, follows)."""
+    p = sub.add_parser("ui", help="start the MLflow UI on the store unetlab logs to",
+                       description="Start the MLflow UI on the store unetlab logs to and print the URL of the "
+                                   "latest comparison's training runs, grouped by variant (with FILE: that "
+                                   "experiment's). It listens on 127.0.0.1 only unless --expose is given.")
+    p.add_argument("file", nargs="?", help="an experiment file whose tracking.uri and experiment to use")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to listen on (default: 127.0.0.1; any other than loopback needs --expose)")
+    p.add_argument("--expose", action="store_true",
+                   help="allow a non-loopback --host: the store is then readable AND writable by anyone who can "
+                        "reach the port, without authentication (MLflow's own login: mlflow server --app-name "
+                        "basic-auth)")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--workers", type=int, default=1,
+                   help="server worker processes (default: 1, enough for one person; mlflow's own default is 4)")
+    p.add_argument("--tracking-uri", default=None)
+    p.set_defaults(handler=cmd_ui)
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
@@ -461,6 +479,14 @@ def _stop_process_group(pgid: int, grace_s: float = 10.0) -> None:
         pass
 
 
+def add_new_plugin_command(sub: argparse._SubParsersAction) -> None:
+    """The ``unetlab new-plugin`` command's flags (its handler, ``cmd_new_plugin``, follows)."""
+    p = sub.add_parser("new-plugin", help="scaffold a plugin project that passes its own tests")
+    p.add_argument("name", help="plugin name: lowercase letters, digits and _ (project unetlab-NAME)")
+    p.add_argument("--dir", default=".", help="where to create the project (default: here)")
+    p.set_defaults(handler=cmd_new_plugin)
+
+
 def cmd_new_plugin(args: argparse.Namespace) -> int:
     """``unetlab new-plugin NAME``: write a plugin project (pyproject, one hook per kind, conformance tests)."""
     from unetlab.cli.new_plugin import scaffold_plugin
@@ -468,6 +494,21 @@ def cmd_new_plugin(args: argparse.Namespace) -> int:
     root = scaffold_plugin(args.name, args.dir)
     print(f"created {root}\nnext: cd {root} && pip install -e '.[test]' && pytest && unetlab plugins")
     return 0
+
+
+def add_predict_command(sub: argparse._SubParsersAction) -> None:
+    """The ``unetlab predict`` command's flags (its handler, ``cmd_predict``, follows)."""
+    p = sub.add_parser("predict", help="predict masks for images with a trained model (tiled for large images)")
+    p.add_argument("model", help="checkpoint file (best.pt/last.pt), MLflow run id, runs:/ or models:/ URI")
+    p.add_argument("inputs", nargs="+", help="image files or folders")
+    p.add_argument("--out", required=True, help="folder for the masks (NAME_mask.png: 0/255, or class indices)")
+    p.add_argument("--tile", type=int, default=None,
+                   help="tile size (default, same padding: whole image up to 1024x1024 pixels, else 512; valid: 572)")
+    p.add_argument("--overlap", type=int, default=32, help="overlap between tiles, same padding (default: 32)")
+    p.add_argument("--tta", action="store_true", help="average over flips (test-time augmentation)")
+    p.add_argument("--overlay", action="store_true", help="also write NAME_overlay.png")
+    p.add_argument("--tracking-uri", default=None, help="MLflow store of the run (default: as for unetlab run)")
+    p.set_defaults(handler=cmd_predict)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -478,6 +519,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
                             args.tracking_uri)
     print(f"wrote {len(written)} mask(s) to {args.out}")
     return 0
+
+
+def add_export_command(sub: argparse._SubParsersAction) -> None:
+    """The ``unetlab export`` command's flags (its handler, ``cmd_export``, follows)."""
+    p = sub.add_parser("export", help="export a trained model to torch.export (.pt2) or ONNX, checked against PyTorch")
+    p.add_argument("model", help="checkpoint file, MLflow run id, runs:/ or models:/ URI")
+    p.add_argument("--format", choices=["pt2", "onnx"], default="pt2")
+    p.add_argument("--out", required=True, help="file to write")
+    p.add_argument("--size", type=int, default=None, help="example input size (valid padding: the fixed size)")
+    p.add_argument("--tracking-uri", default=None)
+    p.set_defaults(handler=cmd_export)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -501,10 +553,6 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UnetlabError(f"the exported model differs from PyTorch by {worst:.2e} (> 1e-3)")
     return 0
 
-
-COMMANDS = {"export": cmd_export, "predict": cmd_predict, "new-plugin": cmd_new_plugin, "plugins": cmd_plugins,
-            "validate": cmd_validate, "summary": cmd_summary, "run": cmd_run,
-            "compare": cmd_compare, "ui": cmd_ui, "data": cmd_data}
 
 
 if __name__ == "__main__":
