@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from unetlab.errors import UnetlabError
+from unetlab.plugin_api.contracts import image_size_of, self_check_of
 
 __all__ = ["check_data", "data_command", "describe_sizes"]
 
@@ -74,7 +75,7 @@ def _folder_report(source: Any, name: str) -> tuple[list[str], list[str]]:
 
 def _generic_report(source: Any, name: str) -> tuple[list[str], list[str]]:
     lines = [(f"dataset {name}: {source.in_channels} channel(s), {source.num_classes} classes, image size "
-              f"{getattr(source, 'image_size', None)}")]
+              f"{image_size_of(source)}")]
     for split in SPLITS:
         data = source.split(split)
         tensors = getattr(data, "tensors", None)
@@ -108,7 +109,7 @@ def check_data(path: str, overrides: Sequence[str] = ()) -> tuple[list[str], lis
         spec = config["data"]["dataset"]
         names = ", ".join(r.name for r in runs[:3]) + (f" (+{len(runs) - 3})" if len(runs) > 3 else "")
         source = host.registry.create("dataset", spec["name"], **component_params(spec))
-        if callable(getattr(source, "check", None)):  # a source that lists its problems instead of raising
+        if self_check_of(source) is not None:  # a source that lists its problems instead of raising
             configure_source(source, config["data"], spec["name"])
             report, found = _folder_report(source, spec["name"])
         else:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from unetlab.errors import UnetlabError, exception_text
+from unetlab.plugin_api.contracts import normalization_of
 
 if TYPE_CHECKING:
     import torch
@@ -69,7 +70,7 @@ def model_identity(prepared: Prepared) -> dict[str, Any]:
     config = prepared.run.config
     identity: dict[str, Any] = {"model_config": config["model"], "in_channels": int(prepared.in_channels),
                                 "out_channels": int(prepared.out_channels)}
-    normalization = getattr(prepared.source, "normalization", None)
+    normalization = normalization_of(prepared.source)
     if normalization:
         identity["normalization"] = normalization
     resize = (config.get("data") or {}).get("resize")
