@@ -187,11 +187,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
     host = default_host()
     experiment = load_experiment(args.file, args.overrides, host=host)
     build_runs_on_meta(experiment.runs, host.registry, where=args.file)  # factory errors, no memory, no weights
+    tune_lines = _tune_plan(experiment, host, args.file)
     _warn_broken(host)
     if args.json:
+        import dataclasses
+
+        tune = {"tune": dataclasses.asdict(experiment.tune)} if experiment.tune is not None else {}
         print(json.dumps({"name": experiment.name, "runs": [
             {"name": r.name, "variant": r.variant, "seed": r.seed, "config": _jsonable(r.config)}
-            for r in experiment.runs]}, indent=2))
+            for r in experiment.runs], **tune}, indent=2))
         return 0
     print(f"{args.file}: OK, experiment '{experiment.name}', {len(experiment.runs)} run(s)")
     for run in experiment.runs:
@@ -200,7 +204,21 @@ def cmd_validate(args: argparse.Namespace) -> int:
                           for l in run.config["train"]["loss"])
         print(f"  {run.name:<32} encoder={m['encoder']['name']} upsampler={m['upsampler']['name']} "
               f"fusion={m['fusion']['name']} loss={losses} epochs={run.config['train']['epochs']}")
+    for line in tune_lines:
+        print(line)
     return 0
+
+
+def _tune_plan(experiment, host, path: str) -> list[str]:
+    """A tuned experiment's plan (trials x variants, budget, space), after checking its data has a test split
+    and logs the tune metric; nothing for an untuned one."""
+    if experiment.tune is None:
+        return []
+    from unetlab.runs.tuning import check_tuned_file, plan_lines
+
+    direction = check_tuned_file(experiment.runs, host.registry, path, experiment.tune.metric)
+    variants = list(dict.fromkeys(r.variant for r in experiment.runs))
+    return plan_lines(experiment.tune, variants, len(experiment.runs), direction)
 
 
 def add_summary_command(sub: argparse._SubParsersAction) -> None:

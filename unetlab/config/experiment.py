@@ -9,6 +9,7 @@ the file, the line and the key path that set the bad value:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import re
 from collections.abc import Callable, Sequence
@@ -33,12 +34,13 @@ from unetlab.config.schema import (
     normalise_component,
     validate_config,
 )
+from unetlab.config.tune import TuneSpec, parse_tune
 from unetlab.config.yaml_loader import KeyPath, load_yaml_file, parse_scalar
 from unetlab.errors import ConfigError, UnetlabError, did_you_mean, known_list
 from unetlab.plugin_api.host import PluginHost, default_host
 from unetlab.plugin_api.params import OutOfRange, is_file_path
 
-__all__ = ["Run", "Experiment", "load_experiment", "parse_set", "flatten"]
+__all__ = ["Run", "Experiment", "derive_run", "load_experiment", "parse_set", "flatten"]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.+-]+$")
 _MINIMAL_FILE = "a minimal file sets at least one key, e.g. 'train: {epochs: 10}'"
@@ -58,6 +60,8 @@ class Run:
     seed: int
     config: dict
     matrix: dict[str, Any] = field(default_factory=dict)
+    role: str = "final"      # "trial" (a study's) or "final" (a variant's result): the unetlab.role tag
+    tags: dict[str, str] = field(default_factory=dict)  # more tags for its MLflow run (trial number, tuned_from)
 
     def flat(self) -> dict[str, Any]:
         """The config flattened to dotted keys (``model.fusion.name``), as logged to MLflow."""
@@ -74,6 +78,7 @@ class Experiment:
     plugins: list[str]
     description: str = ""
     compare_margin: float | None = None   # compare.margin: the equivalence margin of `unetlab compare`
+    tune: TuneSpec | None = None          # the tune: section; runs are then the final runs (trials come at run time)
 
     def run(self, name: str) -> Run:
         """The run called ``name``; an unknown name lists the known ones."""
@@ -241,58 +246,116 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = (), host: Plugi
 
     Loads the plugins the file names (paths relative to the file), expands variants x matrix x
     seeds, applies ``overrides`` (``"train.epochs=3"``) last and validates every run against the
-    schema and the registry. Raises ``ConfigError`` (one line: file, line, key path, what is allowed).
+    schema and the registry; checks the ``tune:`` section against those runs. Raises ``ConfigError``
+    (one line: file, line, key path, what is allowed).
     """
     host = host or default_host()
     path = Path(path)
+    source = _read_file(path)
+    parsed_sets = _take_expansion_overrides(source, overrides)
+    plugin_specs = _load_plugins(source, host, path)
+    base = _base_layers(source)
+    plan = _expansion_plan(source)
+    margin = compare_margin(source.data.get("compare"), source.at)
+    runs = _expand_runs(source, base, plan, parsed_sets, host.registry)
+    return Experiment(name=_experiment_name(source), path=path, runs=runs, plugins=plugin_specs,
+                      description=str(source.data.get("description") or ""), compare_margin=margin,
+                      tune=_tune_section(source, runs, plan, host.registry))
+
+
+@dataclass
+class _Source:
+    """An experiment file as read: its data, the line of each key path, and which top-level keys ``--set`` gave."""
+
+    path: Path
+    data: dict
+    lines: dict
+    set_by_override: set[str] = field(default_factory=set)
+
+    @property
+    def fname(self) -> str:
+        return str(self.path)
+
+    def at(self, key_path: KeyPath) -> str:
+        """``file:line`` of ``key_path`` (just the file when the key has no line)."""
+        line = self.lines.get(key_path)
+        return f"{self.fname}:{line}" if line else self.fname
+
+    def located(self, key: str) -> str:
+        """``exp.yaml:3: seeds``, or ``--set seeds`` when an override set it."""
+        return f"--set {key}" if key in self.set_by_override else f"{self.at((key,))}: {key}"
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How the runs expand: variants (name -> overrides), matrix (dotted key -> values) and seeds."""
+
+    variants: dict
+    matrix: dict
+    seeds: list[int] | None
+
+
+def _read_file(path: Path) -> _Source:
+    """Read the file: a non-empty mapping of known top-level keys."""
     data, lines = load_yaml_file(path)
     if data is None or data == {}:
         what = "is empty" if data is None else "is an empty mapping"
         raise ConfigError(f"{path}: the experiment file {what}; {_MINIMAL_FILE}")
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys (allowed: "
-                          f"{known_list(list(RUN_KEYS) + list(TOP_LEVEL_KEYS))})")
-    fname = str(path)
-
-    def at(key_path: KeyPath) -> str:
-        line = lines.get(key_path)
-        return f"{fname}:{line}" if line else fname
-
     allowed_top = list(RUN_KEYS) + list(TOP_LEVEL_KEYS)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys (allowed: {known_list(allowed_top)})")
+    source = _Source(path, data, lines)
     for key in data:
         if key not in allowed_top:
-            raise ConfigError(f"{at((key,))}: {key}: unknown key{did_you_mean(key, allowed_top)} "
+            raise ConfigError(f"{source.at((key,))}: {key}: unknown key{did_you_mean(key, allowed_top)} "
                               f"(allowed: {known_list(allowed_top)})")
+    return source
 
-    # --set seeds=... and --set name=... change the expansion itself, so they apply before it.
+
+def _take_expansion_overrides(source: _Source, overrides: Sequence[str]) -> list[tuple[str, Any]]:
+    """``--set seeds=...`` and ``--set name=...`` change the expansion itself, so they replace the file's keys
+    now; the other overrides are returned, to apply to every run after its variant and matrix cell."""
     parsed_sets = []
-    set_by_override: set[str] = set()
     for expression in overrides:
         key, value = parse_set(expression)
         if key in ("seeds", "name"):
-            data[key] = value
-            lines.pop((key,), None)
-            set_by_override.add(key)
+            source.data[key] = value
+            source.lines.pop((key,), None)
+            source.set_by_override.add(key)
+        elif key.startswith("tune."):  # the tune section's own keys: tune.trials=20, tune.epochs=10
+            section = source.data.get("tune")
+            if not isinstance(section, dict):
+                raise ConfigError(f"--set {_clip(key)}: the file has no tune section to change")
+            section[key[len("tune."):]] = value
+            source.set_by_override.add(key)
         else:
             parsed_sets.append((key, value))
+    return parsed_sets
 
-    def located(key: str) -> str:
-        """``exp.yaml:3: seeds``, or ``--set seeds`` when an override set it."""
-        return f"--set {key}" if key in set_by_override else f"{at((key,))}: {key}"
 
-    plugin_specs = _plugin_list(data.get("plugins", []), at)
+def _load_plugins(source: _Source, host: PluginHost, path: Path) -> list[str]:
+    """Load the plugins the file names (paths relative to the file); return their specs."""
+    plugin_specs = _plugin_list(source.data.get("plugins", []), source.at)
     for i, spec in enumerate(plugin_specs):
         try:
             host.load_path_or_module(spec, base_dir=path.parent)
         except UnetlabError as exc:
-            raise ConfigError(f"{at(('plugins', i))}: plugins[{i}]: {exc}") from None
-    registry = host.registry
+            raise ConfigError(f"{source.at(('plugins', i))}: plugins[{i}]: {exc}") from None
+    return plugin_specs
 
+
+def _base_layers(source: _Source) -> _Layers:
+    """The schema defaults with the file's run keys (data, model, train, tracking) on top."""
     base = _Layers()
     for key in RUN_KEYS:
-        if key in data:
-            _apply(base, key, data[key], _Origin(at((key,)), key), lines, (key,), fname)
+        if key in source.data:
+            _apply(base, key, source.data[key], _Origin(source.at((key,)), key), source.lines, (key,), source.fname)
+    return base
 
+
+def _expansion_plan(source: _Source) -> _Plan:
+    """Check ``variants``, ``matrix`` and ``seeds``."""
+    at, data = source.at, source.data
     variants = data.get("variants") or {}
     if not isinstance(variants, dict):
         raise ConfigError(f"{at(('variants',))}: variants: expected a mapping of name -> overrides")
@@ -302,14 +365,8 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = (), host: Plugi
     for key, values in matrix.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{at(('matrix', key))}: matrix.{key}: expected a non-empty list of values")
-    seeds = _seed_list(data.get("seeds"), located("seeds"))
-    margin = compare_margin(data.get("compare"), at)
-
-    variant_items = list(variants.items()) or [("base", {})]
-    runs: list[Run] = []
-    names_seen: set[str] = set()
-    short = _short_matrix_names(list(matrix))
-    for variant_name, variant in variant_items:
+    seeds = _seed_list(data.get("seeds"), source.located("seeds"))
+    for variant_name, variant in variants.items():
         vpath: KeyPath = ("variants", variant_name)
         if not isinstance(variant_name, str) or not _NAME_RE.match(variant_name):
             raise ConfigError(f"{at(vpath)}: variants.{_clip(str(variant_name))}: a variant name may hold "
@@ -320,48 +377,155 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = (), host: Plugi
         if variant is not None and not isinstance(variant, dict):
             raise ConfigError(f"{at(vpath)}: variants.{variant_name}: expected a mapping of overrides, "
                               f"got {variant!r}")
+    return _Plan(variants, matrix, seeds)
+
+
+def _expand_runs(source: _Source, base: _Layers, plan: _Plan, parsed_sets: list[tuple[str, Any]],
+                 registry) -> list[Run]:
+    """Every run: variant x matrix cell x seed, each layered, named and validated."""
+    runs: list[Run] = []
+    names_seen: set[str] = set()
+    short = _short_matrix_names(list(plan.matrix))
+    for variant_name, variant in list(plan.variants.items()) or [("base", {})]:
+        vpath: KeyPath = ("variants", variant_name)
         layered = base.copy()
         for key, value in (variant or {}).items():
-            _apply(layered, key, value, _Origin(at(vpath + (key,)), f"variants.{variant_name}.{key}"),
-                   lines, vpath + (key,), fname)
-        for combo in itertools.product(*[list(enumerate(v)) for v in matrix.values()]):
-            cell = layered.copy()
-            cell_values = {}
-            for (key, _), (i, value) in zip(matrix.items(), combo):
-                _apply(cell, key, value, _Origin(at(("matrix", key, i)), f"matrix.{key}[{i}]"),
-                       lines, ("matrix", key, i), fname)
-                cell_values[key] = value
-            for key, value in parsed_sets:
-                try:
-                    cell.set(key, value, _Origin("--set", key))
-                except ConfigError as exc:
-                    raise ConfigError(f"--set {_clip(key)}=...: {exc.detail}") from None
-            for seed in seeds if seeds is not None else [cell.config["train"]["seed"]]:
+            _apply(layered, key, value, _Origin(source.at(vpath + (key,)), f"variants.{variant_name}.{key}"),
+                   source.lines, vpath + (key,), source.fname)
+        for combo in itertools.product(*[list(enumerate(v)) for v in plan.matrix.values()]):
+            cell, cell_values = _matrix_cell(source, layered, plan, combo, parsed_sets)
+            for seed in plan.seeds if plan.seeds is not None else [cell.config["train"]["seed"]]:
                 run_layers = cell.copy()
-                if seeds is not None:
-                    run_layers.set("train.seed", seed, _Origin(at(("seeds",)), "seeds"))
-                name = "/".join([variant_name] * bool(variants or not matrix)
+                if plan.seeds is not None:
+                    run_layers.set("train.seed", seed, _Origin(source.at(("seeds",)), "seeds"))
+                name = "/".join([variant_name] * bool(plan.variants or not plan.matrix)
                                 + [f"{short[k]}={_label(v)}" for k, v in cell_values.items()]
                                 + [f"seed={run_layers.config['train']['seed']}"])
-                if len(name) > MAX_RUN_NAME:
-                    raise ConfigError(f"{fname}: run name '{_clip(name)}' is {len(name)} characters; at most "
-                                      f"{MAX_RUN_NAME} (shorten variant names or matrix values)")
-                if name in names_seen:
-                    raise ConfigError(f"{fname}: two runs would both be named '{name}'; "
-                                      "give variants or seeds distinct values")
-                names_seen.add(name)
+                _check_run_name(source.fname, name, names_seen)
                 config = _validated(run_layers, registry, name)
-                _resolve_file_paths(config, registry, path.parent, run_layers)
+                _resolve_file_paths(config, registry, source.path.parent, run_layers)
                 runs.append(Run(name=name, variant=variant_name, seed=config["train"]["seed"],
                                 config=config, matrix=cell_values))
-    name = data.get("name") or path.stem
-    if not isinstance(name, str):
-        raise ConfigError(f"{located('name')}: expected a string, got {_clip(repr(name))}")
+    return runs
+
+
+def _matrix_cell(source: _Source, layered: _Layers, plan: _Plan, combo: tuple,
+                 parsed_sets: list[tuple[str, Any]]) -> tuple[_Layers, dict[str, Any]]:
+    """A variant's layers with one matrix cell's values, then the ``--set`` overrides, on top."""
+    cell = layered.copy()
+    cell_values = {}
+    for (key, _), (i, value) in zip(plan.matrix.items(), combo):
+        _apply(cell, key, value, _Origin(source.at(("matrix", key, i)), f"matrix.{key}[{i}]"),
+               source.lines, ("matrix", key, i), source.fname)
+        cell_values[key] = value
+    for key, value in parsed_sets:
+        try:
+            cell.set(key, value, _Origin("--set", key))
+        except ConfigError as exc:
+            raise ConfigError(f"--set {_clip(key)}=...: {exc.detail}") from None
+    return cell, cell_values
+
+
+def _check_run_name(fname: str, name: str, names_seen: set[str]) -> None:
     if len(name) > MAX_RUN_NAME:
-        raise ConfigError(f"{located('name')}: an experiment name may be at most {MAX_RUN_NAME} characters, "
+        raise ConfigError(f"{fname}: run name '{_clip(name)}' is {len(name)} characters; at most "
+                          f"{MAX_RUN_NAME} (shorten variant names or matrix values)")
+    if name in names_seen:
+        raise ConfigError(f"{fname}: two runs would both be named '{name}'; give variants or seeds distinct values")
+    names_seen.add(name)
+
+
+def _experiment_name(source: _Source) -> str:
+    name = source.data.get("name") or source.path.stem
+    if not isinstance(name, str):
+        raise ConfigError(f"{source.located('name')}: expected a string, got {_clip(repr(name))}")
+    if len(name) > MAX_RUN_NAME:
+        raise ConfigError(f"{source.located('name')}: an experiment name may be at most {MAX_RUN_NAME} characters, "
                           f"got {len(name)}")
-    return Experiment(name=name, path=path, runs=runs, plugins=plugin_specs,
-                      description=str(data.get("description") or ""), compare_margin=margin)
+    return name
+
+
+# Keys a study may not tune: the trial budget sets them, and the seed is what a replicate is.
+_NOT_TUNABLE = {"train.epochs": "the per-trial budget (tune.epochs or tune.max_steps) sets it",
+                "train.max_steps": "the per-trial budget (tune.epochs or tune.max_steps) sets it",
+                "train.seed": "seeds are replicates, not a setting to tune"}
+
+
+def _tune_section(source: _Source, runs: list[Run], plan: _Plan, registry) -> TuneSpec | None:
+    """The ``tune:`` section, checked against the runs: every tuned key is a real config key taking every value
+    of its range, none is the variants' factor, and the metric defaults to the monitored one."""
+    if source.data.get("tune") is None:
+        return None
+    def at(key_path: KeyPath) -> str:  # a key that --set gave is located there, not at a line of the file
+        return "--set" if ".".join(map(str, key_path[:2])) in source.set_by_override else source.at(key_path)
+
+    spec = parse_tune(source.data["tune"], at)
+    for key in plan.matrix:
+        if key != "data.fold":
+            raise ConfigError(f"{source.at(('matrix', key))}: matrix.{key}: a tuned experiment's matrix may hold "
+                              "data.fold only (folds are replicates); make other settings variants")
+    factor = _variant_keys(plan.variants)
+    templates = list({r.variant: r for r in reversed(runs)}.values())  # each variant's first run
+    for p in spec.params:
+        where = f"{source.at(('tune', 'params', p.key))}: tune.params.{p.key}"
+        clash = next((k for k in factor if p.key == k or p.key.startswith(k + ".") or k.startswith(p.key + ".")),
+                     None)
+        if clash is not None:
+            raise ConfigError(f"{where}: the variants differ in {clash} (the factor compared), so it cannot be tuned")
+        if p.key in _NOT_TUNABLE:
+            raise ConfigError(f"{where}: not tunable: {_NOT_TUNABLE[p.key]}")
+        values = list(p.choices) if p.kind == "choice" else [p.low, p.high]
+        for run in templates:
+            problems = {}
+            for value in values:
+                try:
+                    derive_run(run, {p.key: value}, registry=registry)
+                except ConfigError as exc:
+                    problems[_clip(repr(value), 30)] = exc.detail
+            if len(set(problems.values())) == 1 and len(problems) == len(values):  # the key, whatever the value
+                raise ConfigError(f"{where}: {next(iter(problems.values()))}")
+            for value, detail in problems.items():
+                place = source.at(("tune", "params", p.key, p.kind))
+                raise ConfigError(f"{place}: tune.params.{p.key}.{p.kind}: {value}: {detail}")
+    if spec.metric is None:
+        monitors = sorted({r.config["train"]["monitor"] for r in runs})
+        if len(monitors) > 1:
+            raise ConfigError(f"{source.at(('tune',))}: tune: the variants monitor different metrics "
+                              f"({', '.join(monitors)}); name the one to tune with tune.metric")
+        spec = dataclasses.replace(spec, metric=monitors[0])
+    return spec
+
+
+def _variant_keys(variants: dict) -> set[str]:
+    """The dotted keys the variants set (``model.fusion``): what the experiment compares."""
+    keys: set[str] = set()
+    for overrides in variants.values():
+        for key, value in (overrides or {}).items():
+            spec, used = lookup_field(key.split("."))
+            if isinstance(spec, dict) and isinstance(value, dict) and used == len(key.split(".")):
+                keys |= _variant_keys({"": {f"{key}.{k}": v for k, v in value.items()}})
+            else:
+                keys.add(key)
+    return keys
+
+
+def derive_run(run: Run, values: dict[str, Any], name: str | None = None, role: str | None = None,
+               tags: dict[str, str] | None = None, registry=None) -> Run:
+    """``run`` with ``values`` (dotted config keys, as a study suggests them) set on its config and validated
+    again: a trial of a study, or a final run with its variant's best parameters. A bad value is a
+    ``ConfigError`` whose ``detail`` says what is allowed. ``registry``: the plugins' (default: the default host's).
+    """
+    layers = _Layers.__new__(_Layers)
+    layers.config, layers.origins = copy.deepcopy(run.config), {}
+    for key, value in values.items():
+        layers.set(key, value, _Origin("tune.params", key))
+    name = name or run.name
+    try:
+        config = validate_config(layers.config, registry or default_host().registry)
+    except ConfigError as exc:
+        raise ConfigError(exc.detail, exc.path) from None
+    return Run(name=name, variant=run.variant, seed=config["train"]["seed"], config=config, matrix=dict(run.matrix),
+               role=role or run.role, tags={**run.tags, **(tags or {})})
 
 
 def compare_margin(section: Any, at: Callable[[KeyPath], str]) -> float | None:

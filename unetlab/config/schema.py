@@ -182,6 +182,8 @@ TOP_LEVEL_KEYS: dict[str, str] = {
     "variants": "named partial overrides: {name: {dotted.key: value, ...}}",
     "matrix": "cartesian product: {dotted.key: [value, ...]}",
     "seeds": "list of seeds (or a count N for seeds 0..N-1); every variant runs once per seed",
+    "tune": "an equal tuning budget per variant: {params: {dotted.key: {uniform|log_uniform|int|choice: ...}}, "
+            "trials: N, epochs: E (or max_steps: S), sampler: tpe|random|qmc, seed: S, pruning, metric}",
     "compare": "how unetlab compare judges this experiment: {margin: D}, the equivalence margin (a difference "
                "within ±D of the monitored metric counts as no difference)",
 }

@@ -11,6 +11,7 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,8 @@ class Invocation:
     owns_parent: bool = True     # False in a --jobs worker: the parent belongs to the process that started it
     base_tags: dict[str, str] | None = None
     claimed: dict[str, Any] = field(default_factory=dict)  # run id -> RunLock taken before the parent reopened
+    # after each validation (epoch, step, record) -> why to stop early, or "": a tuning trial's pruner
+    on_validation: Callable[[int, int, dict], str] | None = None
 
 
 # A --jobs worker or a Ray retry may start while the process before it on the same run is still ending
@@ -345,7 +348,8 @@ def _train_and_log(inv: Invocation, prep: Prepared, child, ckpt_dir: Path, state
 
     run, host = prep.run, inv.host
     setup = TrainSetup(prepared=prep, registry=host.registry, checkpoint_dir=ckpt_dir, tracker=child,
-                       on_progress=inv.reporter.progress, lifecycle=host.call_lifecycle, resume=state, dist=inv.ctx)
+                       on_progress=inv.reporter.progress, lifecycle=host.call_lifecycle, resume=state, dist=inv.ctx,
+                       stop_check=inv.on_validation)
     monitor = None
     if prep.runtime.system_metrics:  # CPU/GPU utilisation and memory in the run's system/ metrics
         from unetlab.training.system_metrics import start_system_metrics
@@ -460,9 +464,10 @@ def run_parallel(inv: Invocation, jobs: int) -> int:
                   f"later runs not started: resume with 'unetlab run {inv.path} --resume'", file=sys.stderr)
             return 128 + signum
     failed = [n for n, c in codes.items() if c != 0]
-    # every worker has exited: a run still RUNNING is one a worker created and could not end (it crashed)
-    inv.tracker.end_running_children(inv.parent_id, "FAILED", "its worker process exited without ending it")
-    inv.tracker.end(inv.parent_id, "FAILED" if failed else "FINISHED")
+    if inv.owns_parent:  # not for a batch of tuning trials: their parent (study) run is ended by the tuner
+        # every worker has exited: a run still RUNNING is one a worker created and could not end (it crashed)
+        inv.tracker.end_running_children(inv.parent_id, "FAILED", "its worker process exited without ending it")
+        inv.tracker.end(inv.parent_id, "FAILED" if failed else "FINISHED")
     inv.reporter.emit("end", failed=len(failed), parent_run_id=inv.parent_id)
     if failed:
         print(f"unetlab: {len(failed)} run(s) did not finish: {', '.join(failed)}", file=sys.stderr)

@@ -59,8 +59,10 @@ def run_experiment(path: str | Path, overrides: Sequence[str] = (), resume: bool
     experiment = load_experiment(path, overrides, host=host)
     if ctx.is_main:
         host.warn_problems()
-    runs = [r for r in experiment.runs if (not only or any(r.name.startswith(o) for o in only))
-            and (not exact or r.name in exact)]
+    trial = _trial_to_train(experiment, parent_run_id, exact)
+    runs = [trial.run] if trial is not None else [
+        r for r in experiment.runs if (not only or any(r.name.startswith(o) for o in only))
+        and (not exact or r.name in exact)]
     if not runs:
         raise UnetlabError(f"--only {' '.join(only)}: matches no run "
                            f"(runs: {', '.join(r.name for r in experiment.runs)})")
@@ -75,6 +77,12 @@ def run_experiment(path: str | Path, overrides: Sequence[str] = (), resume: bool
     # bad input stops here: nothing written yet (--resume: a pretrained encoder's file or cache is not
     # required, the runs continue from their own checkpoints)
     prepared = prepare_all(runs, host.registry, ctx.world_size, pretrained="skip" if resume else "check")
+    direction = _check_tuned(experiment, prepared, path, ctx, host)
+    if direction is not None and parent_run_id is not None and trial is None:  # a worker's final run: best params
+        from unetlab.runs.tuned_runs import final_runs
+
+        prepared = prepare_all(final_runs(experiment, runs, parent_run_id, direction), host.registry, ctx.world_size,
+                               pretrained="skip" if resume else "check")
     if ray is not None:  # before any MLflow run: a cluster that cannot be reached is one line
         from unetlab.runs.ray_runs import connect
 
@@ -102,8 +110,10 @@ def run_experiment(path: str | Path, overrides: Sequence[str] = (), resume: bool
             tracker.reap_orphans()  # runs left RUNNING by a process that is gone (SIGKILL...) become KILLED
         if parent_run_id is None and resume:
             # a run another live process trains is refused here, before anything is reopened; when this
-            # process trains the runs itself it also takes their folder locks now (workers take their own)
-            claim_resumed_runs(inv, lock=ray is None and not (jobs > 1 and len(prepared) > 1))
+            # process trains the runs itself it also takes their folder locks now (workers take their own).
+            # Tuned: the final runs are known after tuning, and claimed then (tuned_runs)
+            if direction is None:
+                claim_resumed_runs(inv, lock=ray is None and not (jobs > 1 and len(prepared) > 1))
             parents = [r for r in tracker.find_runs(run_tags.INVOCATION, invocation)
                        if r.data.tags.get(run_tags.PARENT)]
             if parents:
@@ -120,7 +130,7 @@ def run_experiment(path: str | Path, overrides: Sequence[str] = (), resume: bool
                           f"(experiment '{experiment.name}', parent run {inv.parent_id})")
             if not ctx.enabled:  # torchrun sets OMP_NUM_THREADS=1 for its ranks itself
                 warn_if_omp_threads_ignored({p.run.config["train"]["threads"] for p in prepared})
-        if ray is not None:
+        if ray is not None and direction is None:
             from unetlab.runs.execution import signals_interrupt
             from unetlab.runs.ray_runs import run_on_ray
 
@@ -128,6 +138,14 @@ def run_experiment(path: str | Path, overrides: Sequence[str] = (), resume: bool
                 code = run_on_ray(ray, path, overrides, resume,
                                   [(p.run.name, p.key, p.run.config["train"]["threads"]) for p in prepared], tracker,
                                   inv.parent_id, reporter)
+        elif trial is not None:  # a worker of a tuned --jobs: one trial, nested under its study run
+            from unetlab.runs.tuned_runs import train_trial_worker
+
+            code = train_trial_worker(inv, trial, direction)
+        elif direction is not None and parent_run_id is None:
+            from unetlab.runs.tuned_runs import run_tuned
+
+            code = run_tuned(inv, jobs, ray, direction)
         elif jobs > 1 and len(prepared) > 1:
             code = run_parallel(inv, jobs)
         else:
@@ -145,3 +163,27 @@ def run_experiment(path: str | Path, overrides: Sequence[str] = (), resume: bool
             from unetlab.runs.ray_runs import disconnect
 
             disconnect()
+
+
+def _check_tuned(experiment, prepared, path, ctx, host) -> str | None:
+    """For a tuned experiment, before any MLflow run: its runs have a test split and log the tune metric;
+    return the metric's direction ("max" or "min"). None for an untuned experiment."""
+    if experiment.tune is None:
+        return None
+    if ctx.enabled:
+        raise UnetlabError("tune: a tuned experiment trains each trial in one process; several processes per run "
+                           "(--nproc-per-node, torchrun) are not supported with a tune section")
+    from unetlab.runs.tuning import check_tuned
+
+    return check_tuned([(p.run, p.source, p.num_classes) for p in prepared], host.registry, path,
+                       experiment.tune.metric)
+
+
+def _trial_to_train(experiment, parent_run_id: str | None, exact: Sequence[str]):
+    """A ``--jobs`` worker of a tuned experiment told to train a trial run (``<variant>/trial=<n>``): that
+    trial, read from the invocation's study; None for any other run."""
+    if experiment.tune is None or parent_run_id is None or len(exact) != 1 or "/trial=" not in exact[0]:
+        return None
+    from unetlab.runs.tuned_runs import open_trial
+
+    return open_trial(experiment, parent_run_id, exact[0])

@@ -192,7 +192,7 @@ class Tracker:
         identity = dataset_identity(prepared)
         child = self.start_child(run.name, {
             **base_tags, run_tags.RUN_KEY: prepared.key, run_tags.RUN_NAME: run.name,
-            run_tags.VARIANT: run.variant, run_tags.SEED: str(run.seed),
+            run_tags.VARIANT: run.variant, run_tags.SEED: str(run.seed), run_tags.ROLE: run.role, **run.tags,
             run_tags.CONFIG_HASH: config_hash(run.config),
             run_tags.DATA_DIGEST: identity[1],  # what --resume checks the data against
             run_tags.METRIC_DIRECTIONS: json.dumps(prepared.metric_directions, sort_keys=True),

@@ -72,6 +72,8 @@ class TrainSetup:
     lifecycle: Callable[..., None] = lambda hook, **kw: None
     resume: dict | None = None               # a loaded 'last' checkpoint
     dist: DistContext = field(default_factory=DistContext)
+    # after each validation: (epoch, optimiser steps, the epoch's record) -> why to stop now, or "" (a pruner)
+    stop_check: Callable[[int, int, dict[str, float]], str] | None = None
 
 
 @dataclass
@@ -219,6 +221,8 @@ def train_run(setup: TrainSetup) -> RunResult:
         if (epoch + 1) % t["val_every"] == 0 or epoch == t["epochs"] - 1 or stop_reason:
             record.update(_validate(setup, parts))
             stop_reason = _keep_best(setup, parts, state, record, epoch) or stop_reason
+            if setup.stop_check is not None:
+                stop_reason = setup.stop_check(epoch + 1, state.step, record) or stop_reason
         record["epoch_time_s"] = time.perf_counter() - epoch_start  # training and validation
         state.epoch = epoch + 1
         state.history.append({"epoch": epoch + 1, **record})
