@@ -212,3 +212,33 @@ def test_an_endless_file_is_read_only_up_to_the_limit(capsys):
     err = capsys.readouterr().err.strip()
     assert err == ("unetlab: error: /dev/zero: the file is larger than that; an experiment file may be at most "
                    "1,048,576 bytes (1 MiB)")
+
+
+BROKEN_DATASET = '''
+import unetlab
+
+
+def lookup(table: str = "missing"):
+    """A dataset whose factory fails with an error that is neither ValueError nor TypeError."""
+    return {}[table]
+
+
+@unetlab.hookimpl
+def register_datasets(register):
+    register("lookup_NAME", lookup)
+'''
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_a_dataset_factory_that_fails_is_the_same_one_line_in_validate_and_run(command, capsys, tmp_path,
+                                                                                monkeypatch):
+    # one name per command: the CLI's plugin host lives as long as this test process
+    (tmp_path / "broken_dataset.py").write_text(BROKEN_DATASET.replace("NAME", command), encoding="utf-8")
+    store = tmp_path.parent / f"{tmp_path.name}-mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    monkeypatch.chdir(tmp_path)
+    text = f"plugins: [broken_dataset.py]\ndata: {{dataset: lookup_{command}}}\ntrain: {{epochs: 1}}\n"
+    line = refused(capsys, tmp_path, command, text, [])
+    assert f"data.dataset: cannot build dataset 'lookup_{command}': KeyError: 'missing'" in line, line
+    assert not store.exists()
