@@ -99,3 +99,13 @@ def test_an_unknown_old_name_is_still_an_attribute_error() -> None:
 
         with pytest.raises(AttributeError):
             unetlab.model.no_such_name  # noqa: B018
+
+
+def test_the_readme_layout_section_names_every_module() -> None:
+    readme = (PACKAGE.parent / "README.md").read_text()
+    section = readme[readme.index("## Layout"):readme.index("## Benchmarks")]
+    missing = [str(p.relative_to(PACKAGE)) for p in sorted(PACKAGE.rglob("*.py"))
+               if p.name != "__init__.py" and f"`{p.name}`" not in section and p.name != "__main__.py"]
+    assert not missing, f"README.md's Layout section does not name {missing}"
+    for layer in LAYERS[2:]:
+        assert f"`{layer}/`" in section, layer
