@@ -19,6 +19,7 @@ from unetlab.config.experiment import Run
 from unetlab.data.options import source_key
 from unetlab.data.sources import build_augment, build_source, model_io
 from unetlab.errors import ConfigError, UnetlabError, did_you_mean
+from unetlab.plugin_api.contracts import image_size_of
 from unetlab.plugin_api.metric_ranges import metric_ranges
 from unetlab.plugin_api.registry import Registry, metric_directions, resolve_monitor_mode
 from unetlab.training.system_metrics import system_metrics_enabled
@@ -163,7 +164,7 @@ def check_model(run: Run, registry: Registry, source: Any = None, pretrained: st
             source.split(split)
     in_ch, out_ch, num_classes = model_io(run.config, source)
     model = build_unet(run.config["model"], in_ch, out_ch, registry, pretrained=pretrained)  # counted, not trained
-    size = tuple(getattr(source, "image_size", None) or DEFAULT_SIZE)
+    size = image_size_of(source) or tuple(DEFAULT_SIZE)
     return ModelCheck(source, in_ch, out_ch, num_classes, model, size)
 
 

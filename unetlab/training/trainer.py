@@ -27,6 +27,7 @@ from unetlab.data.sources import build_augment, make_batches
 from unetlab.errors import UnetlabError
 from unetlab.model.deep_supervision import deep_supervision_loss
 from unetlab.model.unet import build_unet, crop_target
+from unetlab.plugin_api.contracts import ignore_index_of, validates_whole_images
 from unetlab.plugin_api.registry import Registry, component_params
 from unetlab.training.determinism import configure
 from unetlab.training.distributed import DistContext
@@ -278,8 +279,8 @@ def _build(setup: TrainSetup) -> _Parts:
     return _Parts(
         model=model, forward=forward, optimizer=optimizer, schedule=Schedule(t),
         scaler=torch.amp.GradScaler("cuda") if runtime.amp_dtype == torch.float16 else None,
-        loss_fn=build_loss(t, prep.num_classes, setup.registry, getattr(prep.source, "ignore_index", None)),
-        metrics=build_metrics(t, prep.num_classes, setup.registry, getattr(prep.source, "ignore_index", None)),
+        loss_fn=build_loss(t, prep.num_classes, setup.registry, ignore_index_of(prep.source)),
+        metrics=build_metrics(t, prep.num_classes, setup.registry, ignore_index_of(prep.source)),
         augment=build_augment(cfg, setup.registry),
         # an in-memory split that fits lives on the device (same batches, same order as a DataLoader)
         train_loader=make_batches(train_set, batch, True, workers, runtime.pin_memory, device, dist.rank,
@@ -399,7 +400,7 @@ def _validate(setup: TrainSetup, parts: _Parts) -> dict[str, float]:
     runtime, source = setup.prepared.runtime, setup.prepared.source
     if not setup.dist.is_main:
         val = None
-    elif getattr(source, "whole_image_validation", False):  # patches in training: whole images, as predict sees them
+    elif validates_whole_images(source):  # patches in training: whole images, as predict sees them
         from unetlab.training.whole_image_validation import evaluate_whole_images
 
         val = evaluate_whole_images(parts.model, source.whole_images("val"), parts.loss_fn, parts.metrics,

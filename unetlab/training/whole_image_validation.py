@@ -45,6 +45,7 @@ from unetlab.model.sliding_window import (
     streaming_bytes,
 )
 from unetlab.model.unet import crop_target
+from unetlab.plugin_api.contracts import validates_whole_images
 
 __all__ = [
     "MEMORY_ENV",
@@ -104,7 +105,7 @@ def folder_validation_warnings(source: Any, built: dict) -> list[str]:
     """``unetlab data``'s warning lines for a scanned folder source (``built``: its ``check()`` summary):
     the validation images whose whole-image validation would exceed the budget."""
     samples = (built.get("samples") or {}).get("val", [])
-    if not getattr(source, "whole_image_validation", False) or not samples or built.get("channels") is None:
+    if not validates_whole_images(source) or not samples or built.get("channels") is None:
         return []
     classes = built["num_classes"] if built["num_classes"] > 2 else 1
     shapes = [(str(image.source), tuple(image.shape)[:2]) for image, _ in samples]
@@ -115,7 +116,7 @@ def validation_images(source: Any) -> Any:
     """The validation images of ``source`` as validation scores them: whole images of their own size
     when it validates by sliding windows (``whole_image_validation``: training on patches), else its
     ``val`` split (never the tiles of a patch-trained source)."""
-    if getattr(source, "whole_image_validation", False):
+    if validates_whole_images(source):
         return source.whole_images("val")
     return source.split("val")
 
