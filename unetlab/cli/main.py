@@ -86,11 +86,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
-def _warn_broken(host) -> None:
-    for line in host.problem_lines():
-        print(f"unetlab: warning: {line}", file=sys.stderr)
-
-
 def _jsonable(value: Any) -> Any:
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
@@ -188,7 +183,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     experiment = load_experiment(args.file, args.overrides, host=host)
     build_runs_on_meta(experiment.runs, host.registry, where=args.file)  # factory errors, no memory, no weights
     tune_lines = _tune_plan(experiment, host, args.file)
-    _warn_broken(host)
+    host.warn_problems()
     if args.json:
         import dataclasses
 
@@ -304,15 +299,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise UnetlabError("--jobs and --nproc-per-node do not combine: choose one")
         from unetlab.config.experiment import load_experiment
         from unetlab.runs.execution import run_torchrun
+        from unetlab.runs.worker_command import worker_run_args
         from unetlab.training.preflight import check_processes_per_node
 
         # a bad file, or more processes than GPUs, is one line here, not N tracebacks
         check_processes_per_node(load_experiment(args.file, args.overrides).runs, args.nproc_per_node)
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   f"--nproc-per-node={args.nproc_per_node}", "-m", "unetlab", "run", args.file,
-                   *[a for s in args.overrides for a in ("--set", s)], *(["--resume"] if args.resume else []),
-                   *(["--only", *args.only] if args.only else []),
-                   *(["--quiet"] if args.quiet else ["--jsonl"] if args.jsonl else [])]
+                   f"--nproc-per-node={args.nproc_per_node}",
+                   *worker_run_args(args.file, args.overrides, resume=args.resume, only=args.only,
+                                    output="quiet" if args.quiet else "jsonl" if args.jsonl else None)]
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         return run_torchrun(command, env, args.file)
     ray_plan = None
