@@ -201,8 +201,8 @@ def test_run_logs_per_image_tables_that_compare_pairs(tmp_path):
 
     client = MlflowClient(f"sqlite:///{tmp_path / 't.db'}")
     hd95 = compare_runs(client, client.get_experiment_by_name("tiny_pair").experiment_id, "val_hd95", None)
-    assert hd95["direction"] == "min" and hd95["pairs"][0]["paired"]["n_images"] == 6
-    assert not hd95["warnings"] and hd95["dropped"] == [] and hd95["pairs"][0]["dropped"] is None
+    assert hd95.direction == "min" and hd95.pairs[0]["paired"]["n_images"] == 6
+    assert not hd95.warnings and hd95.dropped == [] and hd95.pairs[0]["dropped"] is None
     # each run records the ranges its metrics declare, which compare checks the per-image tables against
     run = client.search_runs([client.get_experiment_by_name("tiny_pair").experiment_id],
                              filter_string="attributes.run_name = 'concat/seed=1'")[0]
@@ -260,16 +260,17 @@ def test_bootstrap_is_the_documented_loop_and_holm_matches_by_hand():
     assert paired_stats.wilcoxon_signed_rank([0.0, 0.0]) == 1.0
 
 
-def test_margin_from_the_experiment_file(tmp_path):
-    from unetlab.analysis.compare import margin_from_file
+def test_compare_takes_the_margin_of_the_loaded_experiment(store, tmp_path, capsys):
+    from unetlab.analysis.compare import compare_command
     from unetlab.errors import ConfigError
 
     path = tmp_path / "exp.yaml"
-    path.write_text("name: e\ncompare:\n  margin: 0.02\n")
-    assert margin_from_file(path) == 0.02
-    path.write_text("name: e\ncompare:\n  margin: -1\n")
-    with pytest.raises(ConfigError, match=r"exp.yaml:3: compare.margin: expected a positive number"):
-        margin_from_file(path)
+    path.write_text(f"name: known\ntrain: {{epochs: 1}}\ntracking: {{uri: '{store}'}}\ncompare:\n  margin: 0.01\n")
+    assert compare_command(str(path), None, "table", str(tmp_path / "k.png"), None, None) == 0
+    assert "x vs y: equivalent within ±0.01" in capsys.readouterr().out
+    path.write_text("name: known\ntrain: {epochs: 1}\ncompare:\n  margin: -1\n")
+    with pytest.raises(ConfigError, match=r"exp.yaml:4: compare.margin: expected a positive number"):
+        compare_command(str(path), None, "table", str(tmp_path / "k.png"), None, store)
 
 
 def test_an_experiment_file_with_a_compare_margin_validates_and_a_bad_one_is_one_line(tmp_path, capsys):

@@ -168,12 +168,12 @@ def test_the_compare_figure_of_folds_names_replicates_and_the_cv_estimate(store)
 
     client = MlflowClient(store)
     pair = compare_runs(client, client.get_experiment_by_name("cv_pair").experiment_id, None, None, margin=0.01)
-    figure = comparison_figure(pair)
+    figure = comparison_figure(pair.as_dict())
     text = "\n".join(t.get_text() for t in figure.findobj(Text))
     assert f"a - b\na better\nn = 3 folds x 1 seeds, {POOL} images" in text
     assert f"val_iou (higher is better): n = 2 variant(s) x 3 replicates (3 folds x 1 seeds), {POOL} images " \
            "paired; margin ±0.01" in text
     assert "one replicate (fold x seed)" in text and "CV estimate (per image), 95% CI" in text
     only = compare_runs(client, client.get_experiment_by_name("cv_only").experiment_id, None, None)
-    text = "\n".join(t.get_text() for t in comparison_figure(only).findobj(Text))
+    text = "\n".join(t.get_text() for t in comparison_figure(only.as_dict()).findobj(Text))
     assert f"n = 1 variant(s) x 3 replicates (3 folds x 1 seeds), {POOL} per-image values; no margin" in text

@@ -81,8 +81,8 @@ def test_a_bound_near_the_margin_is_fragile_and_one_clear_of_it_is_not(store):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
-    [fragile] = compare_runs(client, exp, None, None, margin=fragile_margin)["pairs"]
-    [solid] = compare_runs(client, exp, None, None, margin=solid_margin)["pairs"]
+    [fragile] = compare_runs(client, exp, None, None, margin=fragile_margin).pairs
+    [solid] = compare_runs(client, exp, None, None, margin=solid_margin).pairs
     assert fragile["verdict"] == f"equivalent within ±{fragile_margin:g}"
     assert solid["verdict"] == f"equivalent within ±{solid_margin:g}" and solid["fragile"] is None
     f = fragile["fragile"]
@@ -137,11 +137,11 @@ def test_the_compare_figure_carries_the_verdicts_n_and_the_margin(store):
     values = known_values()
     low, high = loop_interval(values["a"] - values["b"])
     margin = max(-low, high) / 0.95  # equivalent, but fragile
-    text = figure_text(comparison_figure(compare_runs(client, exp, None, None, margin=margin)))
+    text = figure_text(comparison_figure(compare_runs(client, exp, None, None, margin=margin).as_dict()))
     assert f"a - b\nequivalent within ±{margin:g} (fragile)\nn = 2 seeds x {IMAGES} images" in text
     assert f"margin ±{margin:g}" in text  # the forest plot's title and the figure's
     assert f"val_iou (higher is better): n = 2 variant(s) x 2 seeds x {IMAGES} images; margin ±{margin:g}" in text
-    text = figure_text(comparison_figure(compare_runs(client, exp, None, None)))
+    text = figure_text(comparison_figure(compare_runs(client, exp, None, None).as_dict()))
     assert "a - b\nno difference shown\nn = 2 seeds" in text and "no margin (equivalence not tested)" in text
 
 

@@ -132,7 +132,7 @@ def test_run_leaves_the_comparison_on_its_parent_and_compare_updates_it(tmp_path
     [parent] = client.search_runs([experiment.experiment_id], "tags.`unetlab.parent` = 'true'")
     children = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     expected = compare_runs(client, experiment.experiment_id, None, parent.info.run_id, 0.05)
-    verdict = expected["pairs"][0]["verdict"]
+    verdict = expected.pairs[0]["verdict"]
     # the verdict, said at the end of the run and written in the parent's description
     assert f"concat vs add: {verdict}" in out
     note = parent.data.tags["mlflow.note.content"]
@@ -169,7 +169,7 @@ def test_run_leaves_the_comparison_on_its_parent_and_compare_updates_it(tmp_path
     assert len([line for line in err.splitlines() if "comparison logged to parent run" in line]) == 1
     assert "margin 0.05 -> 0.5: verdicts updated" in err
     updated = client.get_run(parent.info.run_id)
-    new_verdict = compare_runs(client, experiment.experiment_id, None, parent.info.run_id, 0.5)["pairs"][0]["verdict"]
+    new_verdict = compare_runs(client, experiment.experiment_id, None, parent.info.run_id, 0.5).pairs[0]["verdict"]
     assert updated.data.tags["unetlab.compare.margin"] == "0.5"
     assert f"| concat vs add | **{new_verdict}** |" in updated.data.tags["mlflow.note.content"]
     assert updated.data.tags["mlflow.note.content"].count("Comparison of best val_iou") == 1  # replaced, not appended

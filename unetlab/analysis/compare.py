@@ -26,7 +26,24 @@ replicates and images, the std of the replicate means, and a 95% hierarchical bo
 fold-only experiment (one variant) prints that and no pairs.
 
 Runs without per-image tables (logged before they existed) get the seed-level line only, and say so.
-Which way is better comes from the runs' ``unetlab.metric_directions`` tag, never from the name.
+Which way is better comes from the runs' ``unetlab.metric_directions`` tag, never from the name (a
+``test_`` metric goes the way of its ``val_`` one).
+
+Tuned experiments (a ``tune:`` section). Only the *final* runs (tag ``unetlab.role = final``) are compared;
+the study runs and their trials are read for the tuning budget (``unetlab.analysis.tuning_budget``). The
+validation split chose each variant's parameters, so its scores are optimistic: the verdict is on the
+held-out test split (``test_<monitored metric>`` and each run's ``per_image_test_metrics.json``) and the
+output says so; the budget each variant spent is a table; the expected best validation score after n
+trials is a figure (``<figure>-budget.png``, logged as ``tuning_budget.png``) and a line saying whether the
+leader changes with the number of trials. ``--metric test_<name>`` judges an untuned experiment whose runs
+had a test split the same way.
+
+Every comparison ends with its contract (``unetlab.analysis.contract``): the keys the variants differ in
+and the confound columns (parameters, FLOPs, steps, compute, time, peak memory, data), warned about when
+compute differs by more than ``compute_ratio``.
+
+``compare_runs`` returns a ``Comparison``; its ``as_dict()`` is the plain data ``compare.json`` holds and the
+figure and the dashboard read.
 """
 
 from __future__ import annotations
@@ -38,16 +55,27 @@ import math
 import re
 import statistics
 import sys
+from dataclasses import dataclass, fields
 from itertools import combinations
 from pathlib import Path
 from typing import Any
 
+from unetlab.analysis.contract import (
+    COMPUTE_RATIO,
+    ComparisonContract,
+    build_contract,
+    contract_from_dict,
+    format_contract,
+)
+from unetlab.analysis.contract_records import records_from_runs
+from unetlab.analysis.tuning_budget import TuningReport, budget_figure, read_tuning
 from unetlab.errors import ConfigError, UnetlabError, did_you_mean
 from unetlab.tracking import tags as run_tags
 
-__all__ = ["compare_command", "compare_runs", "margin_from_file", "render", "welch"]
+__all__ = ["BUDGET_FIGURE", "Comparison", "compare_command", "compare_runs", "render", "welch"]
 
 DIRECTIONS_TAG = run_tags.METRIC_DIRECTIONS
+BUDGET_FIGURE = "tuning_budget.png"  # the expected-max curves, on the parent run
 
 
 def welch(a: list[float], b: list[float]) -> float | None:
@@ -107,7 +135,8 @@ def _replicate(run, folds: bool) -> str:
 
 
 def _directions(runs) -> dict[str, str]:
-    """Union of the runs' ``unetlab.metric_directions`` tags (key -> "max"/"min")."""
+    """Union of the runs' ``unetlab.metric_directions`` tags (key -> "max"/"min"); a ``test_`` metric goes the
+    way of its ``val_`` one (the same metric on the test split)."""
     out: dict[str, str] = {}
     for run in runs:
         text = run.data.tags.get(DIRECTIONS_TAG)
@@ -116,7 +145,7 @@ def _directions(runs) -> dict[str, str]:
                 out.update({k: v for k, v in json.loads(text).items() if v in ("max", "min")})
             except (ValueError, AttributeError, RecursionError):  # store content: a bad tag is no direction
                 continue
-    return out
+    return {**{"test_" + k.removeprefix("val_"): v for k, v in out.items() if k.startswith("val_")}, **out}
 
 
 def _find_parent(client, experiment_id: str) -> str:
@@ -191,10 +220,13 @@ def _cv_estimate(tables: dict, bests: list[float], metric: str) -> dict[str, Any
 
 
 def _read_tables(client, runs_by_variant: dict[str, list], replicate_of, metric: str,
-                 warnings: list[str]) -> tuple[dict, list[dict[str, Any]]]:
-    """Every run's validated per-image values (``unetlab.analysis.compare_inputs``), and one report per run that had
-    a bad table or dropped rows (also a warning line naming the run)."""
-    from unetlab.analysis.compare_inputs import ARTIFACT, declared_ranges, read_per_image
+                 warnings: list[str], split: str = "validation") -> tuple[dict, list[dict[str, Any]]]:
+    """Every run's validated per-image values on ``split`` (``unetlab.analysis.compare_inputs``), and one report
+    per run that had a bad table or dropped rows (also a warning line naming the run)."""
+    from unetlab.analysis.compare_inputs import declared_ranges, read_per_image
+    from unetlab.tracking.per_image import PER_IMAGE_ARTIFACT, PER_IMAGE_TEST_ARTIFACT
+
+    artifact = PER_IMAGE_TEST_ARTIFACT if split == "test" else PER_IMAGE_ARTIFACT
 
     tables: dict[str, dict] = {}
     reports = []
@@ -204,7 +236,8 @@ def _read_tables(client, runs_by_variant: dict[str, list], replicate_of, metric:
             ranges, tag_problem = declared_ranges(run.data.tags)
             if tag_problem:
                 warnings.append(f"{who}: {tag_problem}")
-            read = read_per_image(client, run.info.run_id, metric, ranges)
+            ranges.update({"test_" + k.removeprefix("val_"): r for k, r in ranges.items() if k.startswith("val_")})
+            read = read_per_image(client, run.info.run_id, metric, ranges, artifact=artifact)
             tables.setdefault(variant, {})[replicate_of(run)] = read
             if read.problem or read.dropped:
                 reports.append({"run_id": run.info.run_id, "run_name": run.info.run_name, "variant": variant,
@@ -215,7 +248,7 @@ def _read_tables(client, runs_by_variant: dict[str, list], replicate_of, metric:
             elif read.dropped:
                 why = "; ".join(f"{reason}: {n}" for reason, n in read.dropped.items())
                 warnings.append(f"{who}: {read.dropped_count} of {len(read.images)} images dropped from "
-                                f"{ARTIFACT} ({why})")
+                                f"{artifact} ({why})")
     return tables, reports
 
 
@@ -232,53 +265,158 @@ def _param(run, key: str, kind: type, default: Any, warnings: list[str]) -> Any:
         return default
 
 
-def compare_runs(client, experiment_id: str, metric: str | None, parent_id: str | None,
-                 margin: float | None = None, direction: str | None = None) -> dict[str, Any]:
-    """Gather the comparison of one parent run's children (see the module docstring)."""
-    from unetlab.analysis import paired_stats
+@dataclass
+class Comparison:
+    """``compare_runs``'s result. ``as_dict()`` is its plain data: ``compare.json``, and what the figure and
+    the dashboard read. Rows and pairs are plain data already (a row has one column per logged metric)."""
 
+    metric: str
+    direction: str                            # "max" or "min"
+    direction_source: str
+    margin: float | None
+    parent_run_id: str
+    split: str                                # the split the verdict is on: "validation" or "test"
+    split_images: int | None                  # its images (from the per-image tables), when known
+    rows: list[dict[str, Any]]
+    pairs: list[dict[str, Any]]
+    curves: dict[str, list[list[tuple[int, float]]]]   # variant -> per run: (epoch, validation value)
+    seed_bests: dict[str, dict[str, float]]            # variant -> replicate -> its value of ``metric``
+    not_finished: list[str]
+    warnings: list[str]
+    cross_validated: bool
+    folds: list[str]
+    cv: dict[str, dict[str, Any] | None]
+    dropped: list[dict[str, Any]]
+    tests: dict[str, str]
+    contract: ComparisonContract | None = None
+    tuning: TuningReport | None = None
+
+    @property
+    def higher_is_better(self) -> bool:
+        """Whether a higher value of ``metric`` is better."""
+        return self.direction == "max"
+
+    def as_dict(self) -> dict[str, Any]:
+        """The comparison as plain data (JSON-ready but for the curves' tuples)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["higher_is_better"] = self.higher_is_better
+        data["contract"] = self.contract.as_dict() if self.contract else None
+        data["tuning"] = self.tuning.as_dict() if self.tuning else None
+        return data
+
+
+@dataclass
+class _Selection:
+    """The runs a comparison is made of."""
+
+    finished: list          # FINISHED final runs (untuned experiments: every training run)
+    not_finished: list[str]  # names of final runs that did not finish
+    tuning: TuningReport | None
+
+
+def compare_runs(client, experiment_id: str, metric: str | None, parent_id: str | None,
+                 margin: float | None = None, direction: str | None = None,
+                 compute_ratio: float = COMPUTE_RATIO) -> Comparison:
+    """Gather the comparison of one parent run's final runs (see the module docstring)."""
     if margin is not None and not (margin > 0 and math.isfinite(margin)):
         raise ConfigError(f"--margin: must be a positive number, got {margin}")
     parent_id = parent_id or _find_parent(client, experiment_id)
+    warnings: list[str] = []
+    selection = _select_runs(client, experiment_id, parent_id, warnings)
+    metric = _judged_metric(selection, metric, warnings)
+    directions = _directions(selection.finished)
+    direction, direction_source = _direction_of(metric, directions, direction, warnings)
+    directions[metric] = direction
+    fold_of = {c.info.run_id: _fold(c) for c in selection.finished}
+    folds = sorted({f for f in fold_of.values() if f is not None}, key=lambda f: (len(f), f))
+    cross_validated = bool(folds)
+
+    def replicate_of(run) -> str:
+        return _replicate(run, cross_validated)
+
+    groups: dict[str, list] = {}
+    for c in sorted(selection.finished, key=lambda c: c.info.start_time):  # the experiment file's order
+        groups.setdefault(_variant(c), []).append(c)
+    split = "test" if metric.startswith("test_") else "validation"
+    tables, dropped = _read_tables(client, groups, replicate_of, metric, warnings, split)
+    rows, curves, bests, seed_bests = _variant_rows(client, groups, metric, directions, fold_of, replicate_of,
+                                                    warnings)
+    cv = {v: _cv_estimate(tables[v], bests.get(v, []), metric) for v in groups} if cross_validated else {}
+    fold_seed = {replicate_of(r): (fold_of[r.info.run_id], _seed(r)) for r in selection.finished}
+    names = {v: {replicate_of(r): r.info.run_name for r in runs} for v, runs in groups.items()}
+    pairs = _pairs(groups, tables, bests, names, fold_seed, margin, direction, cross_validated)
+    tuned = sorted({k for b in selection.tuning.budgets for k in b.best_params}) if selection.tuning else []
+    contract = build_contract(records_from_runs([(v, r) for v, runs in groups.items() for r in runs], tuned),
+                              tuned=tuned, ratio=compute_ratio)
+    images = [len(read.images) for by_replicate in tables.values() for read in by_replicate.values() if read.images]
+    return Comparison(
+        metric=metric, direction=direction, direction_source=direction_source, margin=margin,
+        parent_run_id=parent_id, split=split, split_images=max(images) if images else None, rows=rows, pairs=pairs,
+        curves=curves, seed_bests=seed_bests, not_finished=selection.not_finished, warnings=warnings,
+        cross_validated=cross_validated, folds=folds, cv=cv, dropped=dropped,
+        tests=_test_descriptions(metric, cross_validated, len([p for p in pairs if p["paired"]]), split),
+        contract=contract, tuning=selection.tuning)
+
+
+def _select_runs(client, experiment_id: str, parent_id: str, warnings: list[str]) -> _Selection:
+    """The parent's final runs (a tuned experiment's study runs and their trials are not compared) and its
+    tuning report."""
     children = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'",
                                   max_results=5000)
-    finished = [c for c in children if c.info.status == "FINISHED"]
+    final = [c for c in children if c.data.tags.get(run_tags.ROLE, "final") == "final"]
+    finished = [c for c in final if c.info.status == "FINISHED"]
     if not finished:
         raise UnetlabError(f"parent run {parent_id} has no finished runs")
+    tuning = read_tuning(client, experiment_id, parent_id, warnings)
+    return _Selection(finished, [c.info.run_name for c in final if c.info.status != "FINISHED"], tuning)
+
+
+def _judged_metric(selection: _Selection, metric: str | None, warnings: list[str]) -> str:
+    """The metric the verdict is on: ``--metric``, else the monitored one; on a tuned experiment its value on
+    the held-out test split (the validation split chose the parameters: its scores are optimistic)."""
+    finished = selection.finished
     monitor = finished[0].data.params.get("train.monitor", "val_iou")
-    metric = metric or monitor
     available = sorted({k for c in finished for k in c.data.metrics})
+    if metric is None and selection.tuning is not None:
+        metric = "test_" + monitor.removeprefix("val_")
+        if metric not in available:
+            raise UnetlabError(f"this experiment was tuned on the validation split, so its verdict is on the "
+                               f"held-out test split, but its final runs logged no {metric} (logged: "
+                               f"{', '.join(available)}); pass --metric to compare another")
+    metric = metric or monitor
     if metric not in available:
         raise UnetlabError(f"--metric {metric}: not logged by these runs{did_you_mean(metric, available)} "
                            f"(logged: {', '.join(available)})")
-    directions = _directions(finished)
-    warnings: list[str] = []
-    if direction is not None:
-        direction_source = "--direction"
-    elif metric in directions:
-        direction, direction_source = directions[metric], f"the runs' {DIRECTIONS_TAG} tag"
-    else:
-        direction, direction_source = "max", "assumed"
-        warnings.append(f"which way is better for {metric} is unknown (the runs have no {DIRECTIONS_TAG} tag "
-                        f"for it): assuming higher is better; pass --direction max|min to say")
-    directions[metric] = direction
-    higher = direction == "max"
+    if selection.tuning is not None and not metric.startswith("test_"):
+        warnings.append(f"{metric} is not on the held-out test split: the variants were tuned on the validation "
+                        "split, so a verdict on it is optimistic")
+    return metric
 
-    fold_of = {c.info.run_id: _fold(c) for c in finished}
-    folds = sorted({f for f in fold_of.values() if f is not None}, key=lambda f: (len(f), f))
-    cross_validated = bool(folds)
-    per_epoch = sorted({k for k in available if k.startswith("val_") or k == "train_loss"})
-    groups: dict[str, list] = {}
-    for c in sorted(finished, key=lambda c: c.info.start_time):  # the experiment file's order
-        groups.setdefault(_variant(c), []).append(c)
-    tables, dropped = _read_tables(client, groups, lambda r: _replicate(r, cross_validated), metric, warnings)
-    names = {v: {_replicate(r, cross_validated): r.info.run_name for r in runs} for v, runs in groups.items()}
-    fold_seed = {_replicate(r, cross_validated): (fold_of[r.info.run_id], _seed(r)) for r in finished}
-    rows, curves, bests, seed_bests, cv = [], {}, {}, {}, {}
+
+def _direction_of(metric: str, directions: dict[str, str], given: str | None,
+                  warnings: list[str]) -> tuple[str, str]:
+    """Which way is better for ``metric`` and where that was read."""
+    if given is not None:
+        return given, "--direction"
+    if metric in directions:
+        return directions[metric], f"the runs' {DIRECTIONS_TAG} tag"
+    warnings.append(f"which way is better for {metric} is unknown (the runs have no {DIRECTIONS_TAG} tag "
+                    f"for it): assuming higher is better; pass --direction max|min to say")
+    return "max", "assumed"
+
+
+def _variant_rows(client, groups: dict[str, list], metric: str, directions: dict[str, str], fold_of: dict,
+                  replicate_of, warnings: list[str]) -> tuple[list, dict, dict, dict]:
+    """Per variant: its row (best and final of every per-epoch metric, and of ``metric``, as mean +- std over
+    replicates, params, GFLOPs, training time), its validation curves, its replicates' values of ``metric``."""
+    available = sorted({k for runs in groups.values() for c in runs for k in c.data.metrics})
+    keys = sorted({k for k in available if k.startswith("val_") or k == "train_loss"} | {metric})
+    curve_key = "val_" + metric.removeprefix("test_") if metric.startswith("test_") else metric
+    rows, curves, bests, seed_bests = [], {}, {}, {}
     for variant, runs in groups.items():
         row: dict[str, Any] = {"variant": variant, "seeds": len({_seed(r) for r in runs}),
                                "folds": len({fold_of[r.info.run_id] for r in runs}), "replicates": len(runs)}
-        for key in per_epoch:
+        for key in keys:
             best_values, final_values, by_replicate = [], [], {}
             for run in runs:
                 history = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
@@ -288,9 +426,9 @@ def compare_runs(client, experiment_id: str, metric: str | None, parent_id: str 
                 if key in directions:  # no direction known: no "best" (final only)
                     best = max(values) if directions[key] == "max" else min(values)
                     best_values.append(best)
-                    by_replicate[_replicate(run, cross_validated)] = best
+                    by_replicate[replicate_of(run)] = best
                 final_values.append(values[-1])
-                if key == metric:
+                if key == curve_key:
                     curves.setdefault(variant, []).append([(m.step, m.value) for m in history])
             row[f"best_{key}_mean"], row[f"best_{key}_std"] = _mean_std(best_values)
             row[f"final_{key}_mean"], row[f"final_{key}_std"] = _mean_std(final_values)
@@ -301,26 +439,27 @@ def compare_runs(client, experiment_id: str, metric: str | None, parent_id: str 
         row["train_time_s_mean"], row["train_time_s_std"] = _mean_std(
             [r.data.metrics.get("train_time_s") for r in runs])
         rows.append(row)
-        if cross_validated:
-            cv[variant] = _cv_estimate(tables[variant], bests.get(variant, []), metric)
+    return rows, curves, bests, seed_bests
+
+
+def _pairs(groups: dict[str, list], tables: dict, bests: dict, names: dict, fold_seed: dict,
+           margin: float | None, direction: str, cross_validated: bool) -> list[dict[str, Any]]:
+    """Every pair of variants: the replicate-level Welch test, the paired per-image comparison (Holm-corrected
+    over the pairs when there are several), the verdict and what data it could not use."""
+    from unetlab.analysis import paired_stats
 
     level = "replicate" if cross_validated else "seed"
-    pairs = []
+    pairs, results = [], []
     for a, b in combinations(groups, 2):
-        pair: dict[str, Any] = {"a": a, "b": b}
-        p = welch(bests.get(a, []), bests.get(b, []))
-        pair["seed_level"] = {
-            "test": f"Welch t-test on per-{level} best values (whole-set metric)",
-            "difference": (statistics.mean(bests[a]) - statistics.mean(bests[b])
-                           if bests.get(a) and bests.get(b) else None),
-            "p_value": p, "replicates": [len(bests.get(a, [])), len(bests.get(b, []))]}
+        pair: dict[str, Any] = {"a": a, "b": b, "seed_level": _seed_level(bests.get(a, []), bests.get(b, []), level)}
         paired_groups = _paired_groups(tables[a], tables[b])
         pair["dropped"] = _pair_losses(tables[a], tables[b], names[a], names[b], paired_groups)
+        result = None
         if not paired_groups:
             missing = [v for v in (a, b) if all(t.values is None and t.problem is None for t in tables[v].values())]
             pair["paired"] = None
             pair["note"] = (f"no per-image tables for {', '.join(missing)} (runs logged before per-image metrics)"
-                            if missing else f"no common {level}s and images with a per-image {metric}")
+                            if missing else f"no common {level}s and images with a per-image value")
             pair["verdict"] = f"{level}-level only: " + pair["note"]
         else:
             replicates = [g[0] for g in paired_groups]
@@ -329,44 +468,49 @@ def compare_runs(client, experiment_id: str, metric: str | None, parent_id: str 
                 image_ids=[[(fold_seed[r][0], i) for i in images] for r, images, _ in paired_groups],
                 n_seeds=len({fold_seed[r][1] for r in replicates}),
                 n_folds=len({fold_seed[r][0] for r in replicates}))
-            pair["paired"] = result.as_dict()
             pair["seeds_paired"] = replicates
         pairs.append(pair)
-    paired = [p for p in pairs if p["paired"] is not None]
-    adjusted = paired_stats.holm([p["paired"]["wilcoxon_p"] for p in paired]) if len(paired) > 1 else \
-        [p["paired"]["wilcoxon_p"] for p in paired]
-    fields = set(paired_stats.PairedResult.__dataclass_fields__)
-    for pair, p_adj in zip(paired, adjusted):
-        pair["paired"]["wilcoxon_p_holm"] = p_adj if len(paired) > 1 else None
-        stats_obj = paired_stats.PairedResult(**{k: v for k, v in pair["paired"].items() if k in fields})
-        pair["verdict"] = paired_stats.verdict(stats_obj, p_adj, higher, margin, pair["a"], pair["b"])
-        pair["fragile"] = stats_obj.fragile
-        pair["fragile_text"] = (paired_stats.fragile_text(stats_obj.fragile, stats_obj.n_folds)
-                                if stats_obj.fragile else None)
+        results.append(result)
+    paired = [(pair, result) for pair, result in zip(pairs, results) if result is not None]
+    p_values = [result.wilcoxon_p for _, result in paired]
+    adjusted = paired_stats.holm(p_values) if len(paired) > 1 else p_values
+    for (pair, result), p_adj in zip(paired, adjusted):
+        pair["paired"] = {**result.as_dict(), "wilcoxon_p_holm": p_adj if len(paired) > 1 else None}
+        pair["verdict"] = paired_stats.verdict(result, p_adj, direction == "max", margin, pair["a"], pair["b"])
+        pair["fragile"] = result.fragile
+        pair["fragile_text"] = paired_stats.fragile_text(result.fragile, result.n_folds) if result.fragile else None
     for pair in pairs:
         lost = pair["dropped"]
         if lost:
             pair["verdict"] += (f" [from {lost['values_used']} of {lost['values_total']} per-image values: "
                                 f"{lost['dropped']} dropped ({'; '.join(lost['reasons'])}); see the warnings]")
-    failed = [c.info.run_name for c in children if c.info.status != "FINISHED"]
-    return {"metric": metric, "direction": direction, "direction_source": direction_source,
-            "higher_is_better": higher, "margin": margin, "parent_run_id": parent_id, "rows": rows,
-            "pairs": pairs, "curves": curves, "seed_bests": seed_bests, "not_finished": failed,
-            "warnings": warnings, "cross_validated": cross_validated, "folds": folds, "cv": cv,
-            "dropped": dropped,
-            "tests": {
-                "paired": (f"per-image {metric} of each run's best checkpoint, paired by "
-                           + ("fold, seed" if cross_validated else "seed") + " and image: mean "
-                           f"difference A - B with a 95% hierarchical bootstrap CI ({paired_stats.RESAMPLES} "
-                           f"resamples of " + ("fold x seed replicates" if cross_validated else "seeds")
-                           + f", then images; RNG seed {paired_stats.BOOTSTRAP_SEED}); Wilcoxon "
-                           "signed-rank test across images on the differences averaged over seeds"
-                           + (", Holm-corrected over the pairs" if len(paired) > 1 else "")),
-                "seed_level": f"two-sided Welch t-test on the per-{level} best values (whole-set metric)"
-                              + (" over fold x seed replicates" if cross_validated else ""),
-                **({"cv": f"cross-validation estimate: mean per-image {metric} over all fold x seed replicates "
-                          "and their images, std of the replicate means, 95% hierarchical bootstrap CI "
-                          "(replicates, then images)"} if cross_validated else {})}}
+    return pairs
+
+
+def _seed_level(a: list[float], b: list[float], level: str) -> dict[str, Any]:
+    return {"test": f"Welch t-test on per-{level} best values (whole-set metric)",
+            "difference": statistics.mean(a) - statistics.mean(b) if a and b else None,
+            "p_value": welch(a, b), "replicates": [len(a), len(b)]}
+
+
+def _test_descriptions(metric: str, cross_validated: bool, n_paired: int, split: str) -> dict[str, str]:
+    from unetlab.analysis import paired_stats
+
+    level = "replicate" if cross_validated else "seed"
+    checkpoint = "best checkpoint" + (" on the held-out test split" if split == "test" else "")
+    return {
+        "paired": (f"per-image {metric} of each run's {checkpoint}, paired by "
+                   + ("fold, seed" if cross_validated else "seed") + " and image: mean "
+                   f"difference A - B with a 95% hierarchical bootstrap CI ({paired_stats.RESAMPLES} "
+                   f"resamples of " + ("fold x seed replicates" if cross_validated else "seeds")
+                   + f", then images; RNG seed {paired_stats.BOOTSTRAP_SEED}); Wilcoxon "
+                   "signed-rank test across images on the differences averaged over seeds"
+                   + (", Holm-corrected over the pairs" if n_paired > 1 else "")),
+        "seed_level": f"two-sided Welch t-test on the per-{level} best values (whole-set metric)"
+                      + (" over fold x seed replicates" if cross_validated else ""),
+        **({"cv": f"cross-validation estimate: mean per-image {metric} over all fold x seed replicates "
+                  "and their images, std of the replicate means, 95% hierarchical bootstrap CI "
+                  "(replicates, then images)"} if cross_validated else {})}
 
 
 def _pm(mean, std, digits=4) -> str:
@@ -410,24 +554,26 @@ def _cv_line(variant: str, cv: dict[str, Any] | None, metric: str) -> str:
             f"{cv['source']}){lost}")
 
 
-def render(result: dict[str, Any], fmt: str) -> str:
-    """The comparison as text: ``table``, ``md``, ``csv`` or ``json``."""
-    metric = result["metric"]
+def render(result: Comparison | dict[str, Any], fmt: str) -> str:
+    """The comparison (a ``Comparison`` or its plain data, ``compare.json``) as text: ``table``, ``md``, ``csv`` or
+    ``json``."""
+    data = result.as_dict() if isinstance(result, Comparison) else result
+    metric = data["metric"]
     if fmt == "json":
-        return json.dumps({k: v for k, v in result.items() if k != "curves"}, indent=2)
+        return json.dumps({k: v for k, v in data.items() if k != "curves"}, indent=2)
     if fmt == "csv":
         out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=list(result["rows"][0]))
+        writer = csv.DictWriter(out, fieldnames=list(data["rows"][0]))
         writer.writeheader()
-        writer.writerows(result["rows"])
+        writer.writerows(data["rows"])
         return out.getvalue()
-    cross_validated = result.get("cross_validated", False)
+    cross_validated = data.get("cross_validated", False)
     header = ["variant", "folds x seeds" if cross_validated else "seeds", f"best {metric}", f"final {metric}",
               "params", "GFLOPs", "train s"]
     lines = [[r["variant"], f"{r['folds']} x {r['seeds']}" if cross_validated else str(r["seeds"]),
               _pm(r[f"best_{metric}_mean"], r[f"best_{metric}_std"]),
               _pm(r[f"final_{metric}_mean"], r[f"final_{metric}_std"]), f"{r['params']:,}", f"{r['gflops']:.3f}",
-              _pm(r["train_time_s_mean"], r["train_time_s_std"], 1)] for r in result["rows"]]
+              _pm(r["train_time_s_mean"], r["train_time_s_std"], 1)] for r in data["rows"]]
     if fmt == "md":
         text = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         text += ["| " + " | ".join(line) + " |" for line in lines]
@@ -435,36 +581,37 @@ def render(result: dict[str, Any], fmt: str) -> str:
         widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(header)]
         text = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
         text += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
-    better = "higher" if result["higher_is_better"] else "lower"
-    margin = f"; margin ±{result['margin']:g}" if result["margin"] is not None else ""
-    text += ["", f"{better} is better ({result['direction_source']}){margin}.",
-             f"paired test: {result['tests']['paired']}.",
-             f"{'replicate' if cross_validated else 'seed'}-level test: {result['tests']['seed_level']}."]
-    for variant, cv in result.get("cv", {}).items():
+    better = "higher" if data["higher_is_better"] else "lower"
+    margin = f"; margin ±{data['margin']:g}" if data["margin"] is not None else ""
+    text += ["", f"{better} is better ({data['direction_source']}){margin}."]
+    if data.get("split") == "test":
+        images = f" ({data['split_images']} images)" if data.get("split_images") else ""
+        text.append(f"judged on the held-out test split{images}: the final runs' best checkpoints, scored on images "
+                    "neither training nor tuning saw.")
+    text += [f"paired test: {data['tests']['paired']}.",
+             f"{'replicate' if cross_validated else 'seed'}-level test: {data['tests']['seed_level']}."]
+    for variant, cv in data.get("cv", {}).items():
         text.append(_cv_line(variant, cv, metric))
-    for pair in result["pairs"]:
+    for pair in data["pairs"]:
         text += _pair_lines(pair, cross_validated)
-    if result["not_finished"]:
-        text.append(f"not included (not FINISHED): {', '.join(result['not_finished'])}")
+    if data.get("tuning"):
+        text += ["", *_tuning_lines(data["tuning"])]
+    if data.get("contract"):
+        text += ["", *format_contract(contract_from_dict(data["contract"]))]
+    if data["not_finished"]:
+        text.append(f"not included (not FINISHED): {', '.join(data['not_finished'])}")
     return "\n".join(text)
 
 
-def margin_from_file(path: str | Path) -> float | None:
-    """``compare.margin`` of an experiment file, read straight from its YAML (None when absent)."""
-    from unetlab.config.experiment import compare_margin
-    from unetlab.config.yaml_loader import load_yaml_file
-
-    data, lines = load_yaml_file(path)
-
-    def at(key_path: tuple) -> str:
-        return f"{path}:{lines[key_path]}" if key_path in lines else str(path)
-
-    return compare_margin(data.get("compare") if isinstance(data, dict) else None, at)
+def _tuning_lines(tuning: dict[str, Any]) -> list[str]:
+    report = TuningReport.from_dict(tuning)
+    return [f"tuning budget per variant (studies on the validation split, tune metric {report.metric}):",
+            *("  " + line for line in report.budget_table()), report.budget_line()]
 
 
 def compare_command(target: str, metric: str | None, fmt: str, out: str | None, parent: str | None,
                     tracking_uri: str | None, margin: float | None = None, direction: str | None = None) -> int:
-    """Print the comparison, write the figure to disk and log it to the parent run."""
+    """Print the comparison, write its figures to disk and log them to the parent run."""
     import os
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -478,8 +625,7 @@ def compare_command(target: str, metric: str | None, fmt: str, out: str | None, 
 
         experiment = load_experiment(target)
         name, config_uri = experiment.name, experiment.runs[0].config["tracking"]["uri"]
-        if margin is None:
-            margin = margin_from_file(target)
+        margin = experiment.compare_margin if margin is None else margin
     uri = tracking_uri or resolve_tracking_uri(config_uri)
     import mlflow
 
@@ -492,15 +638,21 @@ def compare_command(target: str, metric: str | None, fmt: str, out: str | None, 
         raise UnetlabError(f"no MLflow experiment named '{name}' at {mlflow.get_tracking_uri()}"
                            f"{did_you_mean(name, names)} (experiments: {', '.join(names) or 'none'})")
     result = compare_runs(client, found.experiment_id, metric, parent, margin, direction)
-    for line in result["warnings"]:
+    for line in result.warnings:
         print(f"unetlab: warning: {line}", file=sys.stderr)
     print(render(result, fmt))
+    from unetlab.analysis.dashboard import log_comparison
     from unetlab.analysis.figures import comparison_figure
 
-    figure = comparison_figure(result)
+    figure = comparison_figure(result.as_dict())
     path = Path(out or f"compare-{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.png")
     figure.savefig(path, dpi=110)
-    from unetlab.analysis.dashboard import log_comparison
-
-    print(f"figure: {path}; {log_comparison(client, result, figure)}", file=sys.stderr)
+    written = [str(path)]
+    if result.tuning is not None and result.tuning.curves:
+        budget = budget_figure(result.tuning)
+        budget_path = path.with_name(f"{path.stem}-budget.png")
+        budget.savefig(budget_path, dpi=110)
+        client.log_figure(result.parent_run_id, budget, BUDGET_FIGURE)
+        written.append(f"{budget_path} (logged as {BUDGET_FIGURE})")
+    print(f"figure: {'; '.join(written)}; {log_comparison(client, result.as_dict(), figure)}", file=sys.stderr)
     return 0

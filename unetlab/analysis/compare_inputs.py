@@ -94,59 +94,60 @@ def _bad(problem: str) -> PerImageRead:
 
 
 def read_per_image(client: Any, run_id: str, metric: str, ranges: dict[str, tuple[float, float]],
-                   max_bytes: int = MAX_TABLE_BYTES) -> PerImageRead:
+                   max_bytes: int = MAX_TABLE_BYTES, artifact: str = ARTIFACT) -> PerImageRead:
     """Read and validate run ``run_id``'s per-image table; return the finite values of ``metric`` (see the
-    module docstring). Never raises for what the file holds: a bad table comes back with ``problem`` set."""
+    module docstring); ``artifact``: the table's name (``per_image_test_metrics.json`` for the test split).
+    Never raises for what the file holds: a bad table comes back with ``problem`` set."""
     listed = {a.path: a for a in client.list_artifacts(run_id)}
-    if ARTIFACT not in listed:
+    if artifact not in listed:
         return PerImageRead(None)
-    size = listed[ARTIFACT].file_size
+    size = listed[artifact].file_size
     if size is not None and size > max_bytes:
-        return _bad(f"{ARTIFACT} is {size / 2**20:.1f} MiB, over the {max_bytes / 2**20:g} MiB a per-image table "
+        return _bad(f"{artifact} is {size / 2**20:.1f} MiB, over the {max_bytes / 2**20:g} MiB a per-image table "
                     "may have (refused unread)")
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(client.download_artifacts(run_id, ARTIFACT, tmp))
+        path = Path(client.download_artifacts(run_id, artifact, tmp))
         size = path.stat().st_size
         if size > max_bytes:
-            return _bad(f"{ARTIFACT} is {size / 2**20:.1f} MiB, over the {max_bytes / 2**20:g} MiB a per-image "
+            return _bad(f"{artifact} is {size / 2**20:.1f} MiB, over the {max_bytes / 2**20:g} MiB a per-image "
                         "table may have (refused unparsed)")
         raw = path.read_bytes()
     try:
         table = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
-        return _bad(f"{ARTIFACT} is not UTF-8 text")
+        return _bad(f"{artifact} is not UTF-8 text")
     except RecursionError:
-        return _bad(f"{ARTIFACT} is nested too deep to be a table")
+        return _bad(f"{artifact} is nested too deep to be a table")
     except ValueError as exc:
-        return _bad(f"{ARTIFACT} is not valid JSON ({str(exc).splitlines()[0]})")
-    return _validated(table, metric, ranges)
+        return _bad(f"{artifact} is not valid JSON ({str(exc).splitlines()[0]})")
+    return _validated(table, metric, ranges, artifact)
 
 
-def _validated(table: Any, metric: str, ranges: dict[str, tuple[float, float]]) -> PerImageRead:
+def _validated(table: Any, metric: str, ranges: dict[str, tuple[float, float]], artifact: str) -> PerImageRead:
     if not isinstance(table, dict) or not isinstance(table.get("columns"), list) or \
             not isinstance(table.get("data"), list):
-        return _bad(f"{ARTIFACT} is not an MLflow table (expected {{\"columns\": [...], \"data\": [[...], ...]}})")
+        return _bad(f"{artifact} is not an MLflow table (expected {{\"columns\": [...], \"data\": [[...], ...]}})")
     columns = table["columns"]
     if not all(isinstance(c, str) for c in columns) or len(set(columns)) != len(columns) or "image" not in columns:
-        return _bad(f"{ARTIFACT}: columns must be distinct strings including 'image', got "
+        return _bad(f"{artifact}: columns must be distinct strings including 'image', got "
                     f"{json.dumps(columns)[:80]}")
     image_at = columns.index("image")
     rows: dict[Any, list] = {}
     for n, row in enumerate(table["data"]):
         if not isinstance(row, list) or len(row) != len(columns):
-            return _bad(f"{ARTIFACT}: data[{n}] is not a row of {len(columns)} cells")
+            return _bad(f"{artifact}: data[{n}] is not a row of {len(columns)} cells")
         image = row[image_at]
         if not (isinstance(image, str) or (isinstance(image, int) and not isinstance(image, bool))):
-            return _bad(f"{ARTIFACT}: data[{n}]: image must be a string or an integer, got {json.dumps(image)[:40]}")
+            return _bad(f"{artifact}: data[{n}]: image must be a string or an integer, got {json.dumps(image)[:40]}")
         for column, value in zip(columns, row):
             if column == "image":
                 continue
             if value is not None and not _number(value):
-                return _bad(f"{ARTIFACT}: data[{n}].{column} must be a number or null, got "
+                return _bad(f"{artifact}: data[{n}].{column} must be a number or null, got "
                             f"{json.dumps(value)[:40]}")
             low, high = ranges.get(column, (-math.inf, math.inf))
             if value is not None and math.isfinite(value) and not low <= value <= high:
-                return _bad(f"{ARTIFACT}: data[{n}].{column} = {value:g} (image {image!r}) is outside the "
+                return _bad(f"{artifact}: data[{n}].{column} = {value:g} (image {image!r}) is outside the "
                             f"metric's declared range [{low:g}, {high:g}]")
         rows[image] = row  # the last row of an image wins
     read = PerImageRead({}, list(rows))

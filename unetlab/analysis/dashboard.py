@@ -126,18 +126,12 @@ def latest_parent(client, experiment_ids: list[str]):
 def factor_keys(runs) -> list[str]:
     """The config keys (flattened, as logged as params) that differ between the variants of ``runs``
     (``experiment.Run``), leaving out the keys that differ between a variant's replicates (seed, fold)."""
-    flats = [r.flat() for r in runs]
+    from unetlab.analysis.contract import differing_keys, variant_label
+
     groups: dict[str, list[dict]] = {}
-    for run, flat in zip(runs, flats):
-        label = "/".join(p for p in run.name.split("/") if not re.match(r"^(seed|fold|data\.fold)=", p))
-        groups.setdefault(label, []).append(flat)
-    keys = sorted({k for f in flats for k in f})
-
-    def differ(configs: list[dict], key: str) -> bool:
-        return len({json.dumps(c.get(key), sort_keys=True, default=str) for c in configs}) > 1
-
-    within = {k for k in keys if any(differ(g, k) for g in groups.values())}
-    return [k for k in keys if k not in within and differ(flats, k)]
+    for run in runs:
+        groups.setdefault(variant_label(run.name), []).append(run.flat())
+    return list(differing_keys(groups))
 
 
 def _name(text: str) -> str:
@@ -293,7 +287,7 @@ def report_dashboard(client, experiment_id: str, parent_id: str, monitor: str, m
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # per-image tables: no bars
     try:
         set_runs_view(client, experiment_id, parent_id, monitor, factor_keys(runs), group_tags(runs))
-        result = compare_runs(client, experiment_id, None, parent_id, margin)
+        result = compare_runs(client, experiment_id, None, parent_id, margin).as_dict()
         log_comparison(client, result)
     except Exception as exc:  # noqa: BLE001 -- the runs are done; a comparison problem must not change that
         print(f"unetlab: warning: comparison not logged to parent run {parent_id}: {exception_text(exc)}",

@@ -175,6 +175,8 @@ def add_validate_command(sub: argparse._SubParsersAction) -> None:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """``unetlab validate FILE``: load, expand and check every run, build its components on the meta device."""
+    from unetlab.analysis.contract import format_contract
+    from unetlab.analysis.contract_records import contract_before_training
     from unetlab.config.experiment import load_experiment
     from unetlab.model.meta_build import build_runs_on_meta
     from unetlab.plugin_api.host import default_host
@@ -184,13 +186,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
     build_runs_on_meta(experiment.runs, host.registry, where=args.file)  # factory errors, no memory, no weights
     tune_lines = _tune_plan(experiment, host, args.file)
     host.warn_problems()
+    contract = contract_before_training(experiment, host.registry)  # builds each dataset: after the quick checks
     if args.json:
         import dataclasses
 
         tune = {"tune": dataclasses.asdict(experiment.tune)} if experiment.tune is not None else {}
         print(json.dumps({"name": experiment.name, "runs": [
             {"name": r.name, "variant": r.variant, "seed": r.seed, "config": _jsonable(r.config)}
-            for r in experiment.runs], **tune}, indent=2))
+            for r in experiment.runs], **tune, "contract": contract.as_dict()}, indent=2))
         return 0
     print(f"{args.file}: OK, experiment '{experiment.name}', {len(experiment.runs)} run(s)")
     for run in experiment.runs:
@@ -201,6 +204,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
               f"fusion={m['fusion']['name']} loss={losses} epochs={run.config['train']['epochs']}")
     for line in tune_lines:
         print(line)
+    print("\n".join(format_contract(contract)))
     return 0
 
 

@@ -18,12 +18,19 @@ __all__ = ["log_run_outputs", "run_summary"]
 
 
 def log_run_outputs(tracker: RunTracker, result: RunResult, prep: Prepared, registry: Registry | None = None) -> None:
-    """Final metrics (training time, best monitored value and epoch), the best model's per-image validation
-    metrics (``per_image_metrics.json``, what ``compare`` pairs on), then figures and the model as configured."""
+    """Final metrics (training time, steps, epochs, peak memory, best monitored value and epoch), the best
+    model's per-image validation metrics (``per_image_metrics.json``, what ``compare`` pairs on), its test-split
+    metrics when the data has a test split and the run is no trial (``unetlab.runs.test_evaluation``), then
+    figures and the model as configured."""
+    from unetlab.runs.test_evaluation import record_test_metrics
     from unetlab.tracking.per_image import record_per_image_metrics
 
     config = prep.run.config
-    final_metrics = {"train_time_s": result.seconds}
+    # what the comparison contract reads (unetlab.analysis.contract_records)
+    final_metrics = {"train_time_s": result.seconds, "train_steps": result.steps, "train_epochs": result.epochs}
+    if result.peak_memory_mb is not None:
+        final_metrics["peak_memory_mb"] = result.peak_memory_mb
+        tracker.set_tags({run_tags.PEAK_MEMORY_KIND: result.memory_kind})
     if result.best is not None:
         final_metrics[f"best_{config['train']['monitor']}"] = result.best
         final_metrics["best_epoch"] = result.best_epoch
@@ -34,6 +41,8 @@ def log_run_outputs(tracker: RunTracker, result: RunResult, prep: Prepared, regi
         registry = default_host().registry
     record_per_image_metrics(tracker, result.model, prep.source, config["train"], prep.num_classes, registry,
                              prep.runtime.amp_dtype)
+    if prep.run.role != "trial":  # trials are judged on validation only: the test split is for final runs
+        record_test_metrics(tracker, result.model, prep, registry, step=result.epochs)
     if config["tracking"]["figures"]:
         log_figures(tracker, result, prep)
     if config["tracking"]["log_model"]:

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PER_IMAGE_ARTIFACT",
+    "PER_IMAGE_TEST_ARTIFACT",
     "evaluate_per_image",
     "load_per_image_metrics",
     "log_per_image_metrics",
@@ -43,6 +44,7 @@ __all__ = [
 ]
 
 PER_IMAGE_ARTIFACT = "per_image_metrics.json"
+PER_IMAGE_TEST_ARTIFACT = "per_image_test_metrics.json"  # a final run's test split (unetlab.runs.test_evaluation)
 
 
 def _image_ids(dataset: Any) -> list:
@@ -66,8 +68,9 @@ def _model_predict(model: torch.nn.Module) -> Callable:
 
 
 def per_image_rows(predict_fn: Callable, dataset: Any, metrics: Sequence[Any], loss_fn: Callable | None = None,
-                   batch_size: int = 16) -> list[dict[str, Any]]:
-    """One row per image of ``dataset``: ``{"image": id, "val_loss": ..., "val_<metric key>": ...}``.
+                   batch_size: int = 16, prefix: str = "val") -> list[dict[str, Any]]:
+    """One row per image of ``dataset``: ``{"image": id, "val_loss": ..., "val_<metric key>": ...}`` (``prefix``
+    ``test``: ``test_loss``, ``test_<metric key>``).
 
     ``predict_fn(images N x C x H x W) -> logits`` (the model, a sliding window, TTA...); ``metrics``:
     accumulators with reset/update/compute, used on one image at a time. Images of equal size are
@@ -94,11 +97,11 @@ def per_image_rows(predict_fn: Callable, dataset: Any, metrics: Sequence[Any], l
             one_logits, one_target = logits[j:j + 1], targets[j:j + 1]
             row: dict[str, Any] = {"image": ids[index + j]}
             if loss_fn is not None:
-                row["val_loss"] = float(loss_fn(one_logits, one_target))
+                row[f"{prefix}_loss"] = float(loss_fn(one_logits, one_target))
             for metric in metrics:
                 metric.reset()
                 metric.update(one_logits, one_target)
-                row.update({f"val_{k}": float(v) for k, v in metric.compute().items()})
+                row.update({f"{prefix}_{k}": float(v) for k, v in metric.compute().items()})
             rows.append(row)
         index += len(batch)
     return rows
@@ -106,28 +109,30 @@ def per_image_rows(predict_fn: Callable, dataset: Any, metrics: Sequence[Any], l
 
 def evaluate_per_image(model: torch.nn.Module | None, dataset: Any, train_config: dict, num_classes: int,
                        registry: Registry, predict_fn: Callable | None = None, batch_size: int = 16,
-                       ignore_index: int | None = None) -> list[dict[str, Any]]:
+                       ignore_index: int | None = None, prefix: str = "val") -> list[dict[str, Any]]:
     """Per-image rows for a run's configured metrics and loss (``predict_fn`` defaults to ``model``);
     ``ignore_index``: the dataset's (padding, 255 in masks), given to them as the trainer does."""
     from unetlab.training.trainer import build_loss, build_metrics
 
     return per_image_rows(predict_fn or _model_predict(model), dataset,
                           build_metrics(train_config, num_classes, registry, ignore_index),
-                          build_loss(train_config, num_classes, registry, ignore_index), batch_size)
+                          build_loss(train_config, num_classes, registry, ignore_index), batch_size, prefix)
 
 
 def validation_per_image(model: torch.nn.Module, source: Any, train_config: dict, num_classes: int,
-                         registry: Registry, dtype: torch.dtype | None = None) -> list[dict[str, Any]]:
+                         registry: Registry, dtype: torch.dtype | None = None,
+                         split: str = "val") -> list[dict[str, Any]]:
     """Per-image rows for the images validation scores on ``source``, predicted as validation predicts
     them (whole images by ``unetlab.training.whole_image_validation.whole_image_logits``, autocast ``dtype``), with the
-    source's ``ignore_index``."""
+    source's ``ignore_index``. ``split="test"``: the test split's images, scored the same way, keys ``test_``."""
     from unetlab.training.trainer import build_loss, build_metrics
     from unetlab.training.whole_image_validation import memory_budget, score_whole_image, validation_images
 
-    dataset = validation_images(source)
+    dataset = validation_images(source, split)
     ignore_index = getattr(source, "ignore_index", None)
     if not getattr(source, "whole_image_validation", False):
-        return evaluate_per_image(model, dataset, train_config, num_classes, registry, ignore_index=ignore_index)
+        return evaluate_per_image(model, dataset, train_config, num_classes, registry, ignore_index=ignore_index,
+                                  prefix=split)
     # whole images, one at a time, scored as validation scores them (streamed in row bands when large)
     metrics = build_metrics(train_config, num_classes, registry, ignore_index)
     loss_fn = build_loss(train_config, num_classes, registry, ignore_index)
@@ -139,20 +144,22 @@ def validation_per_image(model: torch.nn.Module, source: Any, train_config: dict
         for metric in metrics:
             metric.reset()
         row: dict[str, Any] = {"image": image_id}
-        row["val_loss"] = score_whole_image(model, dataset, index, loss_fn, metrics, device, dtype, budget=budget)
+        row[f"{split}_loss"] = score_whole_image(model, dataset, index, loss_fn, metrics, device, dtype,
+                                                  budget=budget)
         for metric in metrics:
-            row.update({f"val_{k}": float(v) for k, v in metric.compute().items()})
+            row.update({f"{split}_{k}": float(v) for k, v in metric.compute().items()})
         rows.append(row)
     return rows
 
 
-def log_per_image_metrics(tracker: RunTracker, rows: list[dict[str, Any]]) -> None:
-    """Log ``rows`` as the run's MLflow table ``per_image_metrics.json`` (``tracker``: a RunTracker)."""
+def log_per_image_metrics(tracker: RunTracker, rows: list[dict[str, Any]],
+                          artifact: str = PER_IMAGE_ARTIFACT) -> None:
+    """Log ``rows`` as the run's MLflow table ``artifact`` (``tracker``: a RunTracker)."""
     if not rows:
         return
     columns = list(dict.fromkeys(k for row in rows for k in row))
     table = {c: [row.get(c, math.nan) for row in rows] for c in columns}
-    tracker.client.log_table(tracker.run_id, data=table, artifact_file=PER_IMAGE_ARTIFACT)
+    tracker.client.log_table(tracker.run_id, data=table, artifact_file=artifact)
 
 
 def record_per_image_metrics(tracker: RunTracker, model: torch.nn.Module, source: Any, train_config: dict,

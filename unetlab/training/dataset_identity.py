@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from unetlab.training.preflight import Prepared
 
-__all__ = ["dataset_identity"]
+__all__ = ["data_identity", "dataset_identity"]
 
 
 def dataset_identity(prepared: Prepared) -> tuple[str, str, dict[str, int], str]:
@@ -22,19 +22,28 @@ def dataset_identity(prepared: Prepared) -> tuple[str, str, dict[str, int], str]
     normalisation) and, for data read from a folder, every file's path, size and modification time:
     runs on different data get different digests.
     """
-    data = prepared.run.config["data"]
+    return data_identity(prepared.run.config, prepared.source)
+
+
+def data_identity(config: dict, dataset_source: Any) -> tuple[str, str, dict[str, int], str]:
+    """``dataset_identity`` of a run config and its built dataset source (``unetlab validate``'s contract has
+    no prepared run). The split sizes: train, the images validation scores, and test when there is one."""
+    data = config["data"]
     spec = data["dataset"]
     ident: dict[str, Any] = {"data": data}
-    root = getattr(prepared.source, "root", None)
+    root = getattr(dataset_source, "root", None)
     if root is not None:
         ident["files"] = sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
                                 for p in Path(root).rglob("*")
                                 if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
     from unetlab.training.whole_image_validation import (
+        has_test_split,
         validation_images,  # whole images, not tiles, for a patch-trained run (imports torch)
     )
 
-    splits = {"train": len(prepared.source.split("train")), "val": len(validation_images(prepared.source))}
+    splits = {"train": len(dataset_source.split("train")), "val": len(validation_images(dataset_source))}
+    if has_test_split(dataset_source):
+        splits["test"] = len(validation_images(dataset_source, "test"))
     source = str(root) if root is not None else json.dumps(spec, sort_keys=True, default=str)
     return str(spec["name"]), digest, splits, source

@@ -25,7 +25,7 @@ from unetlab.plugin_api.registry import Registry, metric_directions, resolve_mon
 from unetlab.training.system_metrics import system_metrics_enabled
 
 __all__ = ["ModelCheck", "Prepared", "Runtime", "check_model", "check_processes_per_node", "config_hash", "dataset_key",
-           "monitor_keys", "prepare", "prepare_all", "resolve_device", "resolve_runtime", "training_size"]
+           "model_cost", "monitor_keys", "prepare", "prepare_all", "resolve_device", "resolve_runtime", "training_size"]
 
 DEFAULT_SIZE = (64, 64)  # the size models are checked at when a dataset does not say its own
 
@@ -168,6 +168,15 @@ def check_model(run: Run, registry: Registry, source: Any = None, pretrained: st
     return ModelCheck(source, in_ch, out_ch, num_classes, model, size)
 
 
+def model_cost(config: dict, registry: Registry, checked: ModelCheck) -> tuple[int, float]:
+    """(trainable parameters, forward GFLOPs for one image at the training size) of a checked model: what a
+    run logs as ``model.num_params`` and ``model.gflops_per_image`` and the comparison contract shows."""
+    from unetlab.model.unet import count_parameters, forward_flops
+
+    size = training_size(config, registry, checked.in_channels, checked.image_size)
+    return count_parameters(checked.model), forward_flops(checked.model, checked.in_channels, *size) / 1e9
+
+
 def prepare(run: Run, registry: Registry, world_size: int = 1, source: Any = None,
             pretrained: str = "check") -> Prepared:
     """Everything that can be checked before training: runtime, data, channels, sizes, the monitored metric.
@@ -175,7 +184,7 @@ def prepare(run: Run, registry: Registry, world_size: int = 1, source: Any = Non
     ``source``: an already built dataset source for this run's dataset config (shared between runs).
     ``pretrained``: as for ``check_model``.
     """
-    from unetlab.model.unet import count_parameters, forward_flops, output_shape
+    from unetlab.model.unet import output_shape
 
     try:
         runtime = resolve_runtime(run.config, world_size)
@@ -184,7 +193,7 @@ def prepare(run: Run, registry: Registry, world_size: int = 1, source: Any = Non
                                                      checked.num_classes, checked.model)
         size = training_size(run.config, registry, in_ch, checked.image_size)
         output_shape(model, in_ch, *size)
-        gflops = forward_flops(model, in_ch, *size) / 1e9
+        params, gflops = model_cost(run.config, registry, checked)
         directions = metric_directions(run.config["train"], num_classes, registry)
         ranges = metric_ranges(run.config["train"], num_classes, registry)
         keys = list(directions)
@@ -196,7 +205,7 @@ def prepare(run: Run, registry: Registry, world_size: int = 1, source: Any = Non
                           f"{did_you_mean(monitor, keys)} (logged: {', '.join(keys)})")
     # monitor_mode 'auto' becomes the monitored key's declared direction, recorded in the config that runs
     run.config["train"]["monitor_mode"] = resolve_monitor_mode(run.config["train"], directions)
-    return Prepared(run, source, in_ch, out_ch, num_classes, runtime, count_parameters(model), gflops,
+    return Prepared(run, source, in_ch, out_ch, num_classes, runtime, params, gflops,
                     f"{run.name}@{config_hash(run.config)}", directions, ranges)
 
 

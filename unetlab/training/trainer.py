@@ -33,6 +33,7 @@ from unetlab.training.determinism import configure
 from unetlab.training.distributed import DistContext
 from unetlab.training.lr_schedule import Schedule, is_better
 from unetlab.training.model_store import model_identity
+from unetlab.training.peak_memory import start_peak_memory
 
 if TYPE_CHECKING:  # preflight uses build_metrics from here
     from unetlab.training.preflight import Prepared
@@ -59,6 +60,8 @@ class RunResult:
     message: str = ""
     history: list[dict[str, float]] = field(default_factory=list)
     model: Any = None
+    peak_memory_mb: float | None = None      # unetlab.training.peak_memory: what it measures is memory_kind
+    memory_kind: str = ""
 
 
 @dataclass
@@ -214,6 +217,7 @@ def train_run(setup: TrainSetup) -> RunResult:
                         tracker=setup.tracker)
 
     started, stop_reason = time.perf_counter(), ""
+    memory = start_peak_memory(parts.device)
     for epoch in range(state.epoch, t["epochs"]):
         if t["max_steps"] is not None and state.step >= t["max_steps"]:
             break
@@ -243,10 +247,11 @@ def train_run(setup: TrainSetup) -> RunResult:
     best_path = setup.checkpoint_dir / "best.pt"
     if dist.is_main and best_path.exists():  # the model that is logged and compared is the best one
         parts.model.load_state_dict(load_checkpoint(best_path)["model"])
+    peak_mb, memory_kind = memory.read()
     return RunResult(status="FINISHED", epochs=len(state.history), steps=state.step,
                      final=state.history[-1] if state.history else {}, best=state.best, best_epoch=state.best_epoch,
                      seconds=time.perf_counter() - started, message=stop_reason, history=state.history,
-                     model=parts.model)
+                     model=parts.model, peak_memory_mb=peak_mb, memory_kind=memory_kind)
 
 
 def _build(setup: TrainSetup) -> _Parts:

@@ -52,6 +52,7 @@ __all__ = [
     "evaluate_whole_images",
     "folder_validation_warnings",
     "full_image_bytes",
+    "has_test_split",
     "memory_budget",
     "score_whole_image",
     "validation_images",
@@ -112,13 +113,23 @@ def folder_validation_warnings(source: Any, built: dict) -> list[str]:
     return [f"  warning: {line}" for line in validation_memory_warnings(shapes, built["channels"], classes)]
 
 
-def validation_images(source: Any) -> Any:
-    """The validation images of ``source`` as validation scores them: whole images of their own size
-    when it validates by sliding windows (``whole_image_validation``: training on patches), else its
-    ``val`` split (never the tiles of a patch-trained source)."""
+def validation_images(source: Any, split: str = "val") -> Any:
+    """The images of ``split`` (``val``, or ``test`` for a final run's held-out evaluation) of ``source`` as
+    validation scores them: whole images of their own size when it validates by sliding windows
+    (``whole_image_validation``: training on patches), else the split itself (never the tiles of a
+    patch-trained source)."""
     if validates_whole_images(source):
-        return source.whole_images("val")
-    return source.split("val")
+        return source.whole_images(split)
+    return source.split(split)
+
+
+def has_test_split(source: Any) -> bool:
+    """Whether ``source`` has a test split holding at least one image (generated data: ``n_test``; folders:
+    a ``test/`` folder or the split file's ``test`` list)."""
+    try:
+        return len(source.split("test")) > 0
+    except (KeyError, ValueError):  # a plugin's source that knows no test split
+        return False
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
