@@ -149,7 +149,7 @@ def _directions(runs) -> dict[str, str]:
 
 
 def _find_parent(client, experiment_id: str) -> str:
-    parents = client.search_runs([experiment_id], filter_string="tags.`unetlab.parent` = 'true'",
+    parents = client.search_runs([experiment_id], filter_string=f"tags.`{run_tags.PARENT}` = 'true'",
                                  order_by=["attributes.start_time DESC"], max_results=50)
     for parent in parents:
         children = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = "

@@ -89,7 +89,7 @@ def set_runs_view(client, experiment_id: str, parent_id: str, monitor: str, fact
     ours = [k for k in client.get_experiment(experiment_id).tags if k.startswith(VIEW_TAG_PREFIX + "unetlab-")]
     if len(ours) > KEEP_VIEWS:
         start = {r.info.run_id: r.info.start_time for r in client.search_runs(
-            [experiment_id], filter_string="tags.`unetlab.parent` = 'true'", max_results=1000)}
+            [experiment_id], filter_string=f"tags.`{run_tags.PARENT}` = 'true'", max_results=1000)}
         ours.sort(key=lambda k: start.get(k[len(VIEW_TAG_PREFIX) + len("unetlab-"):], 0), reverse=True)
         for stale in ours[KEEP_VIEWS:]:
             client.delete_experiment_tag(experiment_id, stale)
@@ -118,7 +118,7 @@ def run_url(base: str, experiment_id: str, run_id: str) -> str:
 
 def latest_parent(client, experiment_ids: list[str]):
     """The newest unetlab parent run of these experiments, or None."""
-    runs = client.search_runs(experiment_ids, filter_string="tags.`unetlab.parent` = 'true'",
+    runs = client.search_runs(experiment_ids, filter_string=f"tags.`{run_tags.PARENT}` = 'true'",
                               order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0] if runs else None
 

@@ -44,6 +44,7 @@ from unetlab.runs.tuning import (
     suggest,
     trial_records,
 )
+from unetlab.tracking import tags as run_tags
 
 __all__ = ["STUDY_RUN_ATTR", "TrialWork", "final_runs", "open_trial", "run_tuned", "train_trial_worker", "trial_run",
            "variants_in_order"]
@@ -216,7 +217,7 @@ def _study_run(inv, variant: str, spec: TuneSpec, study, direction: str) -> str:
                 tracker.reopen(known)
                 tracker.child(known).set_tags(owner_tags())
                 return known
-    tags = {**(inv.base_tags or {}), **owner_tags(), ROLE_TAG: "study", "unetlab.variant": variant,
+    tags = {**(inv.base_tags or {}), **owner_tags(), ROLE_TAG: "study", run_tags.VARIANT: variant,
             TUNE_SPACE_TAG: spec.space_json()[:5000]}
     run_id = tracker.client.create_run(tracker.experiment_id, run_name=f"{variant}/study",
                                        tags={**tags, PARENT_TAG: inv.parent_id}).info.run_id
@@ -384,7 +385,7 @@ def _objective(tracker, run_id: str | None, reporter: TrialReporter) -> float | 
 def _trial_run_id(tracker, key: str) -> str | None:
     """The MLflow run the trial was trained in (the newest with its run key)."""
     try:
-        found = tracker.find_runs("unetlab.run_key", key)
+        found = tracker.find_runs(run_tags.RUN_KEY, key)
     except Exception as exc:  # noqa: BLE001 -- the store: one line, the study's own record stays
         print(f"unetlab: warning: cannot find the trial's run: {exception_text(exc)}", file=sys.stderr)
         return None

@@ -24,17 +24,18 @@ from typing import Any
 
 from unetlab.config.tune import ParamSpace, TuneSpec
 from unetlab.errors import ConfigError, UnetlabError, exception_text
+from unetlab.tracking import tags as run_tags
 
 __all__ = ["ROLE_TAG", "TRIAL_NUMBER_TAG", "TRIAL_STATE_TAG", "TUNED_FROM_TAG", "TUNE_SPACE_TAG", "Budget",
            "TrialRecord", "TrialReporter", "best_trial", "count_budget", "journal_path", "make_pruner",
            "make_sampler", "open_study", "check_tuned", "check_tuned_file", "plan_lines", "study_name", "suggest",
            "trial_records"]
 
-ROLE_TAG = "unetlab.role"                    # trial | final | study
-TRIAL_NUMBER_TAG = "unetlab.trial_number"
-TRIAL_STATE_TAG = "unetlab.trial_state"      # complete | pruned | failed
-TUNED_FROM_TAG = "unetlab.tuned_from"        # on a final run: its variant's study run id
-TUNE_SPACE_TAG = "unetlab.tune_space"        # on a study run: the space as JSON
+ROLE_TAG = run_tags.ROLE                     # trial | final | study
+TRIAL_NUMBER_TAG = run_tags.TRIAL_NUMBER
+TRIAL_STATE_TAG = run_tags.TRIAL_STATE       # complete | pruned | failed
+TUNED_FROM_TAG = run_tags.TUNED_FROM         # on a final run: its variant's study run id
+TUNE_SPACE_TAG = run_tags.TUNE_SPACE         # on a study run: the space as JSON
 STATES = ("complete", "pruned", "failed")
 
 
