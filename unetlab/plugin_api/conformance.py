@@ -84,7 +84,7 @@ def check_encoder(check: _Checker, build: Callable[..., Any]) -> None:
     coarsest at the declared channels and (for 'same' padding) sizes; gradients to every parameter."""
     for in_channels in (1, 3):
         enc = build(in_channels=in_channels)
-        channels = getattr(enc, "out_channels", None)
+        channels: Any = getattr(enc, "out_channels", None)
         check.expect(isinstance(channels, (list, tuple)) and len(channels) > 0 and
                      all(isinstance(c, int) and c > 0 for c in channels), "out_channels",
                      f"out_channels must be a non-empty list of positive ints, got {channels!r}")
@@ -234,7 +234,7 @@ def check_loss(check: _Checker, build: Callable[..., Any]) -> None:
                      "(logits.float()) so mixed precision stays stable")
 
 
-def _score_keys(check: _Checker, values: dict, num_classes: int) -> None:
+def _score_keys(check: _Checker, values: dict[str, Any], num_classes: int) -> None:
     name = check.component.name
     allowed = {name} | {f"{name}_c{k}" for k in range(num_classes)}
     check.expect(isinstance(values, dict) and bool(values) and all(isinstance(v, float) for v in values.values()),
@@ -422,7 +422,7 @@ def components_of(plugin: str | Path, registry: Registry | None = None,
                  or (i.distribution and _normalise(i.distribution) == _normalise(spec))}
     if registry is None:
         registry = host.registry  # builds the registry, running the hooks (a hook may break a plugin)
-    broken = [host.plugins[n].error for n in sorted(names) if n in host.plugins and host.plugins[n].broken]
+    broken = [str(host.plugins[n].error) for n in sorted(names) if n in host.plugins and host.plugins[n].broken]
     if broken:
         raise LookupError(f"plugin '{spec}' is broken: {'; '.join(broken)}")
     found = [(c.kind, c.name) for c in registry if c.plugin in names or c.plugin == spec]

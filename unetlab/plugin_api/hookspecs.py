@@ -7,7 +7,7 @@ the hooks below. Component hooks receive a ``register`` callback, in the style o
     import unetlab
 
     @unetlab.hookimpl
-    def register_fusions(register):
+    def register_fusions(register: Register) -> None:
         register("max", MaxFusion)            # description: first line of MaxFusion's docstring
 
 ``register(name, factory, description=None, direction=None, binary_only=False)``: ``factory`` is a
@@ -27,7 +27,15 @@ Every hook here must be documented in ``docs/plugins.md`` with its exact signatu
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pluggy
+
+from unetlab.plugin_api.contracts import Tracker
+
+#: what a ``register_*`` hook receives: ``register(name, factory, **declarations)``
+Register = Callable[..., None]
 
 hookspec = pluggy.HookspecMarker("unetlab")
 hookimpl = pluggy.HookimplMarker("unetlab")
@@ -47,47 +55,47 @@ PLUGIN_API_ATTRIBUTE = "UNETLAB_PLUGIN_API"
 
 
 @hookspec
-def register_encoders(register):
+def register_encoders(register: Register) -> None:
     """Register encoders: factory(in_channels, **params) -> nn.Module with ``out_channels`` per stage."""
 
 
 @hookspec
-def register_upsamplers(register):
+def register_upsamplers(register: Register) -> None:
     """Register upsamplers: factory(in_channels, out_channels, scale, **params) -> nn.Module."""
 
 
 @hookspec
-def register_fusions(register):
+def register_fusions(register: Register) -> None:
     """Register skip fusions: factory(skip_channels, up_channels, **params) -> nn.Module with ``out_channels``."""
 
 
 @hookspec
-def register_blocks(register):
+def register_blocks(register: Register) -> None:
     """Register decoder blocks: factory(in_channels, out_channels, padding, **params) -> nn.Module."""
 
 
 @hookspec
-def register_initializers(register):
+def register_initializers(register: Register) -> None:
     """Register weight initializers: factory(**params) -> callable(model) that initialises it in place."""
 
 
 @hookspec
-def register_losses(register):
+def register_losses(register: Register) -> None:
     """Register losses: factory(num_classes, **params) -> callable(logits, target) -> scalar tensor."""
 
 
 @hookspec
-def register_metrics(register):
+def register_metrics(register: Register) -> None:
     """Register metrics: factory(num_classes, **params) -> object with reset(), update(logits, target), compute()."""
 
 
 @hookspec
-def register_datasets(register):
+def register_datasets(register: Register) -> None:
     """Register datasets: factory(**params) -> object with in_channels, num_classes, image_size, split(name)."""
 
 
 @hookspec
-def register_augmentations(register):
+def register_augmentations(register: Register) -> None:
     """Register augmentations: factory(**params) -> callable(images, masks, generator) -> (images, masks)."""
 
 
@@ -95,15 +103,15 @@ def register_augmentations(register):
 
 
 @hookspec
-def on_run_start(run_name, config, model, tracker):
+def on_run_start(run_name: str, config: dict[str, Any], model: Any, tracker: Tracker) -> None:
     """Called once when a run starts, after the model is built and before the first epoch."""
 
 
 @hookspec
-def on_epoch_end(run_name, epoch, metrics, model, tracker):
+def on_epoch_end(run_name: str, epoch: int, metrics: dict[str, float], model: Any, tracker: Tracker) -> None:
     """Called after each epoch with that epoch's metrics dict (train and, when validated, val)."""
 
 
 @hookspec
-def on_run_end(run_name, status, metrics, model, tracker):
+def on_run_end(run_name: str, status: str, metrics: dict[str, float], model: Any, tracker: Tracker) -> None:
     """Called once when a run ends with its final status (FINISHED, FAILED or KILLED) and last metrics."""

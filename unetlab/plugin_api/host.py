@@ -239,10 +239,10 @@ class PluginHost:
     def _build_registry(self) -> Registry:
         # Collect every plugin's registrations first and commit only those of plugins that did not
         # raise in any hook, so a half-registered broken plugin leaves nothing behind.
-        pending: list[tuple] = []  # plugin, kind, name, factory, description, direction, binary_only
-        for info in self.plugins.values():  # every build runs every hook again: its findings replace the last
-            info.refused.clear()
-            info.warnings.clear()
+        pending: list[tuple[Any, ...]] = []  # plugin, kind, name, factory, description, direction, binary_only
+        for known in self.plugins.values():  # every build runs every hook again: its findings replace the last
+            known.refused.clear()
+            known.warnings.clear()
         for kind in KINDS.values():
             caller = getattr(self.pm.hook, kind.hook)
             # pluggy lists later-registered impls first; go in registration order so that the

@@ -285,7 +285,7 @@ def metric_directions(train_config: Mapping[str, Any], num_classes: int, registr
 
 def resolve_monitor_mode(train_config: Mapping[str, Any], directions: Mapping[str, str]) -> str:
     """``train.monitor_mode`` with ``"auto"`` replaced by the monitored key's direction."""
-    mode = train_config["monitor_mode"]
+    mode = str(train_config["monitor_mode"])
     if mode != "auto":
         return mode
     return directions.get(train_config["monitor"], "max")
