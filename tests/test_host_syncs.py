@@ -11,12 +11,30 @@ import torch
 import unetlab
 from unetlab.training.host_sync import record_host_syncs
 
-AUGMENTATIONS = {"hflip": {}, "vflip": {}, "rot90": {}, "crop": {"size": 24}, "affine": {}, "brightness_contrast": {},
-                 "elastic": {}}
-LOSSES = {"bce": {"pos_weight": 2.0}, "cross_entropy": {"class_weights": [1.0, 2.0, 0.5]},
-          "dice": {"class_weights": [1.0, 2.0, 0.5]}, "iou": {}, "bce_iou": {}, "focal": {}, "tversky": {},
-          "lovasz": {}}
-METRICS = ["iou", "dice", "precision", "recall", "accuracy"]  # hd95 runs SciPy on the host by design
+
+def first_party(kind: str) -> list[str]:
+    """Every registered first-party component of ``kind``: a new one is checked here without editing this file."""
+    return sorted(c.name for c in unetlab.default_host().registry
+                  if c.kind == kind and c.plugin.startswith("unetlab_std."))
+
+
+# what a component needs beyond its defaults here: a crop smaller than the batch, class weights (constants a loss
+# makes on its first step)
+PARAMS = {("augmentation", "crop"): {"size": 24}, ("loss", "bce"): {"pos_weight": 2.0},
+          ("loss", "cross_entropy"): {"class_weights": [1.0, 2.0, 0.5]},
+          ("loss", "dice"): {"class_weights": [1.0, 2.0, 0.5]}}
+ONE_LOGIT = {"bce"}                     # losses of one sigmoid logit (binary)
+HOST_BY_DESIGN = {("metric", "hd95")}   # runs SciPy on the host
+AUGMENTATIONS = first_party("augmentation")
+LOSSES = first_party("loss")
+METRICS = [name for name in first_party("metric") if ("metric", name) not in HOST_BY_DESIGN]
+
+
+def test_the_registry_gives_every_check_its_components():
+    assert {"hflip", "crop"} <= set(AUGMENTATIONS) and {"bce", "cross_entropy"} <= set(LOSSES)
+    assert {"iou", "dice"} <= set(METRICS)
+    for kind, name in [*PARAMS, *HOST_BY_DESIGN, *(("loss", n) for n in ONE_LOGIT)]:  # no stale entry
+        assert name in first_party(kind), (kind, name)
 
 
 def batch(device, classes=3, ignore=None):
@@ -58,24 +76,24 @@ def test_sync_free_code_records_nothing():
     assert found == []
 
 
-@pytest.mark.parametrize("name", sorted(AUGMENTATIONS))
+@pytest.mark.parametrize("name", AUGMENTATIONS)
 def test_augmentations_make_no_host_sync(name):
-    augment = unetlab.create("augmentation", name, **AUGMENTATIONS[name])
+    augment = unetlab.create("augmentation", name, **PARAMS.get(("augmentation", name), {}))
     images, masks, g = batch("cpu")
     with record_host_syncs() as found:
         augment(images, masks, g)
     assert found == []
 
 
-@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("name", LOSSES)
 @pytest.mark.parametrize("ignore", [None, 2])
 def test_losses_forward_and_backward_make_no_host_sync(name, ignore):
-    classes = 2 if name == "bce" else 3
-    loss = unetlab.create("loss", name, num_classes=classes, ignore_index=ignore, **LOSSES[name])
+    classes = 2 if name in ONE_LOGIT else 3
+    loss = unetlab.create("loss", name, num_classes=classes, ignore_index=ignore, **PARAMS.get(("loss", name), {}))
     _, masks, g = batch("cpu", classes, ignore=None if ignore is None else 255)
     if ignore is not None:
         masks = torch.where(masks == 255, torch.full_like(masks, ignore), masks)
-    logits = torch.randn(4, 1 if name == "bce" else classes, 32, 32, generator=g, requires_grad=True)
+    logits = torch.randn(4, 1 if name in ONE_LOGIT else classes, 32, 32, generator=g, requires_grad=True)
     loss(logits, masks).backward()  # the first step may make its constants (class weights) once
     with record_host_syncs() as found:
         loss(logits, masks).backward()
@@ -104,12 +122,12 @@ def test_components_make_no_cuda_sync_on_a_gpu():
     images, masks, g = batch("cuda")
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for name, params in AUGMENTATIONS.items():
-            unetlab.create("augmentation", name, **params)(images, masks, g)
-        for name, params in LOSSES.items():
-            classes = 2 if name == "bce" else 3
-            logits = torch.randn(4, 1 if name == "bce" else classes, 32, 32, device="cuda", requires_grad=True)
-            loss = unetlab.create("loss", name, num_classes=classes, **params)
+        for name in AUGMENTATIONS:
+            unetlab.create("augmentation", name, **PARAMS.get(("augmentation", name), {}))(images, masks, g)
+        for name in LOSSES:
+            classes = 2 if name in ONE_LOGIT else 3
+            logits = torch.randn(4, 1 if name in ONE_LOGIT else classes, 32, 32, device="cuda", requires_grad=True)
+            loss = unetlab.create("loss", name, num_classes=classes, **PARAMS.get(("loss", name), {}))
             torch.cuda.set_sync_debug_mode("default")
             loss(logits, masks % classes).backward()  # the first step makes its constants once
             torch.cuda.set_sync_debug_mode("error")
