@@ -237,10 +237,12 @@ def format_contract(contract: ComparisonContract) -> list[str]:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)] if rows else []
     lines.append("  " + "  ".join(h.ljust(w) for h, w in zip(header, widths)))
     lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
-    kinds = sorted({v.memory_kind for v in contract.variants if v.memory_kind})
+    kinds = {kind for v in contract.variants if v.memory_kind for kind in v.memory_kind.split(", ")}
     notes = ["compute: forward FLOPs x images seen in training (steps x batch size)"]
     if kinds:
-        notes.append(f"peak memory: {', '.join(kinds)}")
+        shared = any("before)" in kind for kind in kinds)  # sequential runs share one process peak
+        notes.append(f"peak memory: {', '.join(sorted({kind.split(' (')[0] for kind in kinds}))}"
+                     + (", some of a process that trained other runs before (an upper bound)" if shared else ""))
     source = " (unetlab.analysis.contract.COMPUTE_RATIO)" if contract.ratio == COMPUTE_RATIO else ""
     notes.append(f"a warning when variants differ in compute or time by more than {contract.ratio:g}x{source}")
     lines.append("  (" + "; ".join(notes) + ")")

@@ -126,7 +126,8 @@ def _read_variant(client: Any, experiment_id: str, study: Any, warn: Callable[[s
         if value is None:
             warn(f"{who}: {key} is missing or not a finite count; shown as -")
         spent[key] = value
-    best = {k[len("tune.best."):]: v for k, v in study.data.params.items() if k.startswith("tune.best.")}
+    best = {k[len("tune.best."):]: v for k, v in study.data.params.items()  # dotted config keys only
+            if k.startswith("tune.best.") and "." in k[len("tune.best."):]}
     trials = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{study.info.run_id}'",
                                 max_results=5000, order_by=["attributes.start_time ASC"])
     found = {state: 0 for state in TRIAL_STATES}
