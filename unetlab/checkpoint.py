@@ -106,7 +106,7 @@ def remove_stale_temporaries(directory: Path) -> list[Path]:
     or ``NAME.PID.THREAD.tmp.npy|json`` (the folder cache) whose process is no longer alive and that have
     not changed for a minute are removed: a live writer's temporary is never touched.
     """
-    removed = []
+    removed: list[Path] = []
     try:
         entries = list(os.scandir(directory))
     except OSError:

@@ -41,7 +41,7 @@ class ConfusionMetric:
     def reset(self) -> None:
         """Forget everything accumulated."""
         self.matrix = torch.zeros(self.num_classes, self.num_classes, dtype=torch.float64)
-        self._counts = None  # integer counts on the logits' device, added to ``matrix`` when read
+        self._counts: torch.Tensor | None = None  # integer counts on the logits' device, added to ``matrix`` when read
 
     def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
         """Add one batch (logits N x C x H x W, target N x H x W class indices).
