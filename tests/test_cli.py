@@ -28,17 +28,28 @@ def test_unknown_command_exits_2():
 
 
 def test_ui_serves_the_store_on_localhost(tmp_path):
+    import json
     import os
     import signal
+    import urllib.request
+
+    import psutil
+    from mlflow.tracking import MlflowClient
 
     from conftest import free_port, wait_for_http
 
+    store = f"sqlite:///{tmp_path / 'ui.db'}"
+    experiment_id = MlflowClient(store).create_experiment("seen-through-the-ui")  # in the store before the UI starts
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "unetlab", "ui", "--port", str(port),
-                             "--tracking-uri", f"sqlite:///{tmp_path / 'ui.db'}"], cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-m", "unetlab", "ui", "--port", str(port), "--tracking-uri", store],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_for_http(f"http://127.0.0.1:{port}/health", proc)
+        url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=seen-through-the-ui"
+        with urllib.request.urlopen(url, timeout=10) as answer:  # the store given, not another one
+            assert json.load(answer)["experiment"]["experiment_id"] == experiment_id
+        listening = {c.laddr.ip for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port}
+        assert listening == {"127.0.0.1"}  # localhost only: nothing on 0.0.0.0 or another interface
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
