@@ -161,7 +161,7 @@ def test_paired_verdicts_and_numbers_match_independent_computations(store, tmp_p
 
 
 def test_table_names_each_test(store, tmp_path, capsys):
-    from unetlab.analysis.compare import compare_command
+    from unetlab.cli.compare_command import compare_command
 
     assert compare_command("known", None, "table", str(tmp_path / "k.png"), None, store, margin=0.01) == 0
     table = capsys.readouterr().out
@@ -211,7 +211,7 @@ def test_run_logs_per_image_tables_that_compare_pairs(tmp_path):
 
 def test_old_runs_fall_back_to_seed_level_and_an_unknown_direction_is_said(store, tmp_path, capsys):
     # runs from before per-image tables and direction tags (in-process: the CLI is tested above)
-    from unetlab.analysis.compare import compare_command
+    from unetlab.cli.compare_command import compare_command
 
     assert compare_command("old", None, "json", str(tmp_path / "old.png"), None, store) == 0
     out = capsys.readouterr()
@@ -261,7 +261,7 @@ def test_bootstrap_is_the_documented_loop_and_holm_matches_by_hand():
 
 
 def test_compare_takes_the_margin_of_the_loaded_experiment(store, tmp_path, capsys):
-    from unetlab.analysis.compare import compare_command
+    from unetlab.cli.compare_command import compare_command
     from unetlab.errors import ConfigError
 
     path = tmp_path / "exp.yaml"

@@ -89,7 +89,7 @@ def store(tmp_path_factory):
 
 
 def compare(store, case, capsys, fmt="json"):
-    from unetlab.analysis.compare import compare_command
+    from unetlab.cli.compare_command import compare_command
 
     uri, _ = store
     assert compare_command(case, None, fmt, f"{case}.png", None, uri, margin=0.01) == 0

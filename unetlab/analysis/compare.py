@@ -54,10 +54,8 @@ import json
 import math
 import re
 import statistics
-import sys
 from dataclasses import dataclass, fields
 from itertools import combinations
-from pathlib import Path
 from typing import Any
 
 from unetlab.analysis.contract import (
@@ -68,11 +66,11 @@ from unetlab.analysis.contract import (
     format_contract,
 )
 from unetlab.analysis.contract_records import records_from_runs
-from unetlab.analysis.tuning_budget import TuningReport, budget_figure, read_tuning
+from unetlab.analysis.tuning_budget import TuningReport, read_tuning
 from unetlab.errors import ConfigError, UnetlabError, did_you_mean
 from unetlab.tracking import tags as run_tags
 
-__all__ = ["BUDGET_FIGURE", "Comparison", "compare_command", "compare_runs", "render", "welch"]
+__all__ = ["BUDGET_FIGURE", "Comparison", "compare_runs", "render", "welch"]
 
 DIRECTIONS_TAG = run_tags.METRIC_DIRECTIONS
 BUDGET_FIGURE = "tuning_budget.png"  # the expected-max curves, on the parent run
@@ -607,52 +605,3 @@ def _tuning_lines(tuning: dict[str, Any]) -> list[str]:
     report = TuningReport.from_dict(tuning)
     return [f"tuning budget per variant (studies on the validation split, tune metric {report.metric}):",
             *("  " + line for line in report.budget_table()), report.budget_line()]
-
-
-def compare_command(target: str, metric: str | None, fmt: str, out: str | None, parent: str | None,
-                    tracking_uri: str | None, margin: float | None = None, direction: str | None = None) -> int:
-    """Print the comparison, write its figures to disk and log them to the parent run."""
-    import os
-
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    from mlflow.tracking import MlflowClient
-
-    from unetlab.tracking.run_tracker import resolve_tracking_uri
-
-    name, config_uri = target, None
-    if target.endswith((".yaml", ".yml")) or Path(target).is_file():
-        from unetlab.config.experiment import load_experiment
-
-        experiment = load_experiment(target)
-        name, config_uri = experiment.name, experiment.runs[0].config["tracking"]["uri"]
-        margin = experiment.compare_margin if margin is None else margin
-    uri = tracking_uri or resolve_tracking_uri(config_uri)
-    import mlflow
-
-    if uri:
-        mlflow.set_tracking_uri(uri)
-    client = MlflowClient(mlflow.get_tracking_uri())
-    found = client.get_experiment_by_name(name)
-    if found is None:
-        names = [e.name for e in client.search_experiments()]
-        raise UnetlabError(f"no MLflow experiment named '{name}' at {mlflow.get_tracking_uri()}"
-                           f"{did_you_mean(name, names)} (experiments: {', '.join(names) or 'none'})")
-    result = compare_runs(client, found.experiment_id, metric, parent, margin, direction)
-    for line in result.warnings:
-        print(f"unetlab: warning: {line}", file=sys.stderr)
-    print(render(result, fmt))
-    from unetlab.analysis.dashboard import log_comparison
-    from unetlab.analysis.figures import comparison_figure
-
-    figure = comparison_figure(result.as_dict())
-    path = Path(out or f"compare-{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.png")
-    figure.savefig(path, dpi=110)
-    written = [str(path)]
-    if result.tuning is not None and result.tuning.curves:
-        budget = budget_figure(result.tuning)
-        budget_path = path.with_name(f"{path.stem}-budget.png")
-        budget.savefig(budget_path, dpi=110)
-        client.log_figure(result.parent_run_id, budget, BUDGET_FIGURE)
-        written.append(f"{budget_path} (logged as {BUDGET_FIGURE})")
-    print(f"figure: {'; '.join(written)}; {log_comparison(client, result.as_dict(), figure)}", file=sys.stderr)
-    return 0

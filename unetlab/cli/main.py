@@ -359,7 +359,7 @@ def add_compare_command(sub: argparse._SubParsersAction) -> None:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """``unetlab compare``: one row per variant, mean +- std over seeds, and which differences are real."""
-    from unetlab.analysis.compare import compare_command
+    from unetlab.cli.compare_command import compare_command
 
     return compare_command(args.experiment, args.metric, args.format, args.out, args.parent, args.tracking_uri,
                            args.margin, args.direction)

@@ -193,7 +193,7 @@ TOP_LEVEL_ALLOWED: dict[str, str] = {
     "variants": "mapping; names: letters, digits, _ . + - (at most 64 characters)",
     "matrix": "mapping of dotted key -> non-empty list",
     "seeds": f"list[int in {SEED_RANGE.describe()}] or a count in [1, {MAX_SEEDS}]",
-    "tune": "mapping with params, trials, epochs or max_steps, sampler, seed, pruning, metric (see \"Fair comparisons\")",
+    "tune": "mapping: params, trials, epochs or max_steps, sampler, seed, pruning, metric (README: Fair comparisons)",
     "compare": "mapping with margin: float > 0",
 }
 MAX_VARIANT_NAME = 64
