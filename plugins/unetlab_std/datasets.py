@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -182,6 +183,25 @@ IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 IN_MEMORY_BYTES = 256 * 2 ** 20  # decoded sets up to this size are held in RAM; larger ones are memory-mapped
 
 
+@dataclass
+class FolderSummary:
+    """What scanning and decoding a folder dataset found (``FolderSource.check``; fields are None / empty where a
+    problem stopped the step that derives them)."""
+
+    samples: dict[str, list]            # split -> decoded (image, mask) cache entries
+    channels: int | None                # of every image (None: they mix channel counts)
+    dtype: str | None                   # of every image (None: they mix dtypes)
+    image_size: tuple[int, int] | None  # the training input: patch_size, resize, or the images' common size
+    class_values: list[int]             # raw mask values in class order
+    lut: np.ndarray                     # raw mask value -> class index
+    num_classes: int
+    ignore_index: int | None
+    normalization: dict                 # fitted on the training split
+    in_memory: bool                     # held in RAM, else memory-mapped from the decode cache
+    decoded_bytes: int
+    stores: dict[str, SampleStore] = field(default_factory=dict)  # per split, when there was no problem
+
+
 class _RawImages:
     """A lazy sequence of raw training images (for normalisation statistics)."""
 
@@ -219,7 +239,7 @@ class FolderSource:
         self.class_values, self.split_file, self.cache = class_values, split_file, cache
         self.options = DataOptions()
         self.layout = ""  # how the splits were made, for 'unetlab data'
-        self._built: dict | None = None
+        self._built: FolderSummary | None = None
         self._tensors: dict[str, TensorDataset] = {}
 
     def configure(self, options: DataOptions) -> None:
@@ -230,27 +250,27 @@ class FolderSource:
     @property
     def in_channels(self) -> int:
         """Channels of the model input."""
-        return self._build()["channels"]
+        return self._build().channels
 
     @property
     def num_classes(self) -> int:
         """Classes, background included (2 for binary)."""
-        return self._build()["num_classes"]
+        return self._build().num_classes
 
     @property
     def image_size(self) -> tuple[int, int] | None:
         """The training input size: patch_size, resize, or the images' common size."""
-        return self._build()["image_size"]
+        return self._build().image_size
 
     @property
     def normalization(self) -> dict:
         """The normalisation spec (fitted on the training split); checkpoints store it."""
-        return self._build()["normalization"]
+        return self._build().normalization
 
     @property
     def ignore_index(self) -> int | None:
         """Mask value that losses and metrics must ignore, when the data can hold it (padding, 255 masks)."""
-        return self._build()["ignore_index"]
+        return self._build().ignore_index
 
     def split(self, name: str) -> Dataset:
         """Split ``name``: random patches (train, with data.patch_size) or tiles (val, test), else whole
@@ -281,7 +301,7 @@ class FolderSource:
         """Split ``name`` as whole images of their own size (for sliding-window validation)."""
         return WholeImageDataset(self._store(name))
 
-    def check(self) -> tuple[dict, list[str]]:
+    def check(self) -> tuple[FolderSummary, list[str]]:
         """Scan and decode everything; return the summary and every problem found (never raises on data)."""
         return self._build(strict=False), list(self._built_problems)
 
@@ -289,7 +309,7 @@ class FolderSource:
     def _store(self, name: str) -> SampleStore:
         if name not in SPLITS:
             raise UnetlabError(f"unknown split '{name}' (splits: {', '.join(SPLITS)})")
-        return self._build()["stores"][name]
+        return self._build().stores[name]
 
     def _scan(self, base: Path, problems: list[str]) -> dict[str, tuple[Path, Path]]:
         images_path, masks_path = base / self.image_dir, base / self.mask_dir
@@ -362,7 +382,7 @@ class FolderSource:
         return {"train": {s: pool[s] for s in train}, "val": {s: pool[s] for s in val}, "test": test}
 
     # --- decoding and checks ----------------------------------------------------------------------------
-    def _build(self, strict: bool = True) -> dict:
+    def _build(self, strict: bool = True) -> FolderSummary:
         if self._built is None:
             self._built_problems: list[str] = []
             self._built = self._decode_and_check(self._built_problems)
@@ -372,13 +392,38 @@ class FolderSource:
             raise UnetlabError(f"folder dataset: {first}{more}")
         return self._built
 
-    def _decode_and_check(self, problems: list[str]) -> dict:
+    def _decode_and_check(self, problems: list[str]) -> FolderSummary:
+        """Scan, decode and check the whole set; every problem found is appended to ``problems``."""
         opts = self.options
-        layout = self._layout(problems)
+        samples = self._decode_pairs(self._layout(problems), problems)
+        everything = [s for name in SPLITS for s in samples[name]]
+        if not samples["train"]:
+            problems.append(f"no training images under '{self.root}'")
+        channels = self._one_kind(everything, lambda e: e.meta["shape"][2], "channel counts",
+                                  "set grayscale: true or convert them", problems)
+        dtype = self._one_kind(everything, lambda e: e.meta["dtype"], "dtypes", "convert them to one", problems)
+        image_size = self._image_size(everything, problems)
+        values, lut, ignore = self._classes([m for _, m in everything], problems)
+        spec = self._normalization(samples["train"], channels, dtype, problems)
+        total = sum(i.nbytes + m.nbytes for i, m in everything)
+        in_memory = self.cache == "memory" or (self.cache == "auto" and total <= IN_MEMORY_BYTES)
+        summary = FolderSummary(samples=samples, channels=channels, dtype=dtype, image_size=image_size,
+                                class_values=values, lut=lut, num_classes=max(len(values), 2),
+                                ignore_index=IGNORE_INDEX if (ignore or opts.patch_size) else None,
+                                normalization=spec, in_memory=in_memory, decoded_bytes=total)
+        if not problems:
+            foreground = [v for v, c in enumerate(lut) if c not in (0, IGNORE_INDEX, -1)]
+            summary.stores = {name: SampleStore([i for i, _ in samples[name]], [m for _, m in samples[name]], lut,
+                                                spec, foreground, in_memory) for name in SPLITS}
+        return summary
+
+    def _decode_pairs(self, layout: dict[str, dict[str, tuple[Path, Path]]], problems: list[str]) -> dict[str, list]:
+        """Every split's (image, mask) pairs decoded (through the decode cache); a pair whose image and mask
+        differ in size is a problem and left out."""
         jobs = [(p, kind) for pairs in layout.values() for pair in pairs.values() for p, kind in zip(pair, KINDS)]
-        entries, decode_problems = decode_many(jobs, self.grayscale, opts.resize)
+        entries, decode_problems = decode_many(jobs, self.grayscale, self.options.resize)
         problems.extend(decode_problems)
-        decoded = {job: e for job, e in zip(jobs, entries)}
+        decoded = dict(zip(jobs, entries))
         samples: dict[str, list] = {}
         for name, pairs in layout.items():
             samples[name] = []
@@ -391,39 +436,30 @@ class FolderSource:
                     problems.append(f"size mismatch: mask '{mask_path}' is {mh}x{mw}, its image is {h}x{w}")
                     continue
                 samples[name].append((image, mask))
-        everything = [s for name in SPLITS for s in samples[name]]
-        if not samples["train"]:
-            problems.append(f"no training images under '{self.root}'")
-        channels = self._one_kind(everything, lambda e: e.meta["shape"][2], "channel counts",
-                                  "set grayscale: true or convert them", problems)
-        dtype = self._one_kind(everything, lambda e: e.meta["dtype"], "dtypes", "convert them to one", problems)
+        return samples
+
+    def _image_size(self, everything: list, problems: list[str]) -> tuple[int, int] | None:
+        """The training input size: patch_size, resize, or the images' one size (differing sizes without
+        either option are a problem)."""
+        opts = self.options
         sizes = {tuple(i.shape) for i, _ in everything}
-        image_size = opts.patch_size or opts.resize or (next(iter(sizes)) if len(sizes) == 1 else None)
         if len(sizes) > 1 and not (opts.patch_size or opts.resize):
             (a, _), (b, _) = everything[0], next(s for s in everything if tuple(s[0].shape) != everything[0][0].shape)
             problems.append(f"images differ in size ('{a.source}' is {'x'.join(map(str, a.shape))}, '{b.source}' is "
                             f"{'x'.join(map(str, b.shape))}): set data.patch_size: [H, W] to train on patches, or "
                             "data.resize: [H, W] to resize every image")
-        values, lut, ignore = self._classes([m for _, m in everything], problems)
-        num_classes = max(len(values), 2)
-        spec: dict = {}
-        if samples["train"] and channels is not None and dtype is not None and not problems:
-            try:
-                spec = fit_normalization(opts.normalize, dtype, channels, _RawImages([i for i, _ in samples["train"]]),
-                                         self.seed)
-            except UnetlabError as exc:
-                problems.append(str(exc))
-        total = sum(i.nbytes + m.nbytes for i, m in everything)
-        in_memory = self.cache == "memory" or (self.cache == "auto" and total <= IN_MEMORY_BYTES)
-        foreground = [v for v, c in enumerate(lut) if c not in (0, IGNORE_INDEX, -1)]
-        stores = {}
-        if not problems:
-            stores = {name: SampleStore([i for i, _ in samples[name]], [m for _, m in samples[name]], lut, spec,
-                                        foreground, in_memory) for name in SPLITS}
-        ignore_index = IGNORE_INDEX if (ignore or opts.patch_size) else None
-        return {"channels": channels, "dtype": dtype, "num_classes": num_classes, "image_size": image_size,
-                "normalization": spec, "ignore_index": ignore_index, "stores": stores, "samples": samples,
-                "class_values": values, "lut": lut, "in_memory": in_memory, "decoded_bytes": total}
+        return opts.patch_size or opts.resize or (next(iter(sizes)) if len(sizes) == 1 else None)
+
+    def _normalization(self, train: list, channels: int | None, dtype: str | None, problems: list[str]) -> dict:
+        """The normalisation spec fitted on the training images; empty when an earlier problem stops it."""
+        if not train or channels is None or dtype is None or problems:
+            return {}
+        try:
+            return fit_normalization(self.options.normalize, dtype, channels, _RawImages([i for i, _ in train]),
+                                     self.seed)
+        except UnetlabError as exc:
+            problems.append(str(exc))
+            return {}
 
     @staticmethod
     def _one_kind(samples: list, key, what: str, fix: str, problems: list[str]):

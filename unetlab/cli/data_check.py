@@ -50,22 +50,22 @@ def _class_shares(masks: list, lut: np.ndarray, num_classes: int) -> str:
 def _folder_report(source: Any, name: str) -> tuple[list[str], list[str]]:
     built, problems = source.check()
     lines = [f"dataset {name}: {source.root}  ({source.layout or 'not scanned'})"]
-    if built.get("channels") is not None:
-        values = built["class_values"]
+    if built.channels is not None:
+        values = built.class_values
         kind = "binary {0, 255}" if values == [0, 255] else f"values {values}"
-        spec = built["normalization"] or {}
+        spec = built.normalization or {}
         norm = spec.get("mode", "-") + (f" (/{spec['scale'][0]:g})" if spec.get("mode") == "dtype" else "")
-        lines.append(f"  images: {built['channels']} channel(s), {built['dtype']}; masks: {kind} -> "
-                     f"{built['num_classes']} classes; normalisation: {norm}")
-        where = "held in RAM" if built["in_memory"] else "memory-mapped from the decode cache"
-        size = built["image_size"]
-        lines.append(f"  decoded: {built['decoded_bytes'] / 2 ** 20:.1f} MB, {where}; training input: "
+        lines.append(f"  images: {built.channels} channel(s), {built.dtype}; masks: {kind} -> "
+                     f"{built.num_classes} classes; normalisation: {norm}")
+        where = "held in RAM" if built.in_memory else "memory-mapped from the decode cache"
+        size = built.image_size
+        lines.append(f"  decoded: {built.decoded_bytes / 2 ** 20:.1f} MB, {where}; training input: "
                      f"{'x'.join(map(str, size)) if size else 'sizes differ'}")
     lines.append(f"  {'split':<6} {'count':>6}  {'sizes (HxW: count)':<52} class pixels")
     for split in SPLITS:
-        samples = built["samples"].get(split, []) if built.get("samples") else []
+        samples = built.samples.get(split, [])
         sizes = [tuple(i.meta["source_shape"]) for i, _ in samples]
-        shares = _class_shares([m for _, m in samples], built["lut"], built["num_classes"]) if samples else "-"
+        shares = _class_shares([m for _, m in samples], built.lut, built.num_classes) if samples else "-"
         lines.append(f"  {split:<6} {len(samples):>6}  {describe_sizes(sizes):<52} {shares}")
     from unetlab.training.whole_image_validation import folder_validation_warnings
 

@@ -102,15 +102,15 @@ def validation_memory_warnings(shapes: Sequence[tuple[str, tuple[int, int]]], ch
     return lines
 
 
-def folder_validation_warnings(source: Any, built: dict) -> list[str]:
+def folder_validation_warnings(source: Any, built: Any) -> list[str]:
     """``unetlab data``'s warning lines for a scanned folder source (``built``: its ``check()`` summary):
     the validation images whose whole-image validation would exceed the budget."""
-    samples = (built.get("samples") or {}).get("val", [])
-    if not validates_whole_images(source) or not samples or built.get("channels") is None:
+    samples = built.samples.get("val", [])
+    if not validates_whole_images(source) or not samples or built.channels is None:
         return []
-    classes = built["num_classes"] if built["num_classes"] > 2 else 1
+    classes = built.num_classes if built.num_classes > 2 else 1
     shapes = [(str(image.source), tuple(image.shape)[:2]) for image, _ in samples]
-    return [f"  warning: {line}" for line in validation_memory_warnings(shapes, built["channels"], classes)]
+    return [f"  warning: {line}" for line in validation_memory_warnings(shapes, built.channels, classes)]
 
 
 def validation_images(source: Any, split: str = "val") -> Any:
