@@ -250,7 +250,10 @@ class FolderSource:
     @property
     def in_channels(self) -> int:
         """Channels of the model input."""
-        return self._build().channels
+        channels = self._build().channels
+        if channels is None:  # not reached: a strict build has already refused images that mix channel counts
+            raise UnetlabError("folder dataset: the images mix channel counts")
+        return channels
 
     @property
     def num_classes(self) -> int:
