@@ -56,7 +56,7 @@ import re
 import statistics
 from dataclasses import dataclass, fields
 from itertools import combinations
-from typing import Any
+from typing import Any, cast
 
 from unetlab.analysis.contract import (
     COMPUTE_RATIO,
@@ -211,7 +211,9 @@ def _cv_estimate(tables: dict, bests: list[float], metric: str) -> dict[str, Any
                 "source": f"per-image {metric} of each replicate's best checkpoint"}
     if len(bests) < 2:
         return None
-    low, high = paired_stats.t_interval(bests)
+    interval = paired_stats.t_interval(bests)
+    assert interval is not None  # None only with fewer than 2 values, returned above
+    low, high = interval
     return {"mean": statistics.mean(bests), "std": statistics.stdev(bests), "ci_low": low, "ci_high": high,
             "n_replicates": len(bests), "n_values": len(bests), "interval": "t-interval over replicates",
             "source": f"best whole-set {metric} of each replicate (no per-image tables)"}
@@ -410,7 +412,8 @@ def _variant_rows(client, groups: dict[str, list], metric: str, directions: dict
     available = sorted({k for runs in groups.values() for c in runs for k in c.data.metrics})
     keys = sorted({k for k in available if k.startswith("val_") or k == "train_loss"} | {metric})
     curve_key = "val_" + metric.removeprefix("test_") if metric.startswith("test_") else metric
-    rows, curves, bests, seed_bests = [], {}, {}, {}
+    rows, bests, seed_bests = [], {}, {}
+    curves: dict[str, list[list[tuple[int, float]]]] = {}  # variant -> per replicate: (step, value) of curve_key
     for variant, runs in groups.items():
         row: dict[str, Any] = {"variant": variant, "seeds": len({_seed(r) for r in runs}),
                                "folds": len({fold_of[r.info.run_id] for r in runs}), "replicates": len(runs)}
@@ -471,7 +474,8 @@ def _pairs(groups: dict[str, list], tables: dict, bests: dict, names: dict, fold
         results.append(result)
     paired = [(pair, result) for pair, result in zip(pairs, results) if result is not None]
     p_values = [result.wilcoxon_p for _, result in paired]
-    adjusted = paired_stats.holm(p_values) if len(paired) > 1 else p_values
+    # holm() gives None only where its input is None, and no p-value here is
+    adjusted = cast(list[float], paired_stats.holm(p_values)) if len(paired) > 1 else p_values
     for (pair, result), p_adj in zip(paired, adjusted):
         pair["paired"] = {**result.as_dict(), "wilcoxon_p_holm": p_adj if len(paired) > 1 else None}
         pair["verdict"] = paired_stats.verdict(result, p_adj, direction == "max", margin, pair["a"], pair["b"])

@@ -150,7 +150,8 @@ def _validated(table: Any, metric: str, ranges: dict[str, tuple[float, float]], 
                 return _bad(f"{artifact}: data[{n}].{column} = {value:g} (image {image!r}) is outside the "
                             f"metric's declared range [{low:g}, {high:g}]")
         rows[image] = row  # the last row of an image wins
-    read = PerImageRead({}, list(rows))
+    values: dict[Any, float] = {}
+    read = PerImageRead(values, list(rows))
     if metric not in columns:  # a metric that is not per-image (train_loss): nothing to pair, nothing dropped
         return read
     at, reason = columns.index(metric), f"{metric} is NaN, inf or null"
@@ -159,5 +160,5 @@ def _validated(table: Any, metric: str, ranges: dict[str, tuple[float, float]], 
         if value is None or not math.isfinite(value):
             read.dropped[reason] = read.dropped.get(reason, 0) + 1
         else:
-            read.values[image] = float(value)
+            values[image] = float(value)
     return read

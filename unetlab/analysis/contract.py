@@ -93,7 +93,8 @@ class ComparisonContract:
 def contract_from_dict(data: Mapping[str, Any]) -> ComparisonContract:
     """The contract back from ``ComparisonContract.as_dict()`` (e.g. a comparison's plain data)."""
     def costs(item: Mapping[str, Any]) -> VariantCosts:
-        return VariantCosts(**{k: tuple(v) if isinstance(v, list) else v for k, v in item.items()})
+        fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in item.items()}
+        return VariantCosts(**fields)
 
     return ComparisonContract(factor=dict(data["factor"]), tuned=list(data["tuned"]),
                               variants=[costs(v) for v in data["variants"]], ratio=float(data["compute_ratio"]),
@@ -158,7 +159,7 @@ def _ratio_warning(what: str, values: dict[str, float | None], ratio: float, uni
     known = {v: x for v, x in values.items() if x is not None and x > 0}
     if len(known) < 2:
         return None
-    low, high = min(known, key=known.get), max(known, key=known.get)
+    low, high = min(known, key=known.__getitem__), max(known, key=known.__getitem__)
     factor = known[high] / known[low]
     if factor <= ratio:
         return None

@@ -37,7 +37,8 @@ def records_before_training(experiment: Any, registry: Any) -> list[RunRecord]:
     from unetlab.training.preflight import check_model, dataset_key, model_cost
 
     tuned = [p.key for p in experiment.tune.params] if experiment.tune is not None else []
-    records, sources = [], {}
+    records: list[RunRecord] = []
+    sources: dict[str, Any] = {}  # dataset key -> the data source its runs share
     for run in experiment.runs:
         checked = check_model(run, registry, sources.get(dataset_key(run.config)))
         sources.setdefault(dataset_key(run.config), checked.source)

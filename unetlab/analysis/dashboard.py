@@ -25,6 +25,7 @@ import math
 import re
 import statistics
 import sys
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -61,8 +62,8 @@ def group_tags(runs) -> list[str]:
     return [run_tags.VARIANT, *[run_tags.matrix_tag(k) for k in keys]]
 
 
-def view_state(parent_id: str, monitor: str, factors: list[str] = (),
-               groups: list[str] = (run_tags.VARIANT,)) -> dict[str, Any]:
+def view_state(parent_id: str, monitor: str, factors: Sequence[str] = (),
+               groups: Sequence[str] = (run_tags.VARIANT,)) -> dict[str, Any]:
     """The shared view of ``parent_id``'s children: filtered to them, grouped by variant (the ``groups``
     tags), columns first the best and last value of ``monitor``, then the params that differ between
     variants and the seed."""
@@ -79,8 +80,8 @@ def view_state(parent_id: str, monitor: str, factors: list[str] = (),
     }
 
 
-def set_runs_view(client, experiment_id: str, parent_id: str, monitor: str, factors: list[str] = (),
-                  groups: list[str] = (run_tags.VARIANT,)) -> str:
+def set_runs_view(client, experiment_id: str, parent_id: str, monitor: str, factors: Sequence[str] = (),
+                  groups: Sequence[str] = (run_tags.VARIANT,)) -> str:
     """Store the shared view of ``parent_id`` as an experiment tag and return its key; keep the newest
     ``KEEP_VIEWS`` unetlab views of the experiment (one per invocation)."""
     key = view_key(parent_id)
@@ -178,7 +179,9 @@ def summary_metrics(result: dict[str, Any]) -> dict[str, float]:
         out[f"{prefix}_n"] = float(len(values))
         if len(values) > 1:
             out[f"{prefix}_std"] = statistics.stdev(values)
-            out[f"{prefix}_ci_low"], out[f"{prefix}_ci_high"] = _t_interval(values)
+            interval = _t_interval(values)
+            assert interval is not None  # None only with fewer than 2 values
+            out[f"{prefix}_ci_low"], out[f"{prefix}_ci_high"] = interval
     for variant, cv in (result.get("cv") or {}).items():
         if cv:
             for field in ("mean", "ci_low", "ci_high"):

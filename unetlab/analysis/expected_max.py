@@ -22,7 +22,7 @@ thousands neither overflows nor loses the small weights.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,7 +95,7 @@ def expected_max_curve(values: Sequence[float], *, direction: str = "max",
     return [expected_max(values, n, direction=direction, estimator=estimator) for n in range(1, n_max + 1)]
 
 
-def leader_by_budget(curves: dict[str, Sequence[float]], *, direction: str = "max",
+def leader_by_budget(curves: Mapping[str, Sequence[float]], *, direction: str = "max",
                      tolerance: float = 1e-12) -> list[str | None]:
     """For n = 1 .. (the shortest curve's length): the variant whose expected best is better at n trials, or
     None when the best two are within ``tolerance`` of each other (a tie names no leader)."""
@@ -121,7 +121,7 @@ class Crossing:
     after: str
 
 
-def crossings(curves: dict[str, Sequence[float]], *, direction: str = "max",
+def crossings(curves: Mapping[str, Sequence[float]], *, direction: str = "max",
               tolerance: float = 1e-12) -> list[Crossing]:
     """Where the leading variant changes along the budget n = 1, 2, ... (ties skipped: a leader that ties at
     some n and leads again after is no crossing)."""

@@ -230,10 +230,10 @@ def comparison_figure(result: dict[str, Any]):
     n = (f"{counts('replicates')} replicates ({counts('folds')} folds x {counts('seeds')} seeds)" if cross_validated
          else f"{counts('seeds')} seeds")
     images = "/".join(str(i) for i in sorted({p["paired"]["n_images"] for p in pairs if p.get("paired")}))
-    values = "/".join(str(v) for v in sorted({c["n_values"] for c in (result.get("cv") or {}).values()
-                                               if c and "per-image" in c["source"]}))
+    per_image_values = "/".join(str(v) for v in sorted({c["n_values"] for c in (result.get("cv") or {}).values()
+                                                         if c and "per-image" in c["source"]}))
     n += (f" x {images} images" if images and not cross_validated else f", {images} images paired" if images
-          else f", {values} per-image values" if values else "")
+          else f", {per_image_values} per-image values" if per_image_values else "")
     fig.suptitle(f"{metric} ({better} is better): n = {len(rows)} variant(s) x {n}; "
                  + (f"margin ±{margin:g}" if margin else "no margin"), fontsize=11)
     fig.tight_layout()

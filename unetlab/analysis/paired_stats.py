@@ -145,7 +145,7 @@ def t_interval(values: Sequence[float], level: float = LEVEL) -> tuple[float, fl
     return mean - half, mean + half
 
 
-def wilcoxon_signed_rank(differences: Sequence[float]) -> float:
+def wilcoxon_signed_rank(differences: Sequence[float] | np.ndarray) -> float:
     """Two-sided p-value of the Wilcoxon signed-rank test (SciPy's defaults); 1.0 when every difference is 0."""
     from scipy import stats
 
@@ -155,7 +155,7 @@ def wilcoxon_signed_rank(differences: Sequence[float]) -> float:
     return float(stats.wilcoxon(d).pvalue)
 
 
-def rank_biserial(differences: Sequence[float]) -> float:
+def rank_biserial(differences: Sequence[float] | np.ndarray) -> float:
     """Matched-pairs rank-biserial correlation (R+ - R-) / (R+ + R-) over the non-zero differences."""
     from scipy.stats import rankdata
 

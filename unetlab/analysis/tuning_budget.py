@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from unetlab.analysis.expected_max import Crossing, crossings, expected_max_curve
 from unetlab.tracking import tags as run_tags
@@ -76,7 +76,7 @@ class TuningReport:
                     f"{self.metric} after n trials, n = 1..{n})")
         ends = {name: curve[n - 1] for name, curve in self.curves.items()}
         pick = max if self.direction == "max" else min
-        leader = pick(ends, key=ends.get)
+        leader = pick(ends, key=ends.__getitem__)
         return (f"the tuning budget does not change the leader: {leader} has the better expected best validation "
                 f"{self.metric} at every n = 1..{n} trials (or they tie)")
 
@@ -194,6 +194,7 @@ def budget_figure(report: TuningReport):
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for i, (name, curve) in enumerate(report.curves.items()):
@@ -206,7 +207,8 @@ def budget_figure(report: TuningReport):
     ax.set(xlabel="number of tuning trials n", ylabel=f"expected best {report.metric} (validation)",
            title=f"expected best {report.metric} after n trials ({better} is better)\n"
                  "unbiased estimator without replacement (Tang et al. 2020)")
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    # a new linear axis's major locator is an AutoLocator, a MaxNLocator (whose set_params takes integer=)
+    cast(MaxNLocator, ax.xaxis.get_major_locator()).set_params(integer=True)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
