@@ -14,7 +14,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, cast
 
 import numpy as np
 import torch
@@ -285,13 +285,15 @@ class FolderSource:
                 else TileDataset(store, patch)
         if store.in_memory:
             if len(store) == 0:
-                c, (h, w) = self.in_channels, self.image_size
+                # a strict build (in_channels) has no problems, so the images have one size or an option sets it
+                c, (h, w) = self.in_channels, cast(tuple[int, int], self.image_size)
                 return TensorDataset(torch.empty(0, c, h, w), torch.empty(0, h, w, dtype=torch.long))
             if name not in self._tensors:  # normalised once: prepare and the trainer both ask for the split
                 items = [store.read(i) for i in range(len(store))]
                 self._tensors[name] = TensorDataset(torch.stack([i for i, _ in items]),
                                                     torch.stack([m for _, m in items]))
-                self._tensors[name].names = store.names  # per-image results are named by file stem
+                # per-image results are named by file stem: an extra attribute on this TensorDataset
+                self._tensors[name].names = store.names  # type: ignore[attr-defined]
             return self._tensors[name]
         return WholeImageDataset(store)
 

@@ -31,7 +31,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -99,7 +99,9 @@ class Entry:
         row = int(np.prod(shape[1:])) * dtype.itemsize
         out = np.empty((stop - start, *shape[1:]), dtype)
         with open(self.array_path, "rb", buffering=0) as f:
-            read = os.preadv(f.fileno(), [out], self.meta["size"] - shape[0] * row + start * row)  # data: the tail
+            # numpy's stubs declare ndarray.__buffer__ only for Python >= 3.12; arrays support the buffer protocol
+            read = os.preadv(f.fileno(), [out],  # type: ignore[list-item]
+                             self.meta["size"] - shape[0] * row + start * row)  # data: the tail
         if read != out.nbytes:
             raise UnetlabError(f"decode cache entry '{self.array_path}' changed while in use: run again")
         return out
@@ -315,7 +317,7 @@ def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
         return tuple(shape), dtype, f.tell()
 
 
-def _ints(value: Any, length: int | None = None, low: int = 0) -> bool:
+def _ints(value: Any, length: int | None = None, low: int = 0) -> TypeGuard[list[Any]]:
     return isinstance(value, list) and (length is None or len(value) == length) and all(
         isinstance(v, int) and not isinstance(v, bool) and v >= low for v in value)
 
@@ -405,9 +407,9 @@ def decode_cached(path: Path, kind: str, grayscale: bool = False, resize: tuple[
     folder = home / key[:2]
     array_path, meta_path = folder / f"{key}.npy", folder / f"{key}.json"
     if meta_path.exists():
-        meta, problem = _check_entry(array_path, meta_path, kind)
-        if meta is not None:
-            return Entry(path, array_path, _compact(meta))
+        cached, problem = _check_entry(array_path, meta_path, kind)
+        if cached is not None:
+            return Entry(path, array_path, _compact(cached))
         sys.stderr.write(f"unetlab: warning: decode cache entry '{meta_path.with_suffix('')}' of '{path}' is "
                          f"damaged ({problem}): decoding the file again\n")  # one write: decoded in threads
         _open_maps.pop(array_path, None)  # a map of the damaged file must not be served

@@ -27,7 +27,7 @@ per-dataset form, so the arithmetic that follows is the same for both scopes. A 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol, TypeGuard
 
 import numpy as np
 
@@ -66,7 +66,7 @@ def check_normalize(value: Any) -> dict | None:
         return None
     if not isinstance(value, dict) or value.get("mode") not in MODES:
         got = value.get("mode") if isinstance(value, dict) else value
-        raise UnetlabError(f"data.normalize.mode: {got!r} is not a mode{did_you_mean(got, MODES)} (modes: "
+        raise UnetlabError(f"data.normalize.mode: {got!r} is not a mode{did_you_mean(str(got), MODES)} (modes: "
                            f"{', '.join(MODES)}; or leave data.normalize unset to scale by the dtype)")
     mode = value["mode"]
     unknown = sorted(set(value) - {"mode"} - _KEYS[mode])
@@ -110,8 +110,16 @@ def _per_channel(value: Any, channels: int, key: str) -> list[float]:
     return items
 
 
+class ImageSequence(Protocol):
+    """Raw training images as ``fit_normalization`` reads them: a list, or a lazy loader with len and index."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int, /) -> np.ndarray: ...
+
+
 def fit_normalization(options: dict | None, dtype: np.dtype | str, channels: int,
-                      images: Sequence[np.ndarray], seed: int = 0) -> dict:
+                      images: ImageSequence, seed: int = 0) -> dict:
     """The spec for ``options`` (checked ``data.normalize``), from the training images when it needs statistics.
 
     ``images`` is a (lazy) sequence of raw training images (H x W x C). At most ``SAMPLE_IMAGES`` images,
@@ -140,7 +148,7 @@ def fit_normalization(options: dict | None, dtype: np.dtype | str, channels: int
             "percentiles": [options["lower"], options["upper"]]}
 
 
-def _sample_pixels(images: Sequence[np.ndarray], channels: int, seed: int) -> np.ndarray:
+def _sample_pixels(images: ImageSequence, channels: int, seed: int) -> np.ndarray:
     """Pixels (rows) x channels drawn uniformly from evenly spaced images, float64."""
     if len(images) == 0:
         raise UnetlabError("data.normalize: the training split has no images to compute statistics from")
@@ -160,7 +168,7 @@ def _sample_pixels(images: Sequence[np.ndarray], channels: int, seed: int) -> np
 
 def per_image(spec: dict | None) -> bool:
     """True when ``spec`` computes its statistics on each image (``scope: image``)."""
-    return bool(spec) and spec.get("scope") == "image"
+    return bool(spec and spec.get("scope") == "image")
 
 
 def image_statistics(image: np.ndarray, mode: str, percentiles: Sequence[float] = (0.5, 99.5)
@@ -243,7 +251,7 @@ def check_stored_spec(spec: Any, label: str) -> dict | None:
     def bad(detail: str) -> UnetlabError:
         return UnetlabError(f"{label}: normalization {detail}")
 
-    def numbers(value: Any, n: int | None = None) -> bool:
+    def numbers(value: Any, n: int | None = None) -> TypeGuard[list[Any]]:
         return isinstance(value, list) and len(value) > 0 and (n is None or len(value) == n) and all(
             isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in value)
 

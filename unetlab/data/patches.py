@@ -18,7 +18,7 @@ padded mask pixels are ``IGNORE_INDEX``, which losses (``ignore_index``) and met
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -237,7 +237,7 @@ class RawPatches(Dataset):
     def __len__(self) -> int:
         return len(self.patches)
 
-    def __getitem__(self, key: Any) -> tuple[torch.Tensor, ...]:
+    def __getitem__(self, key: Any) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
         return self.patches.raw_item(key)
 
     @staticmethod
@@ -262,7 +262,8 @@ class PatchDataset(Dataset):
     finish_batch = staticmethod(finish_batch)
 
     def __init__(self, store: SampleStore, size: tuple[int, int], oversample: float) -> None:
-        self.store, self.size, self.oversample = store, tuple(size), oversample
+        self.store, self.oversample = store, oversample
+        self.size = cast(tuple[int, int], tuple(size))  # (H, W), possibly given as a list
 
     def __len__(self) -> int:
         return len(self.store)
@@ -272,7 +273,7 @@ class PatchDataset(Dataset):
         """This dataset's raw windows (``SampleStore.read_raw``), to be finished by ``finish_batch``."""
         return RawPatches(self)
 
-    def raw_item(self, key: Any) -> tuple[torch.Tensor, ...]:
+    def raw_item(self, key: Any) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
         """The raw window of item ``key`` (``(index, seed)`` from ``PatchSampler``, or an index)."""
         index, seed = key if isinstance(key, tuple) else (key, key)
         rng = np.random.default_rng(seed)
@@ -293,7 +294,8 @@ class TileDataset(Dataset):
     """Every image as a grid of ``size`` tiles (the last row and column padded): each pixel exactly once."""
 
     def __init__(self, store: SampleStore, size: tuple[int, int]) -> None:
-        self.store, self.size = store, tuple(size)
+        self.store = store
+        self.size = cast(tuple[int, int], tuple(size))  # (H, W), possibly given as a list
         self.tiles = [(i, top, left) for i in range(len(store))
                       for top in range(0, store.shape(i)[0], size[0])
                       for left in range(0, store.shape(i)[1], size[1])]

@@ -113,10 +113,11 @@ def make_loader(dataset, batch_size: int, shuffle: bool, num_workers: int, pin_m
         batching["collate_fn"] = getattr(dataset, "collate", None)
     loader = DataLoader(dataset, num_workers=num_workers, pin_memory=pin_memory,
                         persistent_workers=num_workers > 0, **batching)
+    result: DataLoader | FinishedBatches = loader
     if finish:  # workers hand over raw windows (3-6x fewer bytes through shared memory), finished here
-        loader = FinishedBatches(loader, finish)
-    loader.epoch_sampler = sampler
-    return loader
+        result = FinishedBatches(loader, finish)
+    result.epoch_sampler = sampler
+    return result
 
 
 class FinishedBatches:
