@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Iterator
+from typing import cast
 
 import numpy as np
 import torch
@@ -214,14 +215,17 @@ def release_rows(array: np.ndarray, rows: int) -> None:
     read counts in the RSS until the array is closed, so a 12k image would add its whole file to the peak."""
     import mmap
 
-    while array is not None and not isinstance(getattr(array, "_mmap", None), mmap.mmap):
-        array = array.base if isinstance(array.base, np.ndarray) else None
-    if array is None or not hasattr(mmap, "MADV_DONTNEED") or not array.flags.c_contiguous:
+    owner: np.ndarray | None = array
+    while owner is not None and not isinstance(getattr(owner, "_mmap", None), mmap.mmap):
+        owner = owner.base if isinstance(owner.base, np.ndarray) else None
+    if owner is None or not hasattr(mmap, "MADV_DONTNEED") or not owner.flags.c_contiguous:
         return
-    start_in_map = array.offset % mmap.ALLOCATIONGRANULARITY  # np.memmap maps from an aligned offset
-    length = (start_in_map + rows * array.strides[0]) // mmap.PAGESIZE * mmap.PAGESIZE
+    mapped = cast(np.memmap, owner)  # only np.memmap holds an mmap.mmap as _mmap
+    start_in_map = mapped.offset % mmap.ALLOCATIONGRANULARITY  # np.memmap maps from an aligned offset
+    length = (start_in_map + rows * mapped.strides[0]) // mmap.PAGESIZE * mmap.PAGESIZE
     if length > 0:
-        array._mmap.madvise(mmap.MADV_DONTNEED, 0, length)
+        # numpy's stubs omit np.memmap's (private) _mmap attribute
+        mapped._mmap.madvise(mmap.MADV_DONTNEED, 0, length)  # type: ignore[attr-defined]
 
 
 def _mirror_index(n: int, before: int, after: int, replicate: bool) -> np.ndarray:
@@ -259,6 +263,7 @@ def stream_logits(model: Callable[[torch.Tensor], torch.Tensor], windows: ImageW
     height, width = windows.height, windows.width
     tile = resolve_tile(height, width, tile, padding)
     if padding == "valid":
+        assert tile is not None  # resolve_tile gives valid padding a tile (VALID_TILE by default)
         out_side, margin = _valid_geometry(model, windows.channels, tile)
         pads = (margin, margin + max(0, out_side - height), margin, margin + max(0, out_side - width))
         boxes = [(top, left, out_side, out_side) for top in window_starts(max(height, out_side), out_side, out_side)
@@ -305,7 +310,7 @@ def sliding_window_logits(model: Callable[[torch.Tensor], torch.Tensor], image: 
         if out is None:
             out = torch.empty(band.shape[0], *image.shape[1:], device=image.device)
         out[:, top:top + band.shape[1]] = band
-    return out
+    return cast(torch.Tensor, out)  # an image of at least one row gives at least one band
 
 
 def _padding(model) -> str:
@@ -319,7 +324,7 @@ def _device(model, image: torch.Tensor) -> torch.device:
         return image.device
 
 
-def _forward(model, batch: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def _forward(model, batch: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     """``model(batch)``, turning 'too small for this model' into a one-line error."""
     try:
         return model(batch)
@@ -346,12 +351,15 @@ def _bands(model, read: Callable[[int, int, int, int], torch.Tensor], boxes: lis
     out_width = max(l + w for _, l, _, w in boxes)
     out_height = max(t + h for t, _, h, _ in boxes)
     cap = max(h for _, _, h, _ in boxes)
-    acc = norm = None
+    acc: torch.Tensor | None = None
+    norm: torch.Tensor | None = None
     base = 0
 
     def finished(rows: int) -> Iterator[tuple[int, torch.Tensor]]:
         end = min(base + rows, height)
         if end > base:
+            # called only after the first batch (boxes is not empty: max() above) set both accumulators
+            assert acc is not None and norm is not None
             yield base, acc[:, :end - base, :width] / norm[:end - base, :width]
 
     for i in range(0, len(boxes), batch_size):
@@ -359,7 +367,7 @@ def _bands(model, read: Callable[[int, int, int, int], torch.Tensor], boxes: lis
         batch = torch.stack([read(t, l, h, w) for t, l, h, w in chunk])
         weight = weight.to(batch.device)  # the outputs live where the input does
         logits = _forward(model, batch.to(device), tuple(batch.shape[-2:])).float().to(weight.device)
-        if acc is None:
+        if acc is None or norm is None:  # both are None until the first batch, then both are set
             acc = torch.zeros(logits.shape[1], cap, out_width, device=weight.device)
             norm = torch.zeros(cap, out_width, device=weight.device)
         for (t, l, h, w), window_logits in zip(chunk, logits):

@@ -102,7 +102,7 @@ class UNet(nn.Module):
             y = _pad_to(y, skip.shape[-2], skip.shape[-1])
         return self.blocks[i](self.fusions[i](skip, y))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         size = x.shape[-2:]
         # Gradient checkpointing keeps only each segment's inputs and outputs (the skips) and recomputes
         # the rest in backward: less memory for large images, about one more forward pass of compute.
@@ -233,7 +233,7 @@ def build_unet(model_config: dict, in_channels: int, out_channels: int, registry
     head = nn.Conv2d(current, out_channels, kernel_size=1)
     # nnU-Net's deep supervision: every decoder level has an output except the coarsest, whose loss
     # weight nnU-Net sets to 0 (so no head is built for it); the finest is the main head.
-    aux_heads = []
+    aux_heads: list[nn.Module] = []
     if model_config.get("deep_supervision"):
         if levels < 3:
             raise ConfigError(f"needs at least 3 decoder levels (this encoder gives {levels}): the coarsest level is "

@@ -11,7 +11,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -23,6 +23,9 @@ from unetlab.plugin_api.contracts import image_size_of
 from unetlab.plugin_api.metric_ranges import metric_ranges
 from unetlab.plugin_api.registry import Registry, metric_directions, resolve_monitor_mode
 from unetlab.training.system_metrics import system_metrics_enabled
+
+if TYPE_CHECKING:
+    from unetlab.model.unet import PretrainedMode
 
 __all__ = ["ModelCheck", "Prepared", "Runtime", "check_model", "check_processes_per_node", "config_hash", "dataset_key",
            "model_cost", "monitor_keys", "prepare", "prepare_all", "resolve_device", "resolve_runtime", "training_size"]
@@ -151,7 +154,7 @@ class ModelCheck:
     image_size: tuple[int, int]  # the dataset's (or DEFAULT_SIZE when it does not say)
 
 
-def check_model(run: Run, registry: Registry, source: Any = None, pretrained: str = "check") -> ModelCheck:
+def check_model(run: Run, registry: Registry, source: Any = None, pretrained: PretrainedMode = "check") -> ModelCheck:
     """Build the run's dataset source (unless given: runs with the same dataset config share one) and its
     model; bad data, channels or component parameters raise ``UnetlabError`` here. ``pretrained``: what a
     pretrained component does (``unetlab.model.unet.pretrained_mode``): ``check`` that its weights are there, or
@@ -164,7 +167,8 @@ def check_model(run: Run, registry: Registry, source: Any = None, pretrained: st
             source.split(split)
     in_ch, out_ch, num_classes = model_io(run.config, source)
     model = build_unet(run.config["model"], in_ch, out_ch, registry, pretrained=pretrained)  # counted, not trained
-    size = image_size_of(source) or tuple(DEFAULT_SIZE)
+    # HasImageSize's contract: a source's image size is (H, W)
+    size = cast("tuple[int, int]", image_size_of(source) or tuple(DEFAULT_SIZE))
     return ModelCheck(source, in_ch, out_ch, num_classes, model, size)
 
 
@@ -178,7 +182,7 @@ def model_cost(config: dict, registry: Registry, checked: ModelCheck) -> tuple[i
 
 
 def prepare(run: Run, registry: Registry, world_size: int = 1, source: Any = None,
-            pretrained: str = "check") -> Prepared:
+            pretrained: PretrainedMode = "check") -> Prepared:
     """Everything that can be checked before training: runtime, data, channels, sizes, the monitored metric.
 
     ``source``: an already built dataset source for this run's dataset config (shared between runs).
@@ -210,7 +214,7 @@ def prepare(run: Run, registry: Registry, world_size: int = 1, source: Any = Non
 
 
 def prepare_all(runs: Sequence[Run], registry: Registry, world_size: int = 1,
-                pretrained: str = "check") -> list[Prepared]:
+                pretrained: PretrainedMode = "check") -> list[Prepared]:
     """``prepare`` every run; runs with the same dataset config share one source (one copy in memory)."""
     sources: dict[str, Any] = {}
     prepared = []

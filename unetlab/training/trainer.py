@@ -26,7 +26,7 @@ from unetlab.checkpoint import load_checkpoint, save_atomic
 from unetlab.data.sources import build_augment, make_batches
 from unetlab.errors import UnetlabError
 from unetlab.model.deep_supervision import deep_supervision_loss
-from unetlab.model.unet import build_unet, crop_target
+from unetlab.model.unet import UNet, build_unet, crop_target
 from unetlab.plugin_api.contracts import ignore_index_of, validates_whole_images
 from unetlab.plugin_api.registry import Registry, component_params
 from unetlab.training.determinism import configure
@@ -101,7 +101,7 @@ class TrainState:
 class _Parts:
     """The objects a run trains with, built once by ``_build``."""
 
-    model: torch.nn.Module
+    model: UNet                      # build_unet's (SyncBatchNorm conversion keeps the top module)
     forward: Callable                # the model, possibly wrapped in DDP and/or compiled
     optimizer: torch.optim.Optimizer
     schedule: Schedule
@@ -264,7 +264,8 @@ def _build(setup: TrainSetup) -> _Parts:
                        pretrained="skip" if setup.resume is not None else "load").to(device)
     model.return_auxiliary = bool(cfg["model"].get("deep_supervision"))
     if runtime.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        # torch's stubs for Module.to omit its documented memory_format keyword (accepted at run time)
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     model.gradient_checkpointing = t["gradient_checkpointing"]
     if t["sync_batchnorm"]:  # preflight allows it only with CUDA and several processes
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -273,7 +274,7 @@ def _build(setup: TrainSetup) -> _Parts:
     if len(train_set) == 0:
         raise UnetlabError(f"run '{prep.run.name}': the training split is empty")
     batch, workers = cfg["data"]["batch_size"], cfg["data"]["num_workers"]
-    forward = model
+    forward: Callable = model
     if dist.enabled:  # gradients are averaged over ranks: N processes x batch b train like one with batch N*b
         from torch.nn.parallel import DistributedDataParallel
 

@@ -27,7 +27,7 @@ import contextlib
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -237,7 +237,7 @@ def _assemble(bands: Iterator[tuple[int, torch.Tensor]], windows: ImageWindows) 
         if out is None:
             out = torch.empty(1, band.shape[0], windows.height, windows.width, device=band.device)
         out[0, :, top:top + band.shape[1]] = band
-    return out
+    return cast(torch.Tensor, out)  # an image of at least one row gives at least one band
 
 
 @torch.no_grad()
@@ -252,7 +252,9 @@ def evaluate_whole_images(model: torch.nn.Module, dataset: Any, loss_fn: Callabl
     total, count = 0.0, 0
     budget = memory_budget()
     for index in range(len(dataset)):
-        total += score_whole_image(model, dataset, index, loss_fn, metrics, device, dtype, tile, overlap, budget)
+        # a loss (not None): loss_fn is given
+        total += cast(float, score_whole_image(model, dataset, index, loss_fn, metrics, device, dtype, tile, overlap,
+                                               budget))
         count += 1
     out = {"val_loss": total / max(count, 1)}
     for metric in metrics:
