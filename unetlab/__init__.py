@@ -99,7 +99,7 @@ def create(kind: str, name: str, /, **kwargs: Any) -> Any:
     return default_host().registry.create(kind, name, **kwargs)
 
 
-def build_model(model_config: Mapping[str, Any] | str | None, in_channels: int, out_channels: int,
+def build_model(model_config: Mapping[str, Any] | None, in_channels: int, out_channels: int,
                 registry: Registry | None = None) -> Any:
     """Assemble a U-Net (a ``torch.nn.Module`` returning logits) from a ``model`` section.
 

@@ -123,7 +123,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     registry = host.registry
     if args.kind and args.kind not in KINDS:
         registry.list(args.kind)  # raises the did-you-mean error
-    report = []
+    report: list[dict[str, Any]] = []
     for info in host.plugins.values():
         components = [c for c in registry if c.plugin == info.name and (not args.kind or c.kind == args.kind)]
         report.append({

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from unetlab.config.experiment import load_experiment
 from unetlab.plugin_api.host import default_host
@@ -19,7 +20,8 @@ def summarise_experiment(path: str | Path, overrides: Sequence[str] = (),
 
     host = default_host()
     experiment = load_experiment(path, overrides, host=host)
-    rows, sources = [], {}
+    rows: list[dict] = []
+    sources: dict[str, Any] = {}  # dataset key -> its built source, shared by the runs with that key
     for run in experiment.runs:
         checked = check_model(run, host.registry, sources.get(dataset_key(run.config)))
         sources.setdefault(dataset_key(run.config), checked.source)

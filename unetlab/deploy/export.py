@@ -8,6 +8,7 @@ The model is rebuilt from weights by ``unetlab.training.model_store`` (a store's
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -48,6 +49,7 @@ def export_model(model: torch.nn.Module, fmt: str, out: str | Path, size: int | 
     elif fmt == "onnx":
         try:
             onnx_program = torch.onnx.export(program, (example,), dynamo=True, dynamic_shapes={"x": dims})
+            assert onnx_program is not None  # dynamo=True always returns an ONNXProgram (None only without dynamo)
             onnx_program.save(str(out))
         except ImportError as exc:
             raise UnetlabError(f"ONNX export needs the optional extra: pip install 'unetlab[onnx]' ({exc})") from None
@@ -58,7 +60,7 @@ def export_model(model: torch.nn.Module, fmt: str, out: str | Path, size: int | 
             "spatial_multiple": None if valid else multiple}
 
 
-def check_export(model: torch.nn.Module, fmt: str, path: str | Path, shapes: list[tuple[int, ...]]) -> float:
+def check_export(model: torch.nn.Module, fmt: str, path: str | Path, shapes: Sequence[tuple[int, ...]]) -> float:
     """Largest absolute difference between the exported model and PyTorch over inputs of ``shapes``."""
     model = model.cpu().eval()
     worst = 0.0

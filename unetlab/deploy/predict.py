@@ -53,13 +53,14 @@ def predict_probabilities(model: torch.nn.Module, image: torch.Tensor, tile: int
     model.eval()
     if not tta:
         return _probabilities(sliding_window_logits(model, image, tile, overlap, batch_size=batch_size, mode=mode))
-    total = None
+    total: torch.Tensor | None = None
     for dims in ((), (-1,), (-2,), (-2, -1)):
         flipped = image.flip(dims) if dims else image
         probs = _probabilities(sliding_window_logits(model, flipped, tile, overlap, batch_size=batch_size,
                                                      mode=mode))
         probs = probs.flip(dims) if dims else probs
         total = probs if total is None else total + probs
+    assert total is not None  # the loop above runs four times
     return total / 4
 
 

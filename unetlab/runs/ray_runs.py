@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from unetlab.errors import UnetlabError, exception_text
 from unetlab.runs.worker_command import worker_run_args
@@ -178,7 +178,7 @@ def _poll(child, timeout: float | None = None, cancelled: Callable[[], bool] | N
     asked = time.monotonic()
     while child.poll() is None:
         if deadline is not None and time.monotonic() > deadline:
-            raise subprocess.TimeoutExpired(child.args, timeout)
+            raise subprocess.TimeoutExpired(child.args, cast(float, timeout))  # deadline set: timeout given
         if cancelled is not None and time.monotonic() - asked >= CANCEL_POLL_S:
             asked = time.monotonic()
             if cancelled():
@@ -206,10 +206,12 @@ def connect(plan: RayPlan) -> None:
 
     try:
         if plan.address is None:
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING",
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False,
+                     logging_level="WARNING",  # type: ignore[arg-type]  # ray's stub says int, but its own default is "info" and it takes level names
                      log_to_driver=False)
         else:
-            ray.init(address=plan.address, logging_level="WARNING", log_to_driver=False)
+            ray.init(address=plan.address, log_to_driver=False,
+                     logging_level="WARNING")  # type: ignore[arg-type]  # ray's stub says int, but its own default is "info" and it takes level names
     except Exception as exc:  # noqa: BLE001 -- Ray raises ConnectionError, RuntimeError, ValueError...
         raise UnetlabError(f"--ray {plan.address or '(local instance)'}: cannot start or reach Ray: "
                            f"{exception_text(exc)}") from None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from unetlab.tracking import tags as run_tags
 from unetlab.training.preflight import Prepared
@@ -27,13 +27,14 @@ def log_run_outputs(tracker: RunTracker, result: RunResult, prep: Prepared, regi
 
     config = prep.run.config
     # what the comparison contract reads (unetlab.analysis.contract_records)
-    final_metrics = {"train_time_s": result.seconds, "train_steps": result.steps, "train_epochs": result.epochs}
+    final_metrics: dict[str, float] = {"train_time_s": result.seconds, "train_steps": result.steps,
+                                       "train_epochs": result.epochs}
     if result.peak_memory_mb is not None:
         final_metrics["peak_memory_mb"] = result.peak_memory_mb
         tracker.set_tags({run_tags.PEAK_MEMORY_KIND: result.memory_kind})
     if result.best is not None:
         final_metrics[f"best_{config['train']['monitor']}"] = result.best
-        final_metrics["best_epoch"] = result.best_epoch
+        final_metrics["best_epoch"] = cast(int, result.best_epoch)  # set with best (trainer)
     tracker.log_metrics(final_metrics, step=result.epochs)
     if registry is None:
         from unetlab.plugin_api.host import default_host

@@ -15,7 +15,7 @@ import hashlib
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from unetlab.config.experiment import load_experiment
 from unetlab.errors import ConfigError, UnetlabError
@@ -141,7 +141,7 @@ def run_experiment(path: str | Path, overrides: Sequence[str] = (), resume: bool
         elif trial is not None:  # a worker of a tuned --jobs: one trial, nested under its study run
             from unetlab.runs.tuned_runs import train_trial_worker
 
-            code = train_trial_worker(inv, trial, direction)
+            code = train_trial_worker(inv, trial, cast(str, direction))  # a trial implies a tune section
         elif direction is not None and parent_run_id is None:
             from unetlab.runs.tuned_runs import run_tuned
 

@@ -23,7 +23,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from unetlab.config.experiment import Experiment, Run, derive_run
 from unetlab.config.tune import TuneSpec
@@ -61,8 +61,9 @@ def variants_in_order(runs: Sequence[Run]) -> list[str]:
 def trial_run(template: Run, spec: TuneSpec, number: int, params: dict[str, Any]) -> Run:
     """Trial ``number`` of ``template``'s variant: its config with ``params`` and the per-trial budget applied
     (``tune.epochs`` as ``train.epochs``; ``tune.max_steps`` as ``train.max_steps``, within ``train.epochs``)."""
+    max_steps = cast(int, spec.max_steps)  # read only without epochs: the tune parser sets exactly one of the two
     budget: dict[str, Any] = {"train.epochs": spec.epochs} if spec.epochs is not None else {
-        "train.max_steps": min(spec.max_steps, template.config["train"]["max_steps"] or spec.max_steps)}
+        "train.max_steps": min(max_steps, template.config["train"]["max_steps"] or max_steps)}
     return derive_run(template, {**params, **budget}, name=f"{template.variant}/trial={number}", role="trial",
                       tags={TRIAL_NUMBER_TAG: str(number)})
 
@@ -323,7 +324,8 @@ def _train_trial_here(inv, work: TrialWork, spec: TuneSpec, direction: str) -> i
     from unetlab.training.preflight import prepare
 
     tracker, started, trial = inv.tracker, time.perf_counter(), work.trial
-    reporter = TrialReporter(trial, spec.metric, direction, spec.pruning is not None)
+    # a loaded experiment's tune.metric is set (None in the file means train.monitor, resolved by the loader)
+    reporter = TrialReporter(trial, cast(str, spec.metric), direction, spec.pruning is not None)
     try:
         prep = prepare(work.run, inv.host.registry, inv.ctx.world_size, pretrained="skip" if inv.resume else "check")
     except UnetlabError as exc:  # e.g. a batch size the data cannot fill: this trial fails, the study goes on
@@ -401,6 +403,6 @@ def _log_study(tracker, study_run: str, spec: TuneSpec, records: list[TrialRecor
                        "tune.seconds": budget.seconds}.items():
         child.log_metric(key, float(value))
     best = best_trial(records, direction)
-    if best is not None and math.isfinite(best.value):
+    if best is not None and math.isfinite(cast(float, best.value)):  # best_trial: only trials with a value
         child.log_metric("tune.best_value", best.value)
         child.log_params({f"tune.best.{k}": v for k, v in best.params.items()} | {"tune.best.trial": best.number})

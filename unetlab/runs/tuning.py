@@ -20,7 +20,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from unetlab.config.tune import ParamSpace, TuneSpec
 from unetlab.errors import ConfigError, UnetlabError, exception_text
@@ -147,8 +147,10 @@ def _suggest_one(trial, p: ParamSpace) -> Any:
     if p.kind == "choice":
         return trial.suggest_categorical(p.key, list(p.choices))
     if p.kind == "int":
-        return trial.suggest_int(p.key, int(p.low), int(p.high))
-    return trial.suggest_float(p.key, float(p.low), float(p.high), log=p.kind == "log_uniform")
+        # a range kind always has both ends (unetlab.config.tune sets them); only "choice" leaves them None
+        return trial.suggest_int(p.key, int(cast(float, p.low)), int(cast(float, p.high)))
+    return trial.suggest_float(p.key, float(cast(float, p.low)), float(cast(float, p.high)),
+                               log=p.kind == "log_uniform")
 
 
 def check_tuned(runs: Sequence[tuple[Any, Any, int]], registry, path: str | Path, metric: str) -> str:
@@ -307,7 +309,7 @@ def best_trial(records: Sequence[TrialRecord], direction: str) -> TrialRecord | 
     if not complete:
         return None
     sign = -1.0 if direction == "max" else 1.0
-    return min(complete, key=lambda r: (sign * r.value, r.number))
+    return min(complete, key=lambda r: (sign * cast(float, r.value), r.number))  # value is not None: filtered above
 
 
 def plan_lines(spec: TuneSpec, variants: Sequence[str], final_runs: int, direction: str) -> list[str]:

@@ -23,7 +23,7 @@ import math
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     import torch
@@ -114,7 +114,8 @@ def evaluate_per_image(model: torch.nn.Module | None, dataset: Any, train_config
     ``ignore_index``: the dataset's (padding, 255 in masks), given to them as the trainer does."""
     from unetlab.training.trainer import build_loss, build_metrics
 
-    return per_image_rows(predict_fn or _model_predict(model), dataset,
+    # a caller that gives no predict_fn gives a model (the documented contract; not checked here)
+    return per_image_rows(predict_fn or _model_predict(cast("torch.nn.Module", model)), dataset,
                           build_metrics(train_config, num_classes, registry, ignore_index),
                           build_loss(train_config, num_classes, registry, ignore_index), batch_size, prefix)
 
