@@ -88,7 +88,8 @@ def crop(size: Annotated[int, Range(1, 65536)]):
     return augment
 
 
-def affine(p: Probability = 0.5, scale: list[float] = (0.8, 1.2), degrees: float = 15.0):
+def affine(p: Probability = 0.5, scale: list[float] = (0.8, 1.2),  # type: ignore[assignment]  # the registry reads this annotation as the parameter's allowed type; a tuple default is accepted
+           degrees: float = 15.0):
     """Random zoom (scale range) and rotation (+-degrees) with probability p; borders reflected."""
     low, high = scale
 

@@ -121,6 +121,9 @@ def pretrained_state_dict(path: Path) -> dict[str, torch.Tensor]:
 class TimmEncoder(nn.Module):
     """A timm backbone (features_only): resnet, efficientnet, convnext, regnet, mobilenetv3, ..."""
 
+    mean: torch.Tensor  # buffers registered in __init__ when the encoder normalizes its input
+    std: torch.Tensor
+
     def __init__(self, in_channels: int, model: str,
                  pretrained: Union[bool, Annotated[str, FilePath()]] = False,
                  out_indices: Optional[list[int]] = None, input_norm: Optional[bool] = None) -> None:
@@ -150,6 +153,7 @@ class TimmEncoder(nn.Module):
                                  "regnet*, mobilenetv3*)") from None
             raise
         if state is not None:
+            assert path is not None  # state is only loaded from a path
             _check_fit(report, self.model, model, path)
         info = self.model.feature_info
         self.out_channels = [int(c) for c in info.channels()]

@@ -61,7 +61,7 @@ def _fmt(values: list[float]) -> str:
 
 def on_run_start(run_name: str, config: dict, model: Any, tracker: Any) -> None:
     """Record a timm encoder's normalisation as run parameters; warn (one line) when the data does not match it."""
-    encoder = getattr(model, "encoder", None)
+    encoder: Any = getattr(model, "encoder", None)  # any model; only a TimmEncoder is used below
     if type(encoder).__name__ != "TimmEncoder":
         return
     if tracker is not None and encoder.weights_mean is not None:

@@ -14,7 +14,7 @@ import copy
 import types
 import typing
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union, cast
 
 from unetlab.errors import ConfigError, did_you_mean, known_list
 from unetlab.plugin_api.params import Range, check_value, describe_type
@@ -64,7 +64,7 @@ def _bounded(annotation: Any, bounds: Range) -> Any:
     if origin in (Union, types.UnionType):
         return Union[tuple(_bounded(a, bounds) for a in args)]
     if origin is list and args:
-        return list[_bounded(args[0], bounds)]
+        return types.GenericAlias(list, (_bounded(args[0], bounds),))  # list[...] of a type made at run time
     return annotation
 
 
@@ -309,7 +309,8 @@ def _validate_components(value: Any, spec: Field, path: str, registry: Registry)
         name = entry.get("name")
         if not isinstance(name, str):
             raise ConfigError(f"expected a {spec.kind} name, got {name!r}", f"{where}.name")
-        component = registry.get(spec.kind, name, where=f"{where}.name" if spec.many else where)
+        component = registry.get(cast(str, spec.kind), name,  # called for component fields only (kind set)
+                                 where=f"{where}.name" if spec.many else where)
         params = {k: v for k, v in entry.items() if k != "name"}
         weight = None
         if spec.many and spec.kind == "loss":

@@ -20,7 +20,7 @@ MAX_VALUES = 20_000      # values, aliases expanded: a "billion laughs" document
 
 try:  # libyaml scans in C: PyYAML's pure-Python scanner takes seconds on a 100 KB flow collection
     from yaml._yaml import CParser
-    _PARSER: tuple[type, ...] = (CParser,)
+    _PARSER: tuple[Any, ...] = (CParser,)  # parser classes chosen at import time
 except ImportError:  # PyYAML built without libyaml
     _PARSER = (yaml.reader.Reader, yaml.scanner.Scanner, yaml.parser.Parser)
 
@@ -33,7 +33,9 @@ class DocumentTooComplex(yaml.MarkedYAMLError):
     """
 
 
-class SafeLoader(yaml.composer.Composer, *_PARSER, yaml.constructor.SafeConstructor, yaml.resolver.Resolver):
+# mypy cannot follow a starred base list (the parser classes are chosen at import time, above)
+class SafeLoader(yaml.composer.Composer, *_PARSER,  # type: ignore[misc]
+                 yaml.constructor.SafeConstructor, yaml.resolver.Resolver):
     """A safe loader (PyYAML's safe constructor and resolver, libyaml's parser when available) that
     reads floats written without a dot (``1e-3``, a string in YAML 1.1) and bounds nesting depth and
     size while composing (PyYAML composes recursively: 5,000 levels were a RecursionError)."""
