@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -72,7 +73,8 @@ def _outline(ax, mask: np.ndarray, colour, style: str) -> None:
         ax.contour(mask.astype(np.float32), levels=[0.5], colors=[colour], linewidths=1.6, linestyles=style)
 
 
-def prediction_figure(images: np.ndarray, truths: np.ndarray, predictions: np.ndarray, num_classes: int):
+def prediction_figure(images: Sequence[np.ndarray], truths: Sequence[np.ndarray], predictions: Sequence[np.ndarray],
+                      num_classes: int):
     """One row per image: image | truth | prediction (solid masks in the same class colours, the
     prediction titled with its foreground IoU) | outlines of truth (solid) and prediction (dashed) drawn
     over the image: green and magenta for a binary task, the class colours otherwise."""
