@@ -23,6 +23,7 @@ from typing import Any
 from unetlab import _legacy
 from unetlab.config.experiment import Experiment, Run, load_experiment
 from unetlab.errors import ConfigError, PluginError, UnetlabError, did_you_mean
+from unetlab.plugin_api.contracts import DatasetSource, Loss, Metric, Tracker
 from unetlab.plugin_api.hookspecs import PLUGIN_API_VERSION, hookimpl
 from unetlab.plugin_api.host import PluginHost, default_host  # noqa: F401  (internal; not in __all__)
 from unetlab.plugin_api.params import FilePath, Range
@@ -50,12 +51,16 @@ __all__ = [
     "PLUGIN_API_VERSION",
     "Component",
     "ConfigError",
+    "DatasetSource",
     "Experiment",
     "FilePath",
+    "Loss",
+    "Metric",
     "PluginDeprecationWarning",
     "PluginError",
     "Range",
     "Run",
+    "Tracker",
     "UnetlabError",
     "__version__",
     "build_model",
