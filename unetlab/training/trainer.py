@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from unetlab.checkpoint import load_checkpoint, save_atomic
+from unetlab.config.settings import TrainSettings
 from unetlab.data.sources import build_augment, make_batches
 from unetlab.errors import UnetlabError
 from unetlab.model.deep_supervision import deep_supervision_loss
@@ -204,9 +205,9 @@ def evaluate(model, loader, loss_fn, metrics, device, dtype, channels_last: bool
 def train_run(setup: TrainSetup) -> RunResult:
     """Train one run to its end (epochs, steps, early stopping); raise ``RunFailed`` on a non-finite loss."""
     prep, dist = setup.prepared, setup.dist
-    t = prep.run.config["train"]
-    configure(t["deterministic"], prep.runtime.device)  # before the first cuBLAS call (CUBLAS_WORKSPACE_CONFIG)
-    _seed_all(t["seed"])
+    t = TrainSettings.from_config(prep.run.config)
+    configure(t.deterministic, prep.runtime.device)  # before the first cuBLAS call (CUBLAS_WORKSPACE_CONFIG)
+    _seed_all(t.seed)
     parts = _build(setup)
     state = TrainState()
     if setup.resume is not None:
@@ -218,12 +219,12 @@ def train_run(setup: TrainSetup) -> RunResult:
 
     started, stop_reason = time.perf_counter(), ""
     memory = start_peak_memory(parts.device)
-    for epoch in range(state.epoch, t["epochs"]):
-        if t["max_steps"] is not None and state.step >= t["max_steps"]:
+    for epoch in range(state.epoch, t.epochs):
+        if t.max_steps is not None and state.step >= t.max_steps:
             break
         epoch_start = time.perf_counter()
         record, stop_reason = _train_epoch(setup, parts, state, epoch)
-        if (epoch + 1) % t["val_every"] == 0 or epoch == t["epochs"] - 1 or stop_reason:
+        if (epoch + 1) % t.val_every == 0 or epoch == t.epochs - 1 or stop_reason:
             record.update(_validate(setup, parts))
             stop_reason = _keep_best(setup, parts, state, record, epoch) or stop_reason
             if setup.stop_check is not None:
@@ -257,7 +258,7 @@ def train_run(setup: TrainSetup) -> RunResult:
 def _build(setup: TrainSetup) -> _Parts:
     """Model (on its device, in its memory format), optimiser, schedule, scaler, loss, metrics, data."""
     prep, dist, runtime = setup.prepared, setup.dist, setup.prepared.runtime
-    cfg, t = prep.run.config, prep.run.config["train"]
+    cfg, t = prep.run.config, TrainSettings.from_config(prep.run.config)
     device = dist.device(runtime.device)
     # resuming loads the checkpoint's weights next: a pretrained encoder reads no file and no hub
     model = build_unet(cfg["model"], prep.in_channels, prep.out_channels, setup.registry,
@@ -266,10 +267,10 @@ def _build(setup: TrainSetup) -> _Parts:
     if runtime.channels_last:
         # torch's stubs for Module.to omit its documented memory_format keyword (accepted at run time)
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    model.gradient_checkpointing = t["gradient_checkpointing"]
-    if t["sync_batchnorm"]:  # preflight allows it only with CUDA and several processes
+    model.gradient_checkpointing = t.gradient_checkpointing
+    if t.sync_batchnorm:  # preflight allows it only with CUDA and several processes
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = make_optimizer(model, t)
+    optimizer = make_optimizer(model, cfg["train"])
     train_set, val_set = prep.source.split("train"), prep.source.split("val")
     if len(train_set) == 0:
         raise UnetlabError(f"run '{prep.run.name}': the training split is empty")
@@ -279,14 +280,14 @@ def _build(setup: TrainSetup) -> _Parts:
         from torch.nn.parallel import DistributedDataParallel
 
         forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                          find_unused_parameters=t["freeze_encoder_epochs"] > 0)
-    if t["compile"]:  # true or a torch.compile mode (reduce-overhead: CUDA graphs)
-        forward = torch.compile(forward, mode=None if t["compile"] is True else t["compile"])
+                                          find_unused_parameters=t.freeze_encoder_epochs > 0)
+    if t.compile:  # true or a torch.compile mode (reduce-overhead: CUDA graphs)
+        forward = torch.compile(forward, mode=None if t.compile is True else t.compile)
     return _Parts(
-        model=model, forward=forward, optimizer=optimizer, schedule=Schedule(t),
+        model=model, forward=forward, optimizer=optimizer, schedule=Schedule(cfg["train"]),
         scaler=torch.amp.GradScaler("cuda") if runtime.amp_dtype == torch.float16 else None,
-        loss_fn=build_loss(t, prep.num_classes, setup.registry, ignore_index_of(prep.source)),
-        metrics=build_metrics(t, prep.num_classes, setup.registry, ignore_index_of(prep.source)),
+        loss_fn=build_loss(cfg["train"], prep.num_classes, setup.registry, ignore_index_of(prep.source)),
+        metrics=build_metrics(cfg["train"], prep.num_classes, setup.registry, ignore_index_of(prep.source)),
         augment=build_augment(cfg, setup.registry),
         # an in-memory split that fits lives on the device (same batches, same order as a DataLoader)
         train_loader=make_batches(train_set, batch, True, workers, runtime.pin_memory, device, dist.rank,
@@ -309,8 +310,8 @@ def _restore(parts: _Parts, checkpoint: dict) -> TrainState:
 def _train_epoch(setup: TrainSetup, parts: _Parts, state: TrainState, epoch: int) -> tuple[dict[str, float], str]:
     """One pass over this rank's shard of the training set; return the epoch's record and why to stop ("" = go on)."""
     prep, dist, device = setup.prepared, setup.dist, parts.device
-    t = prep.run.config["train"]
-    es = epoch_seed(t["seed"], epoch)
+    t = TrainSettings.from_config(prep.run.config)
+    es = epoch_seed(t.seed, epoch)
     rank_seed = es if dist.rank == 0 else (es * 31 + dist.rank) % 2 ** 63  # ranks augment differently
     torch.manual_seed(rank_seed)  # dropout and anything else drawing from the global generator
     generator = torch.Generator(device=device)
@@ -320,7 +321,7 @@ def _train_epoch(setup: TrainSetup, parts: _Parts, state: TrainState, epoch: int
         group["lr"] = lr * group.get("lr_mult", 1.0)
     parts.train_loader.epoch_sampler.set_epoch(es)
     parts.model.train()
-    _freeze_encoder(parts.model, epoch < t["freeze_encoder_epochs"])
+    _freeze_encoder(parts.model, epoch < t.freeze_encoder_epochs)
     steps_per_epoch = len(parts.train_loader)
     # [the loss optimised, then with deep supervision each output's own loss, finest first]
     outputs = 1 + len(getattr(parts.model, "aux_heads", ())) if parts.model.return_auxiliary else 0
@@ -333,7 +334,7 @@ def _train_epoch(setup: TrainSetup, parts: _Parts, state: TrainState, epoch: int
             images, masks = parts.augment(images, masks, generator)
         if prep.runtime.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        loss_sum += _step(parts, images, masks, prep.runtime.amp_dtype, t["grad_clip"])
+        loss_sum += _step(parts, images, masks, prep.runtime.amp_dtype, t.grad_clip)
         batches += 1
         images_seen += images.shape[0]
         state.step += 1
@@ -342,8 +343,8 @@ def _train_epoch(setup: TrainSetup, parts: _Parts, state: TrainState, epoch: int
             total = dist.sum(torch.stack([loss_sum[0].float(), torch.full((), float(batches), device=device)]))
             running = _finite((total[0] / total[1]).item(), epoch, state.step)
             setup.on_progress(epoch=epoch + 1, batch=batches, batches=steps_per_epoch, loss=running)
-        if t["max_steps"] is not None and state.step >= t["max_steps"]:
-            stop_reason = f"step budget of {t['max_steps']} reached"
+        if t.max_steps is not None and state.step >= t.max_steps:
+            stop_reason = f"step budget of {t.max_steps} reached"
             break
     seconds = time.perf_counter() - started
     totals = dist.sum(torch.cat([loss_sum.float(), torch.full((1,), float(batches), device=device),  # a fill, not
@@ -419,18 +420,18 @@ def _validate(setup: TrainSetup, parts: _Parts) -> dict[str, float]:
 
 def _keep_best(setup: TrainSetup, parts: _Parts, state: TrainState, record: dict[str, float], epoch: int) -> str:
     """Track the monitored metric: save 'best' on improvement, feed the schedule; return an early-stop reason or ""."""
-    t = setup.prepared.run.config["train"]
-    monitored = record.get(t["monitor"], float("nan"))
+    t = TrainSettings.from_config(setup.prepared.run.config)
+    monitored = record.get(t.monitor, float("nan"))
     parts.schedule.observe(monitored)
-    if is_better(monitored, state.best, t["monitor_mode"]):
+    if is_better(monitored, state.best, t.monitor_mode):
         state.best, state.best_epoch, state.stale = monitored, epoch + 1, 0
         if setup.dist.is_main:
-            save_atomic({"model": parts.model.state_dict(), "epoch": epoch + 1, "monitor": t["monitor"],
+            save_atomic({"model": parts.model.state_dict(), "epoch": epoch + 1, "monitor": t.monitor,
                          "value": monitored, **model_identity(setup.prepared)}, setup.checkpoint_dir / "best.pt")
     else:
         state.stale += 1
-    if t["early_stopping"] is not None and state.stale >= t["early_stopping"]:
-        return f"early stopping: {t['monitor']} did not improve for {state.stale} validation(s)"
+    if t.early_stopping is not None and state.stale >= t.early_stopping:
+        return f"early stopping: {t.monitor} did not improve for {state.stale} validation(s)"
     return ""
 
 
