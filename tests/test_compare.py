@@ -283,5 +283,9 @@ def test_an_experiment_file_with_a_compare_margin_validates_and_a_bad_one_is_one
     path.write_text("name: e\ncompare: {margn: 0.02}\n")
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"unetlab: error: {path}:2: compare: expected a mapping with the key margin "
-                   "(e.g. compare: {margin: 0.01})"]
+    assert err == [f"unetlab: error: {path}:2: compare.margn: unknown key; did you mean 'margin'? "
+                   "(allowed: margin, compute_ratio)"]
+    path.write_text("name: e\ncompare: 0.02\n")
+    assert main(["validate", str(path)]) == 2
+    assert capsys.readouterr().err.strip() == (f"unetlab: error: {path}:2: compare: expected a mapping with the keys "
+                                               "margin, compute_ratio (e.g. compare: {margin: 0.01})")

@@ -122,3 +122,15 @@ def test_json_has_the_curves_and_only_final_runs(store, tmp_path):
     for variant, values in OBJECTIVES.items():
         assert curves[variant] == pytest.approx([brute_expected_max(values, n) for n in range(1, len(values) + 1)])
     assert result["tuning"]["budgets"][0]["trial_runs"] == {"complete": 4, "pruned": 1, "failed": 0}
+
+
+def test_compute_ratio_flag_sets_the_contract_threshold_and_a_bad_one_is_one_line(store, tmp_path):
+    proc = run_cli("compare", "tuned", "--tracking-uri", store, "--out", str(tmp_path / "c.png"),
+                   "--compute-ratio", "1.2")
+    assert proc.returncode == 0, proc.stderr
+    assert "by more than 1.2x (set by compare.compute_ratio or --compute-ratio)" in proc.stdout
+    proc = run_cli("compare", "tuned", "--tracking-uri", store, "--out", str(tmp_path / "d.png"),
+                   "--compute-ratio", "0.9")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "unetlab: error: --compute-ratio: must be a number > 1, got 0.9"
+    assert not (tmp_path / "d.png").exists()

@@ -126,3 +126,34 @@ def test_validate_prints_the_contract_and_warns_when_compute_differs(tmp_path):
     factor = float(re.search(r"by ([0-9.]+)x", warning).group(1))
     assert factor == pytest.approx(gflops["large"] / gflops["small"], rel=0.01) and factor > 10  # ~ channels squared
     assert "train 20 / val 4 / test 4" in text
+
+
+@pytest.mark.parametrize("ratio, warned", [(None, True), (100, False), (1.01, True)])
+def test_the_compute_ratio_of_the_experiment_file_sets_the_warning(tmp_path, ratio, warned):
+    from conftest import run_cli
+
+    path = tmp_path / "pair.yaml"
+    path.write_text(COMPUTE_PAIR + ("" if ratio is None else f"compare: {{compute_ratio: {ratio}}}\n"))
+    proc = run_cli("validate", str(path))
+    assert proc.returncode == 0, proc.stderr
+    # large has 4x the channels of small, over 10x its FLOPs: warned at 1.5x and 1.01x, not at 100x
+    assert any("warning:" in line and "compute" in line for line in proc.stdout.splitlines()) == warned
+    said = "1.5x (the default; compare.compute_ratio" if ratio is None else f"{ratio}x (set by compare.compute_ratio"
+    assert f"differ in compute or time by more than {said}" in proc.stdout
+
+
+@pytest.mark.parametrize("value, message", [
+    ("0.5", "compare.compute_ratio: expected a number > 1, got 0.5"),
+    ("1", "compare.compute_ratio: expected a number > 1, got 1"),
+    ("true", "compare.compute_ratio: expected a number > 1, got True"),
+    (".inf", "compare.compute_ratio: expected a number > 1, got inf"),
+    ("'2'", "compare.compute_ratio: expected a number > 1, got '2'"),
+])
+def test_a_bad_compute_ratio_is_one_line_exit_2(tmp_path, value, message):
+    from conftest import run_cli
+
+    path = tmp_path / "pair.yaml"
+    path.write_text(COMPUTE_PAIR + f"compare:\n  compute_ratio: {value}\n")
+    proc = run_cli("validate", str(path))
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"unetlab: error: {path}:{len(COMPUTE_PAIR.splitlines()) + 2}: {message}"]

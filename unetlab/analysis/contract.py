@@ -244,7 +244,8 @@ def format_contract(contract: ComparisonContract) -> list[str]:
         shared = any("before)" in kind for kind in kinds)  # sequential runs share one process peak
         notes.append(f"peak memory: {', '.join(sorted({kind.split(' (')[0] for kind in kinds}))}"
                      + (", some of a process that trained other runs before (an upper bound)" if shared else ""))
-    source = " (unetlab.analysis.contract.COMPUTE_RATIO)" if contract.ratio == COMPUTE_RATIO else ""
+    source = " (the default; compare.compute_ratio in the experiment file sets it)" \
+        if contract.ratio == COMPUTE_RATIO else " (set by compare.compute_ratio or --compute-ratio)"
     notes.append(f"a warning when variants differ in compute or time by more than {contract.ratio:g}x{source}")
     lines.append("  (" + "; ".join(notes) + ")")
     lines += [f"  warning: {w}" for w in contract.warnings]

@@ -278,7 +278,8 @@ def log_comparison(client, result: dict[str, Any], figure=None) -> str:
 
 
 def report_dashboard(client, experiment_id: str, parent_id: str, monitor: str, margin: float | None,
-                     runs, tracking_uri: str | None, experiment_file: str, say) -> None:
+                     runs, tracking_uri: str | None, experiment_file: str, say,
+                     compute_ratio: float | None = None) -> None:
     """The end of ``unetlab run``: store the parent's runs view, compare its runs (the file's margin) and
     log the comparison to it (a failure is one warning line, never the exit status), then ``say`` each
     verdict and where the dashboard is. ``runs``: the experiment's runs (``experiment.Run``)."""
@@ -290,7 +291,7 @@ def report_dashboard(client, experiment_id: str, parent_id: str, monitor: str, m
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # per-image tables: no bars
     try:
         set_runs_view(client, experiment_id, parent_id, monitor, factor_keys(runs), group_tags(runs))
-        result = compare_runs(client, experiment_id, None, parent_id, margin).as_dict()
+        result = compare_runs(client, experiment_id, None, parent_id, margin, compute_ratio=compute_ratio).as_dict()
         log_comparison(client, result)
     except Exception as exc:  # noqa: BLE001 -- the runs are done; a comparison problem must not change that
         print(f"unetlab: warning: comparison not logged to parent run {parent_id}: {exception_text(exc)}",

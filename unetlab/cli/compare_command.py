@@ -17,7 +17,8 @@ from unetlab.errors import UnetlabError, did_you_mean
 
 
 def compare_command(target: str, metric: str | None, fmt: str, out: str | None, parent: str | None,
-                    tracking_uri: str | None, margin: float | None = None, direction: str | None = None) -> int:
+                    tracking_uri: str | None, margin: float | None = None, direction: str | None = None,
+                    compute_ratio: float | None = None) -> int:
     """Print the comparison, write its figures to disk and log them to the parent run."""
     import os
 
@@ -33,6 +34,7 @@ def compare_command(target: str, metric: str | None, fmt: str, out: str | None, 
         experiment = load_experiment(target)
         name, config_uri = experiment.name, experiment.runs[0].config["tracking"]["uri"]
         margin = experiment.compare_margin if margin is None else margin
+        compute_ratio = experiment.compute_ratio if compute_ratio is None else compute_ratio
     uri = tracking_uri or resolve_tracking_uri(config_uri)
     import mlflow
 
@@ -44,7 +46,7 @@ def compare_command(target: str, metric: str | None, fmt: str, out: str | None, 
         names = [e.name for e in client.search_experiments()]
         raise UnetlabError(f"no MLflow experiment named '{name}' at {mlflow.get_tracking_uri()}"
                            f"{did_you_mean(name, names)} (experiments: {', '.join(names) or 'none'})")
-    result = compare_runs(client, found.experiment_id, metric, parent, margin, direction)
+    result = compare_runs(client, found.experiment_id, metric, parent, margin, direction, compute_ratio)
     for line in result.warnings:
         print(f"unetlab: warning: {line}", file=sys.stderr)
     print(render(result, fmt))

@@ -353,6 +353,9 @@ def add_compare_command(sub: argparse._SubParsersAction) -> None:
                         "resolved' (default: compare.margin of the experiment file)")
     p.add_argument("--direction", choices=["max", "min"], default=None,
                    help="which way is better for --metric (default: the runs' unetlab.metric_directions tag)")
+    p.add_argument("--compute-ratio", type=float, default=None, metavar="R",
+                   help="the comparison contract warns when the variants' training compute or time differ by more "
+                        "than R times (default: compare.compute_ratio of the experiment file, else 1.5)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: as for unetlab run)")
     p.set_defaults(handler=cmd_compare)
 
@@ -362,7 +365,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from unetlab.cli.compare_command import compare_command
 
     return compare_command(args.experiment, args.metric, args.format, args.out, args.parent, args.tracking_uri,
-                           args.margin, args.direction)
+                           args.margin, args.direction, args.compute_ratio)
 
 
 def add_ui_command(sub: argparse._SubParsersAction) -> None:

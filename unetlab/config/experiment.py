@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -78,6 +79,7 @@ class Experiment:
     plugins: list[str]
     description: str = ""
     compare_margin: float | None = None   # compare.margin: the equivalence margin of `unetlab compare`
+    compute_ratio: float | None = None    # compare.compute_ratio: the contract's compute warning threshold
     tune: TuneSpec | None = None          # the tune: section; runs are then the final runs (trials come at run time)
 
     def run(self, name: str) -> Run:
@@ -256,11 +258,11 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = (), host: Plugi
     plugin_specs = _load_plugins(source, host, path)
     base = _base_layers(source)
     plan = _expansion_plan(source)
-    margin = compare_margin(source.data.get("compare"), source.at)
+    compare = compare_settings(source.data.get("compare"), source.at)
     runs = _expand_runs(source, base, plan, parsed_sets, host.registry)
     return Experiment(name=_experiment_name(source), path=path, runs=runs, plugins=plugin_specs,
-                      description=str(source.data.get("description") or ""), compare_margin=margin,
-                      tune=_tune_section(source, runs, plan, host.registry))
+                      description=str(source.data.get("description") or ""), compare_margin=compare.margin,
+                      compute_ratio=compare.compute_ratio, tune=_tune_section(source, runs, plan, host.registry))
 
 
 @dataclass
@@ -528,22 +530,40 @@ def derive_run(run: Run, values: dict[str, Any], name: str | None = None, role: 
                role=role or run.role, tags={**run.tags, **(tags or {})})
 
 
-def compare_margin(section: Any, at: Callable[[KeyPath], str]) -> float | None:
-    """Check the ``compare:`` section of an experiment file; return its margin (None when absent).
+@dataclass(frozen=True)
+class CompareSettings:
+    """The ``compare:`` section: how ``unetlab compare`` judges the experiment (None: not set, the default)."""
+
+    margin: float | None = None          # the equivalence margin on the judged metric
+    compute_ratio: float | None = None   # the contract warns when variants' compute differs by more than this
+
+
+COMPARE_KEYS = {"margin": "a positive number", "compute_ratio": "a number > 1"}
+
+
+def compare_settings(section: Any, at: Callable[[KeyPath], str]) -> CompareSettings:
+    """Check the ``compare:`` section of an experiment file (absent: the defaults).
 
     ``at(key_path)`` gives ``file:line`` for error messages.
     """
     if section is None:
-        return None
-    if not isinstance(section, dict) or set(section) - {"margin"}:
-        raise ConfigError(f"{at(('compare',))}: compare: expected a mapping with the key margin "
+        return CompareSettings()
+    allowed = ", ".join(COMPARE_KEYS)
+    if not isinstance(section, dict):
+        raise ConfigError(f"{at(('compare',))}: compare: expected a mapping with the keys {allowed} "
                           "(e.g. compare: {margin: 0.01})")
-    margin = section.get("margin")
-    if margin is None:
-        return None
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 < margin < float("inf"):
-        raise ConfigError(f"{at(('compare', 'margin'))}: compare.margin: expected a positive number, got {margin!r}")
-    return float(margin)
+    for key in section:
+        if key not in COMPARE_KEYS:
+            raise ConfigError(f"{at(('compare', str(key)))}: compare.{key}: unknown key"
+                              f"{did_you_mean(str(key), list(COMPARE_KEYS))} (allowed: {allowed})")
+    margin, ratio = section.get("margin"), section.get("compute_ratio")
+    for key, value, above in (("margin", margin, 0.0), ("compute_ratio", ratio, 1.0)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
+                value <= above:
+            raise ConfigError(f"{at(('compare', key))}: compare.{key}: expected {COMPARE_KEYS[key]}, got {value!r}")
+    return CompareSettings(None if margin is None else float(margin), None if ratio is None else float(ratio))
 
 
 def _apply(layers: _Layers, key: str, value: Any, origin: _Origin, lines: dict, key_path: KeyPath,

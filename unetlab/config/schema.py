@@ -184,8 +184,9 @@ TOP_LEVEL_KEYS: dict[str, str] = {
     "seeds": "list of seeds (or a count N for seeds 0..N-1); every variant runs once per seed",
     "tune": "an equal tuning budget per variant: {params: {dotted.key: {uniform|log_uniform|int|choice: ...}}, "
             "trials: N, epochs: E (or max_steps: S), sampler: tpe|random|qmc, seed: S, pruning, metric}",
-    "compare": "how unetlab compare judges this experiment: {margin: D}, the equivalence margin (a difference "
-               "within ±D of the monitored metric counts as no difference)",
+    "compare": "how unetlab compare judges this experiment: {margin: D, compute_ratio: R}: the equivalence margin (a "
+               "difference within ±D of the monitored metric counts as no difference) and the factor by which the "
+               "variants' training compute or time may differ before the comparison contract warns (default 1.5)",
 }
 MAX_SEEDS = 10_000
 TOP_LEVEL_ALLOWED: dict[str, str] = {
@@ -194,7 +195,7 @@ TOP_LEVEL_ALLOWED: dict[str, str] = {
     "matrix": "mapping of dotted key -> non-empty list",
     "seeds": f"list[int in {SEED_RANGE.describe()}] or a count in [1, {MAX_SEEDS}]",
     "tune": "mapping: params, trials, epochs or max_steps, sampler, seed, pruning, metric (README: Fair comparisons)",
-    "compare": "mapping with margin: float > 0",
+    "compare": "mapping with margin: float > 0, compute_ratio: float > 1",
 }
 MAX_VARIANT_NAME = 64
 MAX_RUN_NAME = 200   # a run's name becomes part of its checkpoint directory's name (255 bytes at most)

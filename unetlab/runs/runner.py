@@ -155,7 +155,8 @@ def run_experiment(path: str | Path, overrides: Sequence[str] = (), resume: bool
 
             # the margin of the file as it was loaded: the file may have changed (or gone) while the runs trained
             report_dashboard(tracker.client, tracker.experiment_id, inv.parent_id, runs[0].config["train"]["monitor"],
-                             experiment.compare_margin, experiment.runs, tracker.uri, str(path), reporter.info)
+                             experiment.compare_margin, experiment.runs, tracker.uri, str(path), reporter.info,
+                             experiment.compute_ratio)
         return code
     finally:
         distributed.shutdown(ctx)
