@@ -121,6 +121,18 @@ def test_three_trials_two_variants_two_seeds_end_to_end(tmp_path):
         assert final.data.params["train.epochs"] == "2"
         assert float(final.data.params["train.lr"]) == pytest.approx(float(study.data.params["tune.best.train.lr"]))
         assert len(history(client, final, "val_iou")) == 2
+        # the final runs are scored on the held-out test split, once, with the best model
+        assert {"test_iou", "test_loss"} <= set(final.data.metrics) and len(history(client, final, "test_iou")) == 1
+        assert 0.0 <= final.data.metrics["test_iou"] <= 1.0
+    # compare on this real store: the verdict on the test split, the budget per variant, the budget curve
+    proc = run_cli("compare", str(tmp_path / "tuned.yaml"), "--out", str(tmp_path / "cmp.png"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "judged on the held-out test split (4 images)" in proc.stdout
+    for variant in ("concat", "add"):  # trials, pruned, failed, epochs, steps spent: as the studies counted them
+        line = next(x for x in proc.stdout.splitlines() if x.strip().startswith(f"{variant} ") and "train.lr=" in x)
+        assert line.split()[:6] == [variant, "3", "0", "0", "3", "9"]
+    assert (tmp_path / "cmp-budget.png").stat().st_size > 5000
+    assert "expected best" in proc.stdout
 
 
 @pytest.mark.slow
@@ -211,25 +223,36 @@ def test_pruning_stops_a_bad_trial_and_its_epochs_are_counted(tmp_path):
 
 
 @pytest.mark.slow
-def test_jobs_2_trains_the_same_trials_as_one_process(tmp_path):
-    params = {}
-    for how in ("sequential", "jobs"):
+def test_jobs_and_ray_train_the_same_trials_with_the_same_numbers_as_one_process(tmp_path):
+    pytest.importorskip("ray")
+    trials, finals = {}, {}
+    for how in ("sequential", "jobs", "ray"):
         folder = tmp_path / how
         folder.mkdir()
         path = write(folder, extra="variants: {concat: {model.fusion: concat}}\ntune: {trials: 2}")
-        proc = run_cli("run", str(path), "--quiet", *(["--jobs", "2"] if how == "jobs" else []), cwd=folder)
+        flags = {"sequential": [], "jobs": ["--jobs", "2"], "ray": ["--ray"]}[how]
+        proc = run_cli("run", str(path), "--quiet", *flags, cwd=folder, timeout=600)
         assert proc.returncode == 0, proc.stderr
-        _, runs = all_runs(folder)
-        assert len(by_role(runs, "final")) == 2
+        client, runs = all_runs(folder)
         [parent] = [r for r in runs if r.data.tags.get("unetlab.parent") == "true"]
         [study] = by_role(runs, "study")
+        assert parent.info.status == "FINISHED" and study.info.status == "FINISHED"
         assert (study.data.metrics["tune.trials"], study.data.metrics["tune.epochs"]) == (2, 2)
-        pids = {t.data.tags["unetlab.owner.pid"] for t in by_role(runs, "trial")}
+        mine = by_role(runs, "trial")
+        assert {t.data.tags["mlflow.parentRunId"] for t in mine} == {study.info.run_id}
+        assert {t.info.status for t in mine} == {"FINISHED"}
+        # where the trials trained: the driver itself, or one worker process (--jobs, Ray task) each
+        pids = {t.data.tags["unetlab.owner.pid"] for t in mine}
         in_driver = pids == {parent.data.tags["unetlab.owner.pid"]}
         assert in_driver == (how == "sequential") and len(pids) == (1 if how == "sequential" else 2)
-        params[how] = sorted((t.data.tags["unetlab.trial_number"], t.data.params["train.lr"],
-                              t.data.params["train.weight_decay"]) for t in by_role(runs, "trial"))
-    assert params["sequential"] == params["jobs"] and len(params["jobs"]) == 2
+        trials[how] = sorted((t.data.tags["unetlab.trial_number"], t.data.params["train.lr"],
+                              t.data.params["train.weight_decay"], t.data.metrics["tune.objective"]) for t in mine)
+        finals[how] = sorted((f.info.run_name, f.data.params["train.lr"], f.data.metrics["best_val_iou"])
+                             for f in by_role(runs, "final"))
+        assert len(finals[how]) == 2 and all(lr == study.data.params["tune.best.train.lr"] for _, lr, _ in finals[how])
+    # the schedule is not the experiment: the same trials, objectives and final results every way
+    assert trials["sequential"] == trials["jobs"] == trials["ray"] and len(trials["ray"]) == 2
+    assert finals["sequential"] == finals["jobs"] == finals["ray"]
 
 
 KILLER = '''

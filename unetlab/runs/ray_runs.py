@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from unetlab.tracking.run_tracker import Tracker
 
 __all__ = ["RayPlan", "check_ray_settings", "connect", "die_with_ray_worker", "disconnect", "parse_address",
-           "reservations", "run_on_ray", "task_env"]
+           "reservations", "run_on_ray", "task_env", "tasks_at_once"]
 
 INSTALL_HINT = "--ray needs Ray: pip install 'unetlab[ray]'"
 # How long cancelled tasks get to mark their runs KILLED before they are force-cancelled.
@@ -119,13 +119,14 @@ def die_with_ray_worker() -> None:
 
 
 def _train_task(command: list[str], env: dict[str, str], tracking_uri: str | None, parent_id: str,
-                run_key: str, cancel_token: str = "") -> dict:
+                run_key: str, cancel_token: str = "", nested_under: str = "") -> dict:
     """Body of one Ray task: train one run in a child process (``--jsonl``); return its exit code and the
     ``run_end`` event it printed (``{"code": N, "run_end": {...} or None}``), which the driver prints as a
     sequential run's summary line.
 
-    A retry (the previous worker died) finds this run's MLflow run under the parent and adds
-    ``--resume``, which continues it from its last checkpoint in the same MLflow run.
+    A retry (the previous worker died) finds this run's MLflow run under the parent (under
+    ``nested_under`` for a tuning trial: its study run) and adds ``--resume``, which continues it from its
+    last checkpoint in the same MLflow run.
 
     The child is polled, not waited for: ``ray.cancel`` interrupts this task between Python bytecodes
     (``_thread.interrupt_main``), which a blocking ``wait()`` would not see until the child ended on its own;
@@ -140,7 +141,7 @@ def _train_task(command: list[str], env: dict[str, str], tracking_uri: str | Non
     client = MlflowClient(tracking_uri)
     parent = client.get_run(parent_id)
     earlier = client.search_runs([parent.info.experiment_id], max_results=1, filter_string=(
-        f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`{run_tags.RUN_KEY}` = '{run_key}'"))
+        f"tags.`mlflow.parentRunId` = '{nested_under or parent_id}' and tags.`{run_tags.RUN_KEY}` = '{run_key}'"))
     if earlier and "--resume" not in command:
         command = [*command, "--resume"]
     child_env = {**os.environ, **env}
@@ -242,11 +243,7 @@ def reservations(plan: RayPlan, threads: Sequence[int], cluster_cpus: float) -> 
     total = max(cluster_cpus, 1.0)
     asked = [float(plan.cpus_per_run if plan.cpus_per_run is not None else t) for t in threads]
     cpus = [min(a, total) for a in asked]
-    at_once, free = 0, total
-    for need in cpus:
-        if need > free + 1e-9:
-            break
-        at_once, free = at_once + 1, free - need
+    at_once = _fitting(cpus, total)
     note = None
     if at_once < len(cpus):
         per_run = "/".join(f"{c:g}" for c in sorted(set(cpus)))
@@ -256,8 +253,29 @@ def reservations(plan: RayPlan, threads: Sequence[int], cluster_cpus: float) -> 
     return cpus, note
 
 
+def _fitting(cpus: Sequence[float], total: float) -> int:
+    """How many of the reservations ``cpus``, taken in order, fit in ``total`` CPUs at once."""
+    at_once, free = 0, total
+    for need in cpus:
+        if need > free + 1e-9:
+            break
+        at_once, free = at_once + 1, free - need
+    return at_once
+
+
+def tasks_at_once(plan: RayPlan, threads: int) -> int:
+    """How many runs of ``threads`` threads the connected cluster trains at once (at least 1): the width of a
+    batch of tuning trials on Ray. Call ``connect`` first."""
+    import ray
+
+    total = max(float(ray.cluster_resources().get("CPU", 1.0)), 1.0)
+    cpus, _ = reservations(plan, [threads], total)
+    return max(int(total // cpus[0] + 1e-9), 1)
+
+
 def run_on_ray(plan: RayPlan, path: str | Path, overrides: Sequence[str], resume: bool,
-               runs: Sequence[tuple[str, str, int]], tracker: Tracker, parent_id: str, reporter: Reporter) -> int:
+               runs: Sequence[tuple[str, str, int]], tracker: Tracker, parent_id: str, reporter: Reporter,
+               nested_under: str | None = None) -> int:
     """Submit one task per run (``runs``: (name, run_key, train.threads)); as each ends, ``reporter`` prints
     the summary line a sequential run prints (best value and epoch, final value, epochs, time); return the
     exit code.
@@ -265,6 +283,10 @@ def run_on_ray(plan: RayPlan, path: str | Path, overrides: Sequence[str], resume
     Call ``connect`` first. ``tracker`` is the driver's Tracker: it ends the parent run and sweeps up
     runs left RUNNING by tasks that could not end them (a worker that died on its last retry). Whatever
     happens here, the parent run ends FINISHED, FAILED or KILLED.
+
+    ``nested_under``: a batch of tuning trials, whose runs nest under that study run; then only the runs
+    left RUNNING under it are swept up when the tasks end, and the parent stays open for the tuner (an
+    interrupt still ends everything KILLED).
     """
     import ray
 
@@ -280,7 +302,8 @@ def run_on_ray(plan: RayPlan, path: str | Path, overrides: Sequence[str], resume
                                parent_run_id=parent_id)
         # each task reserves as many CPUs as its run has threads: Ray never changes a run's thread count
         pending = {task.options(num_cpus=need).remote([*base, "--run-name", name], env, tracker.uri, parent_id, key,
-                                                      token): name for (name, key, _), need in zip(runs, cpus)}
+                                                      token, nested_under or ""): name
+                   for (name, key, _), need in zip(runs, cpus)}
         shown = "/".join(f"{c:g}" for c in sorted(set(cpus)))
         reporter.line(f"submitted {len(pending)} run(s) to Ray ({plan.address or 'local instance'}; "
                       f"{shown} CPU{' + 1 GPU' if gpus else ''} per run)")
@@ -298,8 +321,10 @@ def run_on_ray(plan: RayPlan, path: str | Path, overrides: Sequence[str], resume
             if result["code"] != 0:
                 failed.append(name)
             reporter.run_end(name, status, summary, message)
-        tracker.end_running_children(parent_id, "FAILED", "its Ray worker died and retries were exhausted")
-        tracker.end(parent_id, "FAILED" if failed else "FINISHED")
+        tracker.end_running_children(nested_under or parent_id, "FAILED",
+                                     "its Ray worker died and retries were exhausted")
+        if nested_under is None:
+            tracker.end(parent_id, "FAILED" if failed else "FINISHED")
     except KeyboardInterrupt as exc:
         signum = int(getattr(exc, "signum", signal.SIGINT))
         tracker.fail_fast()  # marking runs KILLED must not wait out a dead server
@@ -308,15 +333,17 @@ def run_on_ray(plan: RayPlan, path: str | Path, overrides: Sequence[str], resume
         except Exception:  # noqa: BLE001 -- the store may be what failed: Ray's cancel still goes out
             pass
         _cancel_all(ray, list(pending))  # each run ends itself (KILLED, or FINISHED if it was done)
-        _end_quietly(tracker, parent_id, "KILLED", "interrupted")  # what a killed worker left RUNNING
+        for runs_parent in ([nested_under] if nested_under else []) + [parent_id]:  # what a killed worker left
+            _end_quietly(tracker, runs_parent, "KILLED", "interrupted")                   # RUNNING, then the parent
         print(f"unetlab: interrupted by {signal.Signals(signum).name}; Ray tasks cancelled: "
-              f"{_statuses(tracker, parent_id, list(pending.values()))}; last checkpoints kept: "
+              f"{_statuses(tracker, nested_under or parent_id, list(pending.values()))}; last checkpoints kept: "
               f"resume with 'unetlab run {path} --ray --resume'", file=sys.stderr)
         return 128 + signum
     except BaseException:
         tracker.fail_fast()
         _cancel_all(ray, list(pending))
-        _end_quietly(tracker, parent_id, "FAILED", "the Ray driver failed")
+        for runs_parent in ([nested_under] if nested_under else []) + [parent_id]:
+            _end_quietly(tracker, runs_parent, "FAILED", "the Ray driver failed")
         raise
     if failed:
         print(f"unetlab: {len(failed)} run(s) did not finish: {', '.join(failed)}", file=sys.stderr)

@@ -10,8 +10,10 @@ With ``--jobs N`` a study's trials train N at a time in worker processes: the dr
 (their values stored in the journal), each worker trains one, reports its validations to the pruner and tells
 the study its result through the journal. The random and QMC samplers draw the same values for trial n either
 way; TPE proposes a trial from the results before it, so trials asked together know less than sequential ones
-(Optuna's constant liar keeps them apart). With ``--ray`` trials run one after another in the driver and the
-final runs on Ray (the Ray path ends the parent run when its tasks end).
+(Optuna's constant liar keeps them apart). ``--ray`` does the same with Ray tasks in place of worker processes:
+a batch is as many trials as the cluster trains at once (its CPUs over a run's ``train.threads``, or
+``--ray-cpus``), each task running the very worker command a ``--jobs`` worker runs; the final runs follow on
+Ray (the Ray path ends the parent run when its tasks end).
 """
 
 from __future__ import annotations
@@ -113,7 +115,7 @@ def run_tuned(inv, jobs: int, ray, direction: str) -> int:
     try:
         for variant in variants:
             template = next(p for p in inv.prepared if p.run.variant == variant)
-            code = _tune_variant(inv, variant, template, spec, direction, jobs if ray is None else 1)
+            code = _tune_variant(inv, variant, template, spec, direction, jobs, ray)
             if code >= 128:  # interrupted in a trial: the trial is KILLED, and so are its study and the parent
                 return _stopped(inv, "KILLED", "interrupted", code)
             if code:
@@ -169,11 +171,17 @@ def _stopped(inv, status: str, reason: str, code: int) -> int:
     return code
 
 
-def _tune_variant(inv, variant: str, template, spec: TuneSpec, direction: str, width: int) -> int:
+def _tune_variant(inv, variant: str, template, spec: TuneSpec, direction: str, jobs: int, ray) -> int:
     """Run the variant's study to ``spec.trials`` finished trials (those of an earlier attempt count, with
-    ``--resume``), ``width`` at once (``--jobs``); log its budget and best parameters on the study run.
-    Returns 0, 1 (no trial completed) or 128 + N (interrupted)."""
+    ``--resume``), ``jobs`` at once (``--jobs``) or as many as the Ray cluster trains at once (``--ray``); log
+    its budget and best parameters on the study run. Returns 0, 1 (no trial completed) or 128 + N (interrupted)."""
     tracker, experiment = inv.tracker, inv.experiment
+    if ray is not None:
+        from unetlab.runs.ray_runs import tasks_at_once
+
+        width = tasks_at_once(ray, template.run.config["train"]["threads"])
+    else:
+        width = jobs
     study = open_study(journal_path(template.run.config["tracking"]["checkpoint_dir"], experiment.name),
                        study_name(inv.parent_id, variant), spec, direction)
     study_run = _study_run(inv, variant, spec, study, direction)
@@ -184,10 +192,10 @@ def _tune_variant(inv, variant: str, template, spec: TuneSpec, direction: str, w
             return code
     while (done := count_budget(trial_records(study)).trials) < spec.trials:
         batch = min(width, spec.trials - done)
-        if batch == 1:
+        if batch == 1 and ray is None:
             code = _train_trial_here(inv, _ask_trial(study, study_run, template.run, spec), spec, direction)
         else:
-            code = _train_trials_in_workers(inv, study, study_run, template.run, spec, batch, width)
+            code = _train_trials_in_workers(inv, study, study_run, template.run, spec, batch, width, ray)
         if code >= 128:
             return code
     records = trial_records(study)
@@ -287,12 +295,13 @@ def _storage(path):
     return JournalStorage(JournalFileBackend(str(path)))
 
 
-def _train_trials_in_workers(inv, study, study_run: str, template: Run, spec: TuneSpec, batch: int, jobs: int) -> int:
-    """Ask ``batch`` trials, train them in ``--jobs`` worker processes (each reports to and tells the study
-    itself, through the journal), and fail whatever a crashed worker left unfinished."""
+def _train_trials_in_workers(inv, study, study_run: str, template: Run, spec: TuneSpec, batch: int, jobs: int,
+                             ray=None) -> int:
+    """Ask ``batch`` trials, train them in ``--jobs`` worker processes or Ray tasks (each worker reports to and
+    tells the study itself, through the journal), and fail whatever a crashed worker left unfinished."""
     import optuna
 
-    from unetlab.runs.execution import run_parallel
+    from unetlab.runs.execution import run_parallel, signals_interrupt
     from unetlab.training.preflight import prepare
 
     asked, prepared = [_ask_trial(study, study_run, template, spec) for _ in range(batch)], []
@@ -305,7 +314,15 @@ def _train_trials_in_workers(inv, study, study_run: str, template: Run, spec: Tu
             study.tell(work.trial, state=optuna.trial.TrialState.FAIL)
     if not prepared:
         return 0
-    code = run_parallel(dataclasses.replace(inv, prepared=prepared, owns_parent=False, claimed={}), jobs)
+    if ray is None:
+        code = run_parallel(dataclasses.replace(inv, prepared=prepared, owns_parent=False, claimed={}), jobs)
+    else:
+        from unetlab.runs.ray_runs import run_on_ray
+
+        with signals_interrupt():
+            code = run_on_ray(ray, inv.path, inv.overrides, inv.resume,
+                              [(p.run.name, p.key, p.run.config["train"]["threads"]) for p in prepared],
+                              inv.tracker, inv.parent_id, inv.reporter, nested_under=study_run)
     if code >= 128:
         return code
     for work in asked:  # a worker that died before telling: its trial failed
