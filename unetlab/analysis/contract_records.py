@@ -44,14 +44,14 @@ def records_before_training(experiment: Any, registry: Any) -> list[RunRecord]:
         sources.setdefault(dataset_key(run.config), checked.source)
         params, gflops = model_cost(run.config, registry, checked)
         _, digest, splits, _ = data_identity(run.config, checked.source)
-        data, train = run.config["data"], run.config["train"]
-        per_epoch = math.ceil(len(checked.source.split("train")) / data["batch_size"])
-        steps = train["epochs"] * per_epoch
-        if train.get("max_steps") is not None:
-            steps = min(steps, train["max_steps"])
+        data, train = run.settings.data, run.settings.train
+        per_epoch = math.ceil(len(checked.source.split("train")) / data.batch_size)
+        steps = train.epochs * per_epoch
+        if train.max_steps is not None:
+            steps = min(steps, train.max_steps)
         config = {k: v for k, v in flatten(run.config).items() if k not in tuned}
         records.append(RunRecord(variant_label(run.name), config, params=params, gflops_per_image=gflops,
-                                 batch_size=data["batch_size"], epochs=train["epochs"], steps=steps,
+                                 batch_size=data.batch_size, epochs=train.epochs, steps=steps,
                                  data_digest=digest, splits=splits))
     return records
 

@@ -32,7 +32,7 @@ def compare_command(target: str, metric: str | None, fmt: str, out: str | None, 
         from unetlab.config.experiment import load_experiment
 
         experiment = load_experiment(target)
-        name, config_uri = experiment.name, experiment.runs[0].config["tracking"]["uri"]
+        name, config_uri = experiment.name, experiment.runs[0].settings.tracking.uri
         margin = experiment.compare_margin if margin is None else margin
         compute_ratio = experiment.compute_ratio if compute_ratio is None else compute_ratio
     uri = tracking_uri or resolve_tracking_uri(config_uri)

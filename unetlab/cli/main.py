@@ -199,7 +199,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for run in experiment.runs:
         m = run.config["model"]
         losses = "+".join(l["name"] if l["weight"] == 1.0 else f"{l['weight']:g}*{l['name']}"
-                          for l in run.config["train"]["loss"])
+                          for l in run.settings.train.loss)
         print(f"  {run.name:<32} encoder={m['encoder']['name']} upsampler={m['upsampler']['name']} "
               f"fusion={m['fusion']['name']} loss={losses} epochs={run.config['train']['epochs']}")
     for line in tune_lines:
@@ -409,7 +409,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
         experiment = load_experiment(args.file)
         experiment_name = experiment.name
-        uri = uri or experiment.runs[0].config["tracking"]["uri"]
+        uri = uri or experiment.runs[0].settings.tracking.uri
     uri = resolve_tracking_uri(uri) if args.tracking_uri is None else uri
     if exposed:
         print(f"unetlab: warning: --expose: the MLflow UI on {args.host}:{args.port} serves the tracking store "

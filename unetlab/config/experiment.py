@@ -35,6 +35,7 @@ from unetlab.config.schema import (
     normalise_component,
     validate_config,
 )
+from unetlab.config.settings import RunSettings
 from unetlab.config.tune import TuneSpec, parse_tune
 from unetlab.config.yaml_loader import KeyPath, load_yaml_file, parse_scalar
 from unetlab.errors import ConfigError, UnetlabError, did_you_mean, known_list
@@ -63,6 +64,11 @@ class Run:
     matrix: dict[str, Any] = field(default_factory=dict)
     role: str = "final"      # "trial" (a study's) or "final" (a variant's result): the unetlab.role tag
     tags: dict[str, str] = field(default_factory=dict)  # more tags for its MLflow run (trial number, tuned_from)
+
+    @property
+    def settings(self) -> RunSettings:
+        """The run's config as typed sections (``run.settings.train.lr``)."""
+        return RunSettings.from_config(self.config)
 
     def flat(self) -> dict[str, Any]:
         """The config flattened to dotted keys (``model.fusion.name``), as logged to MLflow."""

@@ -1,20 +1,91 @@
-"""A run's ``train`` section as a typed object: ``TrainSettings``, built once from the validated config.
+"""A run's config sections as typed objects: ``DataSettings``, ``ModelSettings``, ``TrainSettings`` and
+``TrackingSettings``, built from the validated config (``RunSettings`` holds the four).
 
-The experiment file's schema (``unetlab.config.schema.SCHEMA["train"]``) stays the one definition of the keys,
-their defaults, bounds and documentation; this dataclass mirrors it with the same annotations so that the code
-that reads a run's settings is type-checked (``t.lr`` is a float, a misspelt ``t.lrr`` is a mypy error instead
-of a KeyError at run time). ``tests/test_settings.py`` holds the two to the same names and types.
+The experiment file's schema (``unetlab.config.schema.SCHEMA``) stays the one definition of the keys, their
+defaults, bounds and documentation; these dataclasses mirror it with the same annotations so that the code that
+reads a run's settings is type-checked (``t.lr`` is a float, a misspelt ``t.lrr`` is a mypy error instead of a
+KeyError at run time). ``tests/test_settings.py`` holds them to the same names and types. Component specs
+(``data.dataset``, ``model.encoder``, ``train.loss``...) stay ``Any``: their parameters are checked against the
+component's own signature by the registry, not by the schema.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, TypeVar, Union
 
-from unetlab.config.schema import SCHEMA, Auto
+from unetlab.config.schema import SCHEMA, Auto, Channels
 
-__all__ = ["TrainSettings"]
+__all__ = ["DataSettings", "ModelSettings", "RunSettings", "TrackingSettings", "TrainSettings"]
+
+_Section = TypeVar("_Section")
+
+
+def _section(cls: type[_Section], name: str, config: Mapping[str, Any]) -> _Section:
+    """Section ``name`` of a run's config as ``cls``; a key the config lacks (a config written before the key
+    existed, read back from a checkpoint) takes the schema's default, as validation would have given it."""
+    section = config.get(name) or {}
+    return cls(**{f.name: section.get(f.name, SCHEMA[name][f.name].default) for f in fields(cls)})  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """The ``data`` section of one run's validated config."""
+
+    dataset: Any  # a component spec: built by the dataset registry
+    batch_size: int
+    val_batch_size: Optional[int]
+    num_workers: int
+    pin_memory: Union[bool, Auto]
+    augment: Any  # a list of component specs
+    patch_size: Optional[list[int]]
+    foreground_oversample: float
+    resize: Optional[list[int]]
+    normalize: Optional[dict]
+    folds: Optional[int]
+    fold: int
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> DataSettings:
+        """The data settings of a run's config (missing keys: the schema's defaults)."""
+        return _section(cls, "data", config)
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """The ``model`` section of one run's validated config."""
+
+    in_channels: Union[int, Auto]
+    out_channels: Union[int, Auto]
+    encoder: Any  # component specs, as for data.dataset
+    upsampler: Any
+    fusion: Any
+    block: Any
+    init: Any
+    decoder_channels: Optional[list[Channels]]
+    deep_supervision: bool
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> ModelSettings:
+        """The model settings of a run's config (missing keys: the schema's defaults)."""
+        return _section(cls, "model", config)
+
+
+@dataclass(frozen=True)
+class TrackingSettings:
+    """The ``tracking`` section of one run's validated config."""
+
+    uri: Optional[str]
+    log_model: bool
+    checkpoint_dir: str
+    figures: bool
+    system_metrics: Union[bool, Auto]
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> TrackingSettings:
+        """The tracking settings of a run's config (missing keys: the schema's defaults)."""
+        return _section(cls, "tracking", config)
 
 
 @dataclass(frozen=True)
@@ -53,7 +124,21 @@ class TrainSettings:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> TrainSettings:
-        """The settings of a run's config; a key the config lacks (a config written before the key existed,
-        read back from a checkpoint) takes the schema's default, as validation would have given it."""
-        section = config.get("train") or {}
-        return cls(**{f.name: section.get(f.name, SCHEMA["train"][f.name].default) for f in fields(cls)})
+        """The train settings of a run's config (missing keys: the schema's defaults)."""
+        return _section(cls, "train", config)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The four sections of one run's validated config, typed."""
+
+    data: DataSettings
+    model: ModelSettings
+    train: TrainSettings
+    tracking: TrackingSettings
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> RunSettings:
+        """Every section of a run's config (missing keys: the schema's defaults)."""
+        return cls(DataSettings.from_config(config), ModelSettings.from_config(config),
+                   TrainSettings.from_config(config), TrackingSettings.from_config(config))

@@ -72,7 +72,7 @@ def checkpoint_dir(experiment: Experiment, run: Run, run_id: str) -> Path:
     """Where a run's last/best checkpoints live: a folder of its own MLflow run (``run_id``), under one per
     config. Two runs of one config never share a file, so starting the same command twice cannot delete
     or overwrite the first one's checkpoints, and --resume finds the run's folder by its run id."""
-    return (Path(run.config["tracking"]["checkpoint_dir"]) / _safe(experiment.name) /
+    return (Path(run.settings.tracking.checkpoint_dir) / _safe(experiment.name) /
             f"{_safe(run.name)}-{config_hash(run.config)[:12]}" / _safe(run_id))
 
 
@@ -185,7 +185,7 @@ def run_sequential(inv: Invocation) -> int:
                     state = _resumable_state(ckpt_dir)
                 else:
                     # torch.threads (= train.threads): the param runs of older versions logged their count in
-                    threads = {"torch.threads": run.config["train"]["threads"]}
+                    threads = {"torch.threads": run.settings.train.threads}
                     tags = {**(inv.base_tags or {}), **owner_tags(), CODE_DIGEST_TAG: code}
                     child = current = tracker.start_prepared_run(prep, tags, {**extra_params, **threads})
                     ckpt_dir = checkpoint_dir(inv.experiment, run, child.run_id)
@@ -194,8 +194,8 @@ def run_sequential(inv: Invocation) -> int:
                 if state is None:  # from epoch 1: what an earlier attempt of this run left must not leak in
                     for stale in ("last.pt", "best.pt"):
                         (ckpt_dir / stale).unlink(missing_ok=True)
-                reporter.run_start(run.name, run.config["train"]["epochs"], index, len(inv.prepared))
-                with torch_threads(run.config["train"]["threads"]):
+                reporter.run_start(run.name, run.settings.train.epochs, index, len(inv.prepared))
+                with torch_threads(run.settings.train.threads):
                     status, message, summary = _train_one(inv, prep, child, ckpt_dir, state)
                 if status == "FINISHED":
                     mark_finished(ckpt_dir)
@@ -374,7 +374,7 @@ def _train_and_log(inv: Invocation, prep: Prepared, child, ckpt_dir: Path, state
     log_run_outputs(child, result, prep, host.registry)
     host.call_lifecycle("on_run_end", run_name=run.name, status="FINISHED", metrics=result.final,
                         model=result.model, tracker=child)
-    return "FINISHED", result.message, run_summary(result, run.config["train"]["monitor"])
+    return "FINISHED", result.message, run_summary(result, run.settings.train.monitor)
 
 
 def usable_cores() -> int:
@@ -427,7 +427,7 @@ def run_parallel(inv: Invocation, jobs: int) -> int:
     import torch
 
     gpus = torch.cuda.device_count()
-    pending = [(p.run.name, p.run.config["train"]["threads"]) for p in inv.prepared]
+    pending = [(p.run.name, p.run.settings.train.threads) for p in inv.prepared]
     cores = usable_cores()
     note = _serialising_note(jobs, [t for _, t in pending], cores)
     if note:
@@ -502,7 +502,7 @@ def run_rank(inv: Invocation) -> int:
         ckpt_dir = Path(plan["dir"])  # rank 0's run folder (keyed by its MLflow run id)
         state = load_checkpoint(ckpt_dir / "last.pt") if plan["resume"] else None
         try:
-            with torch_threads(prep.run.config["train"]["threads"]):
+            with torch_threads(prep.run.settings.train.threads):
                 train_run(TrainSetup(prepared=prep, registry=inv.host.registry, checkpoint_dir=ckpt_dir,
                                      resume=state, dist=inv.ctx))
         except RunFailed:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, cast
 
+from unetlab.config.settings import TrackingSettings
+from unetlab.plugin_api.contracts import validates_whole_images
 from unetlab.tracking import tags as run_tags
 from unetlab.training.preflight import Prepared
 from unetlab.training.trainer import RunResult
@@ -44,9 +46,10 @@ def log_run_outputs(tracker: RunTracker, result: RunResult, prep: Prepared, regi
                              prep.runtime.amp_dtype)
     if prep.run.role != "trial":  # trials are judged on validation only: the test split is for final runs
         record_test_metrics(tracker, result.model, prep, registry, step=result.epochs)
-    if config["tracking"]["figures"]:
+    tracking = TrackingSettings.from_config(config)
+    if tracking.figures:
         log_figures(tracker, result, prep)
-    if config["tracking"]["log_model"]:
+    if tracking.log_model:
         log_model(tracker, result.model, prep)
 
 
@@ -74,14 +77,14 @@ def log_figures(tracker: RunTracker, result: RunResult, prep: Prepared) -> None:
     from unetlab.training.trainer import predict_logits
     from unetlab.training.whole_image_validation import validation_images, whole_image_logits
 
-    figure = learning_curves(result.history, prep.run.config["train"]["monitor"])
+    figure = learning_curves(result.history, prep.run.settings.train.monitor)
     tracker.log_figure(figure, "learning_curves.png")
     plt.close(figure)
     val = validation_images(prep.source)
     items = [val[i] for i in range(min(4, len(val)))]
     if not items:
         return
-    if getattr(prep.source, "whole_image_validation", False):  # sizes differ: one image at a time
+    if validates_whole_images(prep.source):  # sizes differ: one image at a time
         device = next(result.model.parameters()).device
         result.model.eval()
         logits = [whole_image_logits(result.model, image, device, prep.runtime.amp_dtype).cpu() for image, _ in items]

@@ -66,14 +66,14 @@ def run_experiment(path: str | Path, overrides: Sequence[str] = (), resume: bool
     if not runs:
         raise UnetlabError(f"--only {' '.join(only)}: matches no run "
                            f"(runs: {', '.join(r.name for r in experiment.runs)})")
-    if len({r.config["tracking"]["uri"] for r in runs}) > 1:
+    if len({r.settings.tracking.uri for r in runs}) > 1:
         raise ConfigError("tracking.uri: every run of one invocation must log to the same store; set it in the base "
                           "config, not in variants or the matrix")
     if ray is not None:  # a cluster that cannot reach the store or the checkpoints: refuse before any work
         from unetlab.runs.ray_runs import check_ray_settings
 
-        check_ray_settings(ray, resolve_tracking_uri(runs[0].config["tracking"]["uri"]),
-                           [r.config["tracking"]["checkpoint_dir"] for r in runs])
+        check_ray_settings(ray, resolve_tracking_uri(runs[0].settings.tracking.uri),
+                           [r.settings.tracking.checkpoint_dir for r in runs])
     # bad input stops here: nothing written yet (--resume: a pretrained encoder's file or cache is not
     # required, the runs continue from their own checkpoints)
     prepared = prepare_all(runs, host.registry, ctx.world_size, pretrained="skip" if resume else "check")
@@ -87,13 +87,13 @@ def run_experiment(path: str | Path, overrides: Sequence[str] = (), resume: bool
         from unetlab.runs.ray_runs import connect
 
         connect(ray)
-    reporter = Reporter(output if ctx.is_main else "silent", runs[0].config["train"]["monitor"])
+    reporter = Reporter(output if ctx.is_main else "silent", runs[0].settings.train.monitor)
     inv = Invocation(Path(path), tuple(overrides), resume, experiment, prepared, host, ctx, reporter)
     distributed.init(ctx, prepared[0].runtime.device)
     try:
         if not ctx.is_main:
             return run_rank(inv)
-        inv.tracker = tracker = Tracker(experiment.name, resolve_tracking_uri(runs[0].config["tracking"]["uri"]),
+        inv.tracker = tracker = Tracker(experiment.name, resolve_tracking_uri(runs[0].settings.tracking.uri),
                                         experiment_file=path)
         invocation = hashlib.sha256("\n".join(p.key for p in prepared).encode()).hexdigest()[:16]
         commit = git_commit(Path(path).resolve())
@@ -129,14 +129,14 @@ def run_experiment(path: str | Path, overrides: Sequence[str] = (), resume: bool
             reporter.info(f"{experiment.name}: {len(prepared)} run(s), tracking at {tracker.uri} "
                           f"(experiment '{experiment.name}', parent run {inv.parent_id})")
             if not ctx.enabled:  # torchrun sets OMP_NUM_THREADS=1 for its ranks itself
-                warn_if_omp_threads_ignored({p.run.config["train"]["threads"] for p in prepared})
+                warn_if_omp_threads_ignored({p.run.settings.train.threads for p in prepared})
         if ray is not None and direction is None:
             from unetlab.runs.execution import signals_interrupt
             from unetlab.runs.ray_runs import run_on_ray
 
             with signals_interrupt():
                 code = run_on_ray(ray, path, overrides, resume,
-                                  [(p.run.name, p.key, p.run.config["train"]["threads"]) for p in prepared], tracker,
+                                  [(p.run.name, p.key, p.run.settings.train.threads) for p in prepared], tracker,
                                   inv.parent_id, reporter)
         elif trial is not None:  # a worker of a tuned --jobs: one trial, nested under its study run
             from unetlab.runs.tuned_runs import train_trial_worker
@@ -154,7 +154,7 @@ def run_experiment(path: str | Path, overrides: Sequence[str] = (), resume: bool
             from unetlab.analysis.dashboard import report_dashboard
 
             # the margin of the file as it was loaded: the file may have changed (or gone) while the runs trained
-            report_dashboard(tracker.client, tracker.experiment_id, inv.parent_id, runs[0].config["train"]["monitor"],
+            report_dashboard(tracker.client, tracker.experiment_id, inv.parent_id, runs[0].settings.train.monitor,
                              experiment.compare_margin, experiment.runs, tracker.uri, str(path), reporter.info,
                              experiment.compute_ratio)
         return code

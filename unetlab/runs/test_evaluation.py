@@ -15,6 +15,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from unetlab.config.settings import DataSettings
+from unetlab.plugin_api.contracts import ignore_index_of, validates_whole_images
+
 if TYPE_CHECKING:
     import torch
 
@@ -39,15 +42,16 @@ def evaluate_test_split(model: torch.nn.Module, prep: Prepared, registry: Regist
     from unetlab.training.whole_image_validation import evaluate_whole_images, validation_images
 
     source, config, runtime = prep.source, prep.run.config, prep.runtime
-    ignore_index = getattr(source, "ignore_index", None)
+    ignore_index = ignore_index_of(source)
     loss_fn = build_loss(config["train"], prep.num_classes, registry, ignore_index)
     metrics = build_metrics(config["train"], prep.num_classes, registry, ignore_index)
     device = next(model.parameters()).device
-    if getattr(source, "whole_image_validation", False):
+    if validates_whole_images(source):
         whole = evaluate_whole_images(model, validation_images(source, "test"), loss_fn, metrics, device,
                                       runtime.amp_dtype)
     else:
-        batch = config["data"]["val_batch_size"] or config["data"]["batch_size"]
+        data = DataSettings.from_config(config)
+        batch = data.val_batch_size or data.batch_size
         loader = make_batches(source.split("test"), batch, False, 0, runtime.pin_memory, device)
         whole = evaluate(model, loader, loss_fn, metrics, device, runtime.amp_dtype, runtime.channels_last)
     rows = validation_per_image(model, source, config["train"], prep.num_classes, registry, runtime.amp_dtype,

@@ -65,7 +65,7 @@ def trial_run(template: Run, spec: TuneSpec, number: int, params: dict[str, Any]
     (``tune.epochs`` as ``train.epochs``; ``tune.max_steps`` as ``train.max_steps``, within ``train.epochs``)."""
     max_steps = cast(int, spec.max_steps)  # read only without epochs: the tune parser sets exactly one of the two
     budget: dict[str, Any] = {"train.epochs": spec.epochs} if spec.epochs is not None else {
-        "train.max_steps": min(max_steps, template.config["train"]["max_steps"] or max_steps)}
+        "train.max_steps": min(max_steps, template.settings.train.max_steps or max_steps)}
     return derive_run(template, {**params, **budget}, name=f"{template.variant}/trial={number}", role="trial",
                       tags={TRIAL_NUMBER_TAG: str(number)})
 
@@ -79,7 +79,7 @@ def final_runs(experiment: Experiment, runs: Sequence[Run], parent_id: str, dire
     out = []
     for variant in variants_in_order(runs):
         mine = [r for r in runs if r.variant == variant]
-        study = open_study(journal_path(mine[0].config["tracking"]["checkpoint_dir"], experiment.name),
+        study = open_study(journal_path(mine[0].settings.tracking.checkpoint_dir, experiment.name),
                            study_name(parent_id, variant), spec, direction)
         best = best_trial(trial_records(study), direction)
         if best is None:
@@ -154,7 +154,7 @@ def _train_finals(inv, jobs: int, ray) -> int:
 
         with signals_interrupt():
             return run_on_ray(ray, inv.path, inv.overrides, inv.resume,
-                              [(p.run.name, p.key, p.run.config["train"]["threads"]) for p in inv.prepared],
+                              [(p.run.name, p.key, p.run.settings.train.threads) for p in inv.prepared],
                               inv.tracker, inv.parent_id, inv.reporter)
     if jobs > 1 and len(inv.prepared) > 1:
         return run_parallel(inv, jobs)
@@ -179,10 +179,10 @@ def _tune_variant(inv, variant: str, template, spec: TuneSpec, direction: str, j
     if ray is not None:
         from unetlab.runs.ray_runs import tasks_at_once
 
-        width = tasks_at_once(ray, template.run.config["train"]["threads"])
+        width = tasks_at_once(ray, template.run.settings.train.threads)
     else:
         width = jobs
-    study = open_study(journal_path(template.run.config["tracking"]["checkpoint_dir"], experiment.name),
+    study = open_study(journal_path(template.run.settings.tracking.checkpoint_dir, experiment.name),
                        study_name(inv.parent_id, variant), spec, direction)
     study_run = _study_run(inv, variant, spec, study, direction)
     records = trial_records(study)
@@ -274,7 +274,7 @@ def open_trial(experiment: Experiment, parent_id: str, name: str) -> TrialWork |
     template = next((r for r in experiment.runs if r.variant == variant), None)
     if template is None or not number.isdigit() or experiment.tune is None:
         return None
-    path = journal_path(template.config["tracking"]["checkpoint_dir"], experiment.name)
+    path = journal_path(template.settings.tracking.checkpoint_dir, experiment.name)
     try:
         study = optuna.load_study(study_name=study_name(parent_id, variant), storage=_storage(path))
     except Exception as exc:  # noqa: BLE001 -- the journal or the study is not there: one line
@@ -321,7 +321,7 @@ def _train_trials_in_workers(inv, study, study_run: str, template: Run, spec: Tu
 
         with signals_interrupt():
             code = run_on_ray(ray, inv.path, inv.overrides, inv.resume,
-                              [(p.run.name, p.key, p.run.config["train"]["threads"]) for p in prepared],
+                              [(p.run.name, p.key, p.run.settings.train.threads) for p in prepared],
                               inv.tracker, inv.parent_id, inv.reporter, nested_under=study_run)
     if code >= 128:
         return code

@@ -25,6 +25,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+from unetlab.plugin_api.contracts import ignore_index_of, validates_whole_images
+
 if TYPE_CHECKING:
     import torch
     from mlflow.tracking import MlflowClient
@@ -130,8 +132,8 @@ def validation_per_image(model: torch.nn.Module, source: Any, train_config: dict
     from unetlab.training.whole_image_validation import memory_budget, score_whole_image, validation_images
 
     dataset = validation_images(source, split)
-    ignore_index = getattr(source, "ignore_index", None)
-    if not getattr(source, "whole_image_validation", False):
+    ignore_index = ignore_index_of(source)
+    if not validates_whole_images(source):
         return evaluate_per_image(model, dataset, train_config, num_classes, registry, ignore_index=ignore_index,
                                   prefix=split)
     # whole images, one at a time, scored as validation scores them (streamed in row bands when large)

@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from unetlab.plugin_api.contracts import root_of
+
 if TYPE_CHECKING:
     from unetlab.training.preflight import Prepared
 
@@ -31,7 +33,7 @@ def data_identity(config: dict, dataset_source: Any) -> tuple[str, str, dict[str
     data = config["data"]
     spec = data["dataset"]
     ident: dict[str, Any] = {"data": data}
-    root = getattr(dataset_source, "root", None)
+    root = root_of(dataset_source)
     if root is not None:
         ident["files"] = sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
                                 for p in Path(root).rglob("*")

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from unetlab.checkpoint import load_checkpoint, save_atomic
-from unetlab.config.settings import TrainSettings
+from unetlab.config.settings import DataSettings, ModelSettings, TrainSettings
 from unetlab.data.sources import build_augment, make_batches
 from unetlab.errors import UnetlabError
 from unetlab.model.deep_supervision import deep_supervision_loss
@@ -259,11 +259,12 @@ def _build(setup: TrainSetup) -> _Parts:
     """Model (on its device, in its memory format), optimiser, schedule, scaler, loss, metrics, data."""
     prep, dist, runtime = setup.prepared, setup.dist, setup.prepared.runtime
     cfg, t = prep.run.config, TrainSettings.from_config(prep.run.config)
+    data, model_settings = DataSettings.from_config(cfg), ModelSettings.from_config(cfg)
     device = dist.device(runtime.device)
     # resuming loads the checkpoint's weights next: a pretrained encoder reads no file and no hub
     model = build_unet(cfg["model"], prep.in_channels, prep.out_channels, setup.registry,
                        pretrained="skip" if setup.resume is not None else "load").to(device)
-    model.return_auxiliary = bool(cfg["model"].get("deep_supervision"))
+    model.return_auxiliary = model_settings.deep_supervision
     if runtime.channels_last:
         # torch's stubs for Module.to omit its documented memory_format keyword (accepted at run time)
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -274,7 +275,7 @@ def _build(setup: TrainSetup) -> _Parts:
     train_set, val_set = prep.source.split("train"), prep.source.split("val")
     if len(train_set) == 0:
         raise UnetlabError(f"run '{prep.run.name}': the training split is empty")
-    batch, workers = cfg["data"]["batch_size"], cfg["data"]["num_workers"]
+    batch, workers = data.batch_size, data.num_workers
     forward: Callable = model
     if dist.enabled:  # gradients are averaged over ranks: N processes x batch b train like one with batch N*b
         from torch.nn.parallel import DistributedDataParallel
@@ -292,7 +293,7 @@ def _build(setup: TrainSetup) -> _Parts:
         # an in-memory split that fits lives on the device (same batches, same order as a DataLoader)
         train_loader=make_batches(train_set, batch, True, workers, runtime.pin_memory, device, dist.rank,
                                   dist.world_size),
-        val_loader=make_batches(val_set, cfg["data"]["val_batch_size"] or batch, False, workers, runtime.pin_memory,
+        val_loader=make_batches(val_set, data.val_batch_size or batch, False, workers, runtime.pin_memory,
                                 device),
         device=device)
 
