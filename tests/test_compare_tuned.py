@@ -95,6 +95,11 @@ def test_compare_on_a_tuned_experiment_through_the_cli(store, tmp_path):
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout
     assert f"judged on the held-out test split ({TEST_IMAGES} images)" in text
+    # the test split is scored once, on the checkpoint validation chose: one column, no "best"/"final" epoch of it
+    header = next(line for line in text.splitlines() if line.startswith("variant "))
+    assert header.split()[:5] == ["variant", "seeds", "test_iou", "(best", "checkpoint)"] and "final" not in header
+    steady = next(line for line in text.splitlines() if line.startswith("steady ") and "+-" in line)
+    assert steady.split()[2] == f"{np.mean(held_out_values()['steady']):.4f}"
     assert "steady vs erratic: steady better" in text  # the test split's verdict, not the validation split's
     # the budget per variant, as the studies logged it (the failed column: trial runs found in that state)
     budget = next(line for line in text.splitlines() if line.strip().startswith("steady ") and "train.lr=0.003" in line)

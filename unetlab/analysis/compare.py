@@ -573,12 +573,15 @@ def render(result: Comparison | dict[str, Any], fmt: str) -> str:
         writer.writerows(data["rows"])
         return out.getvalue()
     cross_validated = data.get("cross_validated", False)
-    header = ["variant", "folds x seeds" if cross_validated else "seeds", f"best {metric}", f"final {metric}",
-              "params", "GFLOPs", "train s"]
+    # the test split is scored once, on the checkpoint validation chose: no "best" or "final" epoch of it
+    held_out = data.get("split") == "test"
+    scores = [f"{metric} (best checkpoint)"] if held_out else [f"best {metric}", f"final {metric}"]
+    header = ["variant", "folds x seeds" if cross_validated else "seeds", *scores, "params", "GFLOPs", "train s"]
     lines = [[r["variant"], f"{r['folds']} x {r['seeds']}" if cross_validated else str(r["seeds"]),
               _pm(r[f"best_{metric}_mean"], r[f"best_{metric}_std"]),
-              _pm(r[f"final_{metric}_mean"], r[f"final_{metric}_std"]), f"{r['params']:,}", f"{r['gflops']:.3f}",
-              _pm(r["train_time_s_mean"], r["train_time_s_std"], 1)] for r in data["rows"]]
+              *([] if held_out else [_pm(r[f"final_{metric}_mean"], r[f"final_{metric}_std"])]),
+              f"{r['params']:,}", f"{r['gflops']:.3f}", _pm(r["train_time_s_mean"], r["train_time_s_std"], 1)]
+             for r in data["rows"]]
     if fmt == "md":
         text = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         text += ["| " + " | ".join(line) + " |" for line in lines]

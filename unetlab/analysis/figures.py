@@ -187,7 +187,8 @@ def comparison_figure(result: dict[str, Any]):
     ax_seeds.set_xticks(range(len(names)), names, rotation=20 if len(names) > 3 else 0)
     ax_seeds.margins(y=0.15)
     better = "higher" if result["higher_is_better"] else "lower"
-    ax_seeds.set(ylabel=f"best {metric}", title=f"best {metric} per {unit.split(' ')[0]} ({better} is better)")
+    score = f"{metric} of the best checkpoint" if result.get("split") == "test" else f"best {metric}"
+    ax_seeds.set(ylabel=score, title=f"{score} per {unit.split(' ')[0]} ({better} is better)")
     ax_seeds.legend(fontsize=8)
 
     margin = result.get("margin")
