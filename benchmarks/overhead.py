@@ -1,12 +1,13 @@
 """What does unetlab's trainer cost over a bare PyTorch loop? (goal: within 3%)
 
-One process, interleaved rounds (alternating which loop goes first). Each round trains one epoch of the
-headline experiment's first run (concat/seed=1 of experiments/concat_vs_add.yaml, augmentation off so both
-loops do the same work) with
-``unetlab.training.trainer.train_run``, then one epoch of a hand-written loop: the same model
-config, optimizer, loss and batches (the same order), nothing else. Compared: training time per image. The
-trainer's time comes from its own ``images_per_s`` (the training loop only, data loading included;
-validation and the checkpoint written after each epoch are reported separately).
+One process, interleaved rounds (alternating which loop goes first); the figure is the median over rounds of
+each round's ratio (the two loops of a round share the machine's speed of that minute). Each round trains
+one epoch of the headline experiment's first run (concat/seed=1 of experiments/concat_vs_add.yaml,
+augmentation off so both loops do the same work) with ``unetlab.training.trainer.train_run``, then one
+epoch of a hand-written loop: the same model config, optimizer, loss and batches (the same order), nothing
+else. Compared: training time per image. The trainer's time comes from its own ``images_per_s`` (the
+training loop only, data loading included; validation and the checkpoint written after each epoch are
+reported separately).
 
 On ``--device cuda`` both run on the GPU as a run does there: the trainer's own precision (bf16
 autocast), memory format (channels_last) and deterministic setting, the bare loop the same, with the
@@ -111,7 +112,13 @@ def main() -> None:
           f"run {run.name}, {len(train_set)} images/epoch, batch {batch}, {args.rounds} interleaved rounds")
     print(f"bare loop:   {br * 1000:.3f} ms/image  (rounds: {', '.join(f'{x * 1000:.3f}' for x in bare)})")
     print(f"unetlab:     {tr * 1000:.3f} ms/image  (rounds: {', '.join(f'{x * 1000:.3f}' for x in trainer)})")
-    print(f"ratio unetlab / bare: {tr / br:.3f} (goal: within 1.03)")
+    # each round trains both back to back: its ratio cancels the machine's speed that minute, which drifts by
+    # 30% over a run here, so the median of the per-round ratios is the figure held to the goal
+    paired = sorted(t / b for t, b in zip(trainer, bare))
+    low, high = paired[len(paired) // 4], paired[(3 * len(paired)) // 4]
+    print(f"ratio unetlab / bare, paired by round: {statistics.median(paired):.3f} (goal: within 1.03; "
+          f"rounds' quartiles {low:.3f} to {high:.3f})")
+    print(f"ratio of the medians above: {tr / br:.3f} (moves with the machine's drift between rounds)")
     print(f"per epoch outside the training loop (validation, checkpoint): {statistics.median(extras):.2f} s")
 
 
