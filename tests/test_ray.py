@@ -150,6 +150,24 @@ def test_ctrl_c_reaches_every_trainer_at_once_and_reports_true_statuses(tmp_path
     assert not _trainers_of(parents[0].info.run_id)
 
 
+@pytest.mark.parametrize("cpus_per_run, threads, cpus, gpus, width", [
+    (None, 2, 16, 0, 8),     # CPUs over train.threads
+    (None, 2, 16, 1, 1),     # each task reserves one GPU: one GPU trains one trial at a time
+    (None, 2, 16, 4, 4),
+    (0.1, 1, 1, 0, 10),      # --ray-cpus 0.1 on one CPU: ten tasks fit (no float floor error)
+    (None, 4, 2, 0, 1),      # a run wanting more threads than the cluster has: reserved capped, one at a time
+    (None, 1, 3, 0, 3),
+])
+def test_a_batch_of_trials_is_as_wide_as_the_cluster_trains_at_once(cpus_per_run, threads, cpus, gpus, width):
+    from unetlab.runs.ray_runs import RayPlan, fitting_tasks, reservations
+
+    plan = RayPlan(None, cpus_per_run)
+    assert fitting_tasks(plan, threads, cpus, gpus) == width
+    if not gpus:  # the same count as the note run_on_ray prints for that many runs
+        _, note = reservations(plan, [threads] * (width + 1), cpus)
+        assert note is not None and f"Ray trains {width} at once" in note
+
+
 def test_a_tasks_environment_does_not_set_its_thread_count(monkeypatch):
     from unetlab.runs.ray_runs import task_env
 

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from unetlab.tracking.run_tracker import Tracker
 
 __all__ = ["RayPlan", "check_ray_settings", "connect", "die_with_ray_worker", "disconnect", "parse_address",
-           "reservations", "run_on_ray", "task_env", "tasks_at_once"]
+           "fitting_tasks", "reservations", "run_on_ray", "task_env", "tasks_at_once"]
 
 INSTALL_HINT = "--ray needs Ray: pip install 'unetlab[ray]'"
 # How long cancelled tasks get to mark their runs KILLED before they are force-cancelled.
@@ -265,12 +265,22 @@ def _fitting(cpus: Sequence[float], total: float) -> int:
 
 def tasks_at_once(plan: RayPlan, threads: int) -> int:
     """How many runs of ``threads`` threads the connected cluster trains at once (at least 1): the width of a
-    batch of tuning trials on Ray. Call ``connect`` first."""
+    batch of tuning trials on Ray. A task reserves one GPU when the cluster has any (``run_on_ray``), so the
+    GPUs cap it too. Call ``connect`` first."""
     import ray
 
-    total = max(float(ray.cluster_resources().get("CPU", 1.0)), 1.0)
+    resources = ray.cluster_resources()
+    return fitting_tasks(plan, threads, resources.get("CPU", 1.0), resources.get("GPU", 0.0))
+
+
+def fitting_tasks(plan: RayPlan, threads: int, cluster_cpus: float, cluster_gpus: float) -> int:
+    """``tasks_at_once`` for a cluster of ``cluster_cpus`` CPUs and ``cluster_gpus`` GPUs (at least 1)."""
+    total = max(float(cluster_cpus), 1.0)
     cpus, _ = reservations(plan, [threads], total)
-    return max(int(total // cpus[0] + 1e-9), 1)
+    width = int(total / cpus[0] + 1e-9)
+    if cluster_gpus >= 1:  # one GPU per task
+        width = min(width, int(cluster_gpus))
+    return max(width, 1)
 
 
 def run_on_ray(plan: RayPlan, path: str | Path, overrides: Sequence[str], resume: bool,
