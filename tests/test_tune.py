@@ -224,9 +224,11 @@ def test_pruning_stops_a_bad_trial_and_its_epochs_are_counted(tmp_path):
 
 @pytest.mark.slow
 def test_jobs_and_ray_train_the_same_trials_with_the_same_numbers_as_one_process(tmp_path):
-    pytest.importorskip("ray")
+    import importlib.util
+
+    schedules = ["sequential", "jobs"] + (["ray"] if importlib.util.find_spec("ray") else [])  # the [ray] extra
     trials, finals = {}, {}
-    for how in ("sequential", "jobs", "ray"):
+    for how in schedules:
         folder = tmp_path / how
         folder.mkdir()
         path = write(folder, extra="variants: {concat: {model.fusion: concat}}\ntune: {trials: 2}")
@@ -251,8 +253,8 @@ def test_jobs_and_ray_train_the_same_trials_with_the_same_numbers_as_one_process
                              for f in by_role(runs, "final"))
         assert len(finals[how]) == 2 and all(lr == study.data.params["tune.best.train.lr"] for _, lr, _ in finals[how])
     # the schedule is not the experiment: the same trials, objectives and final results every way
-    assert trials["sequential"] == trials["jobs"] == trials["ray"] and len(trials["ray"]) == 2
-    assert finals["sequential"] == finals["jobs"] == finals["ray"]
+    assert all(trials[how] == trials["sequential"] and finals[how] == finals["sequential"] for how in schedules)
+    assert len(trials["sequential"]) == 2
 
 
 KILLER = '''
