@@ -115,6 +115,14 @@ def test_compare_on_a_tuned_experiment_through_the_cli(store, tmp_path):
     assert "tuned per variant (one search space and budget): train.lr" in text
     budget_png = tmp_path / "cmp-budget.png"
     assert out.stat().st_size > 5000 and budget_png.stat().st_size > 5000
+    # the parent run's description (the dashboard) names the score as the table does
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(store)
+    [parent] = client.search_runs([client.get_experiment_by_name("tuned").experiment_id],
+                                  filter_string="tags.`unetlab.parent` = 'true'")
+    assert "\nComparison of test_iou of the best checkpoint (higher is better; margin ±0.01)" in \
+        parent.data.tags["mlflow.note.content"]
 
 
 def test_json_has_the_curves_and_only_final_runs(store, tmp_path):
@@ -133,9 +141,10 @@ def test_compute_ratio_flag_sets_the_contract_threshold_and_a_bad_one_is_one_lin
     proc = run_cli("compare", "tuned", "--tracking-uri", store, "--out", str(tmp_path / "c.png"),
                    "--compute-ratio", "1.2")
     assert proc.returncode == 0, proc.stderr
-    assert "by more than 1.2x (set by compare.compute_ratio or --compute-ratio)" in proc.stdout
-    proc = run_cli("compare", "tuned", "--tracking-uri", store, "--out", str(tmp_path / "d.png"),
-                   "--compute-ratio", "0.9")
-    assert proc.returncode == 2
-    assert proc.stderr.strip() == "unetlab: error: --compute-ratio: must be a number > 1, got 0.9"
-    assert not (tmp_path / "d.png").exists()
+    assert "by more than 1.2x (set by --compute-ratio)" in proc.stdout
+    for experiment in ("tuned", "no-such-experiment"):  # the flag is checked before the store is read
+        proc = run_cli("compare", experiment, "--tracking-uri", store, "--out", str(tmp_path / "d.png"),
+                       "--compute-ratio", "0.9")
+        assert proc.returncode == 2
+        assert proc.stderr.strip() == "unetlab: error: --compute-ratio: must be a number > 1, got 0.9"
+        assert not (tmp_path / "d.png").exists()

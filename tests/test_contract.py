@@ -128,7 +128,7 @@ def test_validate_prints_the_contract_and_warns_when_compute_differs(tmp_path):
     assert "train 20 / val 4 / test 4" in text
 
 
-@pytest.mark.parametrize("ratio, warned", [(None, True), (100, False), (1.01, True)])
+@pytest.mark.parametrize("ratio, warned", [(None, True), (100, False), (1.01, True), (1.5, True)])
 def test_the_compute_ratio_of_the_experiment_file_sets_the_warning(tmp_path, ratio, warned):
     from conftest import run_cli
 
@@ -138,7 +138,7 @@ def test_the_compute_ratio_of_the_experiment_file_sets_the_warning(tmp_path, rat
     assert proc.returncode == 0, proc.stderr
     # large has 4x the channels of small, over 10x its FLOPs: warned at 1.5x and 1.01x, not at 100x
     assert any("warning:" in line and "compute" in line for line in proc.stdout.splitlines()) == warned
-    said = "1.5x (the default; compare.compute_ratio" if ratio is None else f"{ratio}x (set by compare.compute_ratio"
+    said = "1.5x (the default; compare.compute_ratio" if ratio is None else f"{ratio}x (set by compare.compute_ratio)"
     assert f"differ in compute or time by more than {said}" in proc.stdout
 
 

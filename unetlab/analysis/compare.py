@@ -314,15 +314,20 @@ class _Selection:
     tuning: TuningReport | None
 
 
-def compare_runs(client, experiment_id: str, metric: str | None, parent_id: str | None,
-                 margin: float | None = None, direction: str | None = None,
-                 compute_ratio: float | None = None) -> Comparison:
-    """Gather the comparison of one parent run's final runs (see the module docstring); ``compute_ratio``:
-    the contract's warning threshold (None: ``COMPUTE_RATIO``)."""
+def check_compare_options(margin: float | None, compute_ratio: float | None) -> None:
+    """``--margin`` and ``--compute-ratio`` as given: one line when out of range (before any store is read)."""
     if margin is not None and not (margin > 0 and math.isfinite(margin)):
         raise ConfigError(f"--margin: must be a positive number, got {margin}")
     if compute_ratio is not None and not (compute_ratio > 1 and math.isfinite(compute_ratio)):
         raise ConfigError(f"--compute-ratio: must be a number > 1, got {compute_ratio}")
+
+
+def compare_runs(client, experiment_id: str, metric: str | None, parent_id: str | None,
+                 margin: float | None = None, direction: str | None = None,
+                 compute_ratio: float | None = None, compute_ratio_source: str = "--compute-ratio") -> Comparison:
+    """Gather the comparison of one parent run's final runs (see the module docstring); ``compute_ratio``:
+    the contract's warning threshold (None: ``COMPUTE_RATIO``), which ``compute_ratio_source`` names."""
+    check_compare_options(margin, compute_ratio)
     parent_id = parent_id or _find_parent(client, experiment_id)
     warnings: list[str] = []
     selection = _select_runs(client, experiment_id, parent_id, warnings)
@@ -350,7 +355,8 @@ def compare_runs(client, experiment_id: str, metric: str | None, parent_id: str 
     pairs = _pairs(groups, tables, bests, names, fold_seed, margin, direction, cross_validated)
     tuned = sorted({k for b in selection.tuning.budgets for k in b.best_params}) if selection.tuning else []
     contract = build_contract(records_from_runs([(v, r) for v, runs in groups.items() for r in runs], tuned),
-                              tuned=tuned, ratio=COMPUTE_RATIO if compute_ratio is None else compute_ratio)
+                              tuned=tuned, ratio=COMPUTE_RATIO if compute_ratio is None else compute_ratio,
+                              ratio_source="default" if compute_ratio is None else compute_ratio_source)
     images = [len(read.images) for by_replicate in tables.values() for read in by_replicate.values() if read.images]
     return Comparison(
         metric=metric, direction=direction, direction_source=direction_source, margin=margin,

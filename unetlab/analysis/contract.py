@@ -83,10 +83,12 @@ class ComparisonContract:
     variants: list[VariantCosts]
     ratio: float
     warnings: list[str] = field(default_factory=list)
+    ratio_source: str = "default"             # where ratio came from: "default", "compare.compute_ratio", a flag
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data for ``compare --format json`` and ``compare.json``."""
-        return {"factor": self.factor, "tuned": self.tuned, "compute_ratio": self.ratio, "warnings": self.warnings,
+        return {"factor": self.factor, "tuned": self.tuned, "compute_ratio": self.ratio,
+                "compute_ratio_source": self.ratio_source, "warnings": self.warnings,
                 "variants": [vars(v) for v in self.variants]}
 
 
@@ -98,7 +100,8 @@ def contract_from_dict(data: Mapping[str, Any]) -> ComparisonContract:
 
     return ComparisonContract(factor=dict(data["factor"]), tuned=list(data["tuned"]),
                               variants=[costs(v) for v in data["variants"]], ratio=float(data["compute_ratio"]),
-                              warnings=list(data["warnings"]))
+                              warnings=list(data["warnings"]),
+                              ratio_source=str(data.get("compute_ratio_source") or "default"))
 
 
 def _text(value: Any) -> str:
@@ -185,11 +188,12 @@ def _warnings(variants: list[VariantCosts], factor: dict[str, Any], ratio: float
 
 
 def build_contract(records: Sequence[RunRecord], *, tuned: Sequence[str] = (),
-                   ratio: float = COMPUTE_RATIO) -> ComparisonContract:
+                   ratio: float = COMPUTE_RATIO, ratio_source: str = "default") -> ComparisonContract:
     """The comparison contract of these runs, variants in the order they first appear.
 
     ``tuned``: config keys a ``tune:`` section searched per variant (listed apart, never the factor).
-    ``ratio``: the compute and time ratio between variants above which a warning is given (> 1).
+    ``ratio``: the compute and time ratio between variants above which a warning is given (> 1), which
+    ``ratio_source`` names ("default", "compare.compute_ratio", "--compute-ratio").
     """
     if not ratio > 1:
         raise ValueError(f"the compute ratio must be greater than 1, got {ratio!r}")
@@ -199,7 +203,7 @@ def build_contract(records: Sequence[RunRecord], *, tuned: Sequence[str] = (),
     variants = [_costs(name, group) for name, group in by_variant.items()]
     factor = differing_keys({name: [r.config for r in group] for name, group in by_variant.items()}, tuned)
     return ComparisonContract(factor=factor, tuned=sorted(tuned), variants=variants, ratio=ratio,
-                              warnings=_warnings(variants, factor, ratio))
+                              warnings=_warnings(variants, factor, ratio), ratio_source=ratio_source)
 
 
 def _range_text(span: tuple[Any, Any] | None, fmt: str = "{:,}") -> str:
@@ -245,7 +249,7 @@ def format_contract(contract: ComparisonContract) -> list[str]:
         notes.append(f"peak memory: {', '.join(sorted({kind.split(' (')[0] for kind in kinds}))}"
                      + (", some of a process that trained other runs before (an upper bound)" if shared else ""))
     source = " (the default; compare.compute_ratio in the experiment file sets it)" \
-        if contract.ratio == COMPUTE_RATIO else " (set by compare.compute_ratio or --compute-ratio)"
+        if contract.ratio_source == "default" else f" (set by {contract.ratio_source})"
     notes.append(f"a warning when variants differ in compute or time by more than {contract.ratio:g}x{source}")
     lines.append("  (" + "; ".join(notes) + ")")
     lines += [f"  warning: {w}" for w in contract.warnings]

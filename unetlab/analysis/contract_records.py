@@ -59,8 +59,9 @@ def records_before_training(experiment: Any, registry: Any) -> list[RunRecord]:
 def contract_before_training(experiment: Any, registry: Any) -> ComparisonContract:
     """The comparison contract of a loaded experiment, as far as it is known before training."""
     tuned = [p.key for p in experiment.tune.params] if experiment.tune is not None else []
-    ratio = experiment.compute_ratio if experiment.compute_ratio is not None else COMPUTE_RATIO
-    return build_contract(records_before_training(experiment, registry), tuned=tuned, ratio=ratio)
+    ratio, source = (COMPUTE_RATIO, "default") if experiment.compute_ratio is None else \
+        (experiment.compute_ratio, "compare.compute_ratio")
+    return build_contract(records_before_training(experiment, registry), tuned=tuned, ratio=ratio, ratio_source=source)
 
 
 def _number(text: Any, kind: Callable[[Any], Any] = float) -> Any:

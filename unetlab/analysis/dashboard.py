@@ -210,7 +210,8 @@ def comparison_markdown(result: dict[str, Any], figure_name: str) -> str:
     margin = f"margin ±{result['margin']:g}" if result.get("margin") is not None else "no margin set"
     # first a one-paragraph summary: the UI shows a description's first lines only until "Show more"
     short = " · ".join(f"**{p['a']} vs {p['b']}: {str(p['verdict']).split(':', 1)[0]}**" for p in result["pairs"])
-    lines = [f"Comparison of best {metric} ({better} is better; {margin}){': ' + short if short else ''}", ""]
+    score = f"{metric} of the best checkpoint" if result.get("split") == "test" else f"best {metric}"
+    lines = [f"Comparison of {score} ({better} is better; {margin}){': ' + short if short else ''}", ""]
     if result["pairs"]:
         lines += ["| pair | verdict | paired difference A − B [95% CI] | n | Wilcoxon p (Holm) | seed-level p |",
                   "|---|---|---|---|---|---|"]
@@ -291,7 +292,8 @@ def report_dashboard(client, experiment_id: str, parent_id: str, monitor: str, m
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # per-image tables: no bars
     try:
         set_runs_view(client, experiment_id, parent_id, monitor, factor_keys(runs), group_tags(runs))
-        result = compare_runs(client, experiment_id, None, parent_id, margin, compute_ratio=compute_ratio).as_dict()
+        result = compare_runs(client, experiment_id, None, parent_id, margin, compute_ratio=compute_ratio,
+                              compute_ratio_source="compare.compute_ratio").as_dict()
         log_comparison(client, result)
     except Exception as exc:  # noqa: BLE001 -- the runs are done; a comparison problem must not change that
         print(f"unetlab: warning: comparison not logged to parent run {parent_id}: {exception_text(exc)}",

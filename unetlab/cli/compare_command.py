@@ -11,7 +11,7 @@ import re
 import sys
 from pathlib import Path
 
-from unetlab.analysis.compare import BUDGET_FIGURE, compare_runs, render
+from unetlab.analysis.compare import BUDGET_FIGURE, check_compare_options, compare_runs, render
 from unetlab.analysis.tuning_budget import budget_figure
 from unetlab.errors import UnetlabError, did_you_mean
 
@@ -27,6 +27,8 @@ def compare_command(target: str, metric: str | None, fmt: str, out: str | None, 
 
     from unetlab.tracking.run_tracker import resolve_tracking_uri
 
+    check_compare_options(margin, compute_ratio)  # flags first: a bad one is one line before the store is read
+    ratio_source = "--compute-ratio"
     name, config_uri = target, None
     if target.endswith((".yaml", ".yml")) or Path(target).is_file():
         from unetlab.config.experiment import load_experiment
@@ -34,7 +36,8 @@ def compare_command(target: str, metric: str | None, fmt: str, out: str | None, 
         experiment = load_experiment(target)
         name, config_uri = experiment.name, experiment.runs[0].settings.tracking.uri
         margin = experiment.compare_margin if margin is None else margin
-        compute_ratio = experiment.compute_ratio if compute_ratio is None else compute_ratio
+        if compute_ratio is None:
+            compute_ratio, ratio_source = experiment.compute_ratio, "compare.compute_ratio"
     uri = tracking_uri or resolve_tracking_uri(config_uri)
     import mlflow
 
@@ -46,7 +49,7 @@ def compare_command(target: str, metric: str | None, fmt: str, out: str | None, 
         names = [e.name for e in client.search_experiments()]
         raise UnetlabError(f"no MLflow experiment named '{name}' at {mlflow.get_tracking_uri()}"
                            f"{did_you_mean(name, names)} (experiments: {', '.join(names) or 'none'})")
-    result = compare_runs(client, found.experiment_id, metric, parent, margin, direction, compute_ratio)
+    result = compare_runs(client, found.experiment_id, metric, parent, margin, direction, compute_ratio, ratio_source)
     for line in result.warnings:
         print(f"unetlab: warning: {line}", file=sys.stderr)
     print(render(result, fmt))

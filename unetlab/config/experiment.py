@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
-import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -566,8 +565,8 @@ def compare_settings(section: Any, at: Callable[[KeyPath], str]) -> CompareSetti
     for key, value, above in (("margin", margin, 0.0), ("compute_ratio", ratio, 1.0)):
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
-                value <= above:
+        # a chained comparison, not math.isfinite: a 400-digit YAML integer would overflow a float
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not above < value < float("inf"):
             raise ConfigError(f"{at(('compare', key))}: compare.{key}: expected {COMPARE_KEYS[key]}, got {value!r}")
     return CompareSettings(None if margin is None else float(margin), None if ratio is None else float(ratio))
 
