@@ -114,8 +114,8 @@ def main() -> None:
     print(f"unetlab:     {tr * 1000:.3f} ms/image  (rounds: {', '.join(f'{x * 1000:.3f}' for x in trainer)})")
     # each round trains both back to back: its ratio cancels the machine's speed that minute, which drifts by
     # 30% over a run here, so the median of the per-round ratios is the figure held to the goal
-    paired = sorted(t / b for t, b in zip(trainer, bare))
-    low, high = paired[len(paired) // 4], paired[(3 * len(paired)) // 4]
+    paired = [t / b for t, b in zip(trainer, bare)]
+    low, _, high = statistics.quantiles(paired, n=4) if len(paired) > 1 else (paired[0],) * 3
     print(f"ratio unetlab / bare, paired by round: {statistics.median(paired):.3f} (goal: within 1.03; "
           f"rounds' quartiles {low:.3f} to {high:.3f})")
     print(f"ratio of the medians above: {tr / br:.3f} (moves with the machine's drift between rounds)")
