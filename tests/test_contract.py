@@ -148,6 +148,7 @@ def test_the_compute_ratio_of_the_experiment_file_sets_the_warning(tmp_path, rat
     ("true", "compare.compute_ratio: expected a number > 1, got True"),
     (".inf", "compare.compute_ratio: expected a number > 1, got inf"),
     ("'2'", "compare.compute_ratio: expected a number > 1, got '2'"),
+    ("9" * 400, f"compare.compute_ratio: expected a number > 1, got {'9' * 400}"),  # too big for a float
 ])
 def test_a_bad_compute_ratio_is_one_line_exit_2(tmp_path, value, message):
     from conftest import run_cli

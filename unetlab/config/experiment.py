@@ -561,14 +561,25 @@ def compare_settings(section: Any, at: Callable[[KeyPath], str]) -> CompareSetti
         if key not in COMPARE_KEYS:
             raise ConfigError(f"{at(('compare', str(key)))}: compare.{key}: unknown key"
                               f"{did_you_mean(str(key), list(COMPARE_KEYS))} (allowed: {allowed})")
-    margin, ratio = section.get("margin"), section.get("compute_ratio")
-    for key, value, above in (("margin", margin, 0.0), ("compute_ratio", ratio, 1.0)):
-        if value is None:
-            continue
-        # a chained comparison, not math.isfinite: a 400-digit YAML integer would overflow a float
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not above < value < float("inf"):
+    numbers: dict[str, float | None] = {}
+    for key, above in (("margin", 0.0), ("compute_ratio", 1.0)):
+        value = section.get(key)
+        numbers[key] = None if value is None else _number_above(value, above)
+        if value is not None and numbers[key] is None:
             raise ConfigError(f"{at(('compare', key))}: compare.{key}: expected {COMPARE_KEYS[key]}, got {value!r}")
-    return CompareSettings(None if margin is None else float(margin), None if ratio is None else float(ratio))
+    return CompareSettings(numbers["margin"], numbers["compute_ratio"])
+
+
+def _number_above(value: Any, above: float) -> float | None:
+    """``value`` as a finite float greater than ``above``, or None (not a number, out of range, or an integer
+    too large for a float: YAML reads 400 digits as an int)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if above < number < float("inf") else None
 
 
 def _apply(layers: _Layers, key: str, value: Any, origin: _Origin, lines: dict, key_path: KeyPath,
