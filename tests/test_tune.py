@@ -150,6 +150,25 @@ def test_resume_trains_no_finished_trial_or_final_run_again(tmp_path):
         {r.info.run_id: 2.0 for r in by_role(before, "study")}
 
 
+@pytest.mark.parametrize("sampler", ["tpe", "qmc"])
+def test_the_other_samplers_tune_end_to_end_within_the_space(tmp_path, sampler):
+    path = write(tmp_path, extra=f"variants: {{concat: {{model.fusion: concat}}}}\nseeds: [1]\n"
+                                 f"tune: {{trials: 3, sampler: {sampler}, seed: 11}}")
+    proc = run_cli("run", str(path), "--quiet", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    _, runs = all_runs(tmp_path)
+    [study], trials, [final] = by_role(runs, "study"), by_role(runs, "trial"), by_role(runs, "final")
+    assert study.info.status == "FINISHED" and study.data.params["tune.sampler"] == sampler
+    assert study.data.metrics["tune.trials"] == 3 and len(trials) == 3
+    draws = {(t.data.params["train.lr"], t.data.params["train.weight_decay"]) for t in trials}
+    assert len(draws) == 3  # three different points of the space
+    for lr, wd in draws:
+        assert 1e-3 <= float(lr) <= 3e-2 and 0.0 <= float(wd) <= 1e-3
+    best = max(trials, key=lambda t: (t.data.metrics["tune.objective"], -int(t.data.tags["unetlab.trial_number"])))
+    assert float(final.data.params["train.lr"]) == pytest.approx(float(best.data.params["train.lr"]), rel=1e-9)
+    assert "test_iou" in final.data.metrics
+
+
 def test_an_untuned_experiment_tags_its_runs_final(tmp_path):
     path = write(tmp_path, extra="seeds: [1]\ntrain: {epochs: 1}", drop=("tune",))
     assert run_cli("run", str(path), "--quiet", cwd=tmp_path).returncode == 0
