@@ -13,25 +13,34 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Literal, Optional, TypeVar, Union
+from typing import Any, ClassVar, Literal, Optional, TypeVar, Union
 
 from unetlab.config.schema import SCHEMA, Auto, Channels
 
 __all__ = ["DataSettings", "ModelSettings", "RunSettings", "TrackingSettings", "TrainSettings"]
 
-_Section = TypeVar("_Section")
+_S = TypeVar("_S", bound="_Section")
 
 
-def _section(cls: type[_Section], name: str, config: Mapping[str, Any]) -> _Section:
-    """Section ``name`` of a run's config as ``cls``; a key the config lacks (a config written before the key
-    existed, read back from a checkpoint) takes the schema's default, as validation would have given it."""
-    section = config.get(name) or {}
-    return cls(**{f.name: section.get(f.name, SCHEMA[name][f.name].default) for f in fields(cls)})  # type: ignore[arg-type]
+class _Section:
+    """What every section's settings share: the section they mirror, and building them from a run's config."""
+
+    SECTION: ClassVar[str]
+
+    @classmethod
+    def from_config(cls: type[_S], config: Mapping[str, Any]) -> _S:
+        """The section's settings in a run's config; a key the config lacks (a config written before the key
+        existed, read back from a checkpoint) takes the schema's default, as validation would have given it."""
+        section = config.get(cls.SECTION) or {}
+        return cls(**{f.name: section.get(f.name, SCHEMA[cls.SECTION][f.name].default)
+                      for f in fields(cls)})  # type: ignore[arg-type]  # subclasses are dataclasses
 
 
 @dataclass(frozen=True)
-class DataSettings:
+class DataSettings(_Section):
     """The ``data`` section of one run's validated config."""
+
+    SECTION: ClassVar[str] = "data"
 
     dataset: Any  # a component spec: built by the dataset registry
     batch_size: int
@@ -46,15 +55,12 @@ class DataSettings:
     folds: Optional[int]
     fold: int
 
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> DataSettings:
-        """The data settings of a run's config (missing keys: the schema's defaults)."""
-        return _section(cls, "data", config)
-
 
 @dataclass(frozen=True)
-class ModelSettings:
+class ModelSettings(_Section):
     """The ``model`` section of one run's validated config."""
+
+    SECTION: ClassVar[str] = "model"
 
     in_channels: Union[int, Auto]
     out_channels: Union[int, Auto]
@@ -66,15 +72,12 @@ class ModelSettings:
     decoder_channels: Optional[list[Channels]]
     deep_supervision: bool
 
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> ModelSettings:
-        """The model settings of a run's config (missing keys: the schema's defaults)."""
-        return _section(cls, "model", config)
-
 
 @dataclass(frozen=True)
-class TrackingSettings:
+class TrackingSettings(_Section):
     """The ``tracking`` section of one run's validated config."""
+
+    SECTION: ClassVar[str] = "tracking"
 
     uri: Optional[str]
     log_model: bool
@@ -82,15 +85,12 @@ class TrackingSettings:
     figures: bool
     system_metrics: Union[bool, Auto]
 
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> TrackingSettings:
-        """The tracking settings of a run's config (missing keys: the schema's defaults)."""
-        return _section(cls, "tracking", config)
-
 
 @dataclass(frozen=True)
-class TrainSettings:
+class TrainSettings(_Section):
     """The ``train`` section of one run's validated config (see the README's reference table for each key)."""
+
+    SECTION: ClassVar[str] = "train"
 
     seed: int
     epochs: int
@@ -121,11 +121,6 @@ class TrainSettings:
     freeze_encoder_epochs: int
     gradient_checkpointing: bool
     deterministic: bool
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> TrainSettings:
-        """The train settings of a run's config (missing keys: the schema's defaults)."""
-        return _section(cls, "train", config)
 
 
 @dataclass(frozen=True)
