@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 
 from unetlab.config.experiment import Run
-from unetlab.config.settings import DataSettings, TrackingSettings, TrainSettings
+from unetlab.config.settings import RunSettings
 from unetlab.data.options import source_key
 from unetlab.data.sources import build_augment, build_source, model_io
 from unetlab.errors import ConfigError, UnetlabError, did_you_mean
@@ -109,18 +109,18 @@ def _amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
 def resolve_runtime(config: dict, world_size: int = 1) -> Runtime:
     """Device, autocast dtype and memory format of a resolved run config, for a job of ``world_size``
     processes; every combination that cannot train is a ``ConfigError`` here, before anything is written."""
-    train, data = TrainSettings.from_config(config), DataSettings.from_config(config)
+    settings = RunSettings.from_config(config)
+    train = settings.train
     device = resolve_device(train.device)
     if train.sync_batchnorm and (device.type != "cuda" or world_size < 2):
         raise ConfigError("true needs CUDA and several processes (--nproc-per-node N); this run has "
                           f"{world_size} process(es) on {device.type} (set it to false)", "train.sync_batchnorm")
     cuda = device.type == "cuda"
-    pin = data.pin_memory
+    pin = settings.data.pin_memory
     return Runtime(device=device, amp_dtype=_amp_dtype(train.amp, device),
                    channels_last=train.channels_last is True or (train.channels_last == "auto" and cuda),
                    pin_memory=pin is True or (pin == "auto" and cuda),
-                   system_metrics=system_metrics_enabled(TrackingSettings.from_config(config).system_metrics,
-                                                         device.type))
+                   system_metrics=system_metrics_enabled(settings.tracking.system_metrics, device.type))
 
 
 def monitor_keys(config: dict, num_classes: int, registry: Registry) -> list[str]:

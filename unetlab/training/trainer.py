@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from unetlab.checkpoint import load_checkpoint, save_atomic
-from unetlab.config.settings import DataSettings, ModelSettings, TrainSettings
+from unetlab.config.settings import TrainSettings
 from unetlab.data.sources import build_augment, make_batches
 from unetlab.errors import UnetlabError
 from unetlab.model.deep_supervision import deep_supervision_loss
@@ -258,13 +258,13 @@ def train_run(setup: TrainSetup) -> RunResult:
 def _build(setup: TrainSetup) -> _Parts:
     """Model (on its device, in its memory format), optimiser, schedule, scaler, loss, metrics, data."""
     prep, dist, runtime = setup.prepared, setup.dist, setup.prepared.runtime
-    cfg, t = prep.run.config, TrainSettings.from_config(prep.run.config)
-    data, model_settings = DataSettings.from_config(cfg), ModelSettings.from_config(cfg)
+    cfg, settings = prep.run.config, prep.run.settings
+    t, data = settings.train, settings.data
     device = dist.device(runtime.device)
     # resuming loads the checkpoint's weights next: a pretrained encoder reads no file and no hub
     model = build_unet(cfg["model"], prep.in_channels, prep.out_channels, setup.registry,
                        pretrained="skip" if setup.resume is not None else "load").to(device)
-    model.return_auxiliary = model_settings.deep_supervision
+    model.return_auxiliary = settings.model.deep_supervision
     if runtime.channels_last:
         # torch's stubs for Module.to omit its documented memory_format keyword (accepted at run time)
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
