@@ -59,7 +59,6 @@ from itertools import combinations
 from typing import Any, cast
 
 from unetlab.analysis.contract import (
-    COMPUTE_RATIO,
     ComparisonContract,
     build_contract,
     contract_from_dict,
@@ -324,7 +323,8 @@ def check_compare_options(margin: float | None, compute_ratio: float | None) -> 
 
 def compare_runs(client, experiment_id: str, metric: str | None, parent_id: str | None,
                  margin: float | None = None, direction: str | None = None,
-                 compute_ratio: float | None = None, compute_ratio_source: str = "--compute-ratio") -> Comparison:
+                 compute_ratio: float | None = None,
+                 compute_ratio_source: str = "compare.compute_ratio") -> Comparison:
     """Gather the comparison of one parent run's final runs (see the module docstring); ``compute_ratio``:
     the contract's warning threshold (None: ``COMPUTE_RATIO``), which ``compute_ratio_source`` names."""
     check_compare_options(margin, compute_ratio)
@@ -355,8 +355,7 @@ def compare_runs(client, experiment_id: str, metric: str | None, parent_id: str 
     pairs = _pairs(groups, tables, bests, names, fold_seed, margin, direction, cross_validated)
     tuned = sorted({k for b in selection.tuning.budgets for k in b.best_params}) if selection.tuning else []
     contract = build_contract(records_from_runs([(v, r) for v, runs in groups.items() for r in runs], tuned),
-                              tuned=tuned, ratio=COMPUTE_RATIO if compute_ratio is None else compute_ratio,
-                              ratio_source="default" if compute_ratio is None else compute_ratio_source)
+                              tuned=tuned, ratio=compute_ratio, ratio_source=compute_ratio_source)
     images = [len(read.images) for by_replicate in tables.values() for read in by_replicate.values() if read.images]
     return Comparison(
         metric=metric, direction=direction, direction_source=direction_source, margin=margin,

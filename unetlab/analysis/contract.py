@@ -188,13 +188,15 @@ def _warnings(variants: list[VariantCosts], factor: dict[str, Any], ratio: float
 
 
 def build_contract(records: Sequence[RunRecord], *, tuned: Sequence[str] = (),
-                   ratio: float = COMPUTE_RATIO, ratio_source: str = "default") -> ComparisonContract:
+                   ratio: float | None = None, ratio_source: str = "compare.compute_ratio") -> ComparisonContract:
     """The comparison contract of these runs, variants in the order they first appear.
 
     ``tuned``: config keys a ``tune:`` section searched per variant (listed apart, never the factor).
-    ``ratio``: the compute and time ratio between variants above which a warning is given (> 1), which
-    ``ratio_source`` names ("default", "compare.compute_ratio", "--compute-ratio").
+    ``ratio``: the compute and time ratio between variants above which a warning is given (> 1; None:
+    ``COMPUTE_RATIO``, named "default"), which ``ratio_source`` names ("compare.compute_ratio", "--compute-ratio").
     """
+    if ratio is None:
+        ratio, ratio_source = COMPUTE_RATIO, "default"
     if not ratio > 1:
         raise ValueError(f"the compute ratio must be greater than 1, got {ratio!r}")
     by_variant: dict[str, list[RunRecord]] = {}

@@ -20,7 +20,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from unetlab.analysis.contract import COMPUTE_RATIO, ComparisonContract, RunRecord, build_contract, variant_label
+from unetlab.analysis.contract import ComparisonContract, RunRecord, build_contract, variant_label
 from unetlab.tracking import tags as run_tags
 
 __all__ = ["DERIVED_PARAMS", "contract_before_training", "records_before_training", "records_from_runs"]
@@ -59,9 +59,7 @@ def records_before_training(experiment: Any, registry: Any) -> list[RunRecord]:
 def contract_before_training(experiment: Any, registry: Any) -> ComparisonContract:
     """The comparison contract of a loaded experiment, as far as it is known before training."""
     tuned = [p.key for p in experiment.tune.params] if experiment.tune is not None else []
-    ratio, source = (COMPUTE_RATIO, "default") if experiment.compute_ratio is None else \
-        (experiment.compute_ratio, "compare.compute_ratio")
-    return build_contract(records_before_training(experiment, registry), tuned=tuned, ratio=ratio, ratio_source=source)
+    return build_contract(records_before_training(experiment, registry), tuned=tuned, ratio=experiment.compute_ratio)
 
 
 def _number(text: Any, kind: Callable[[Any], Any] = float) -> Any:

@@ -292,8 +292,7 @@ def report_dashboard(client, experiment_id: str, parent_id: str, monitor: str, m
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # per-image tables: no bars
     try:
         set_runs_view(client, experiment_id, parent_id, monitor, factor_keys(runs), group_tags(runs))
-        result = compare_runs(client, experiment_id, None, parent_id, margin, compute_ratio=compute_ratio,
-                              compute_ratio_source="compare.compute_ratio").as_dict()
+        result = compare_runs(client, experiment_id, None, parent_id, margin, compute_ratio=compute_ratio).as_dict()
         log_comparison(client, result)
     except Exception as exc:  # noqa: BLE001 -- the runs are done; a comparison problem must not change that
         print(f"unetlab: warning: comparison not logged to parent run {parent_id}: {exception_text(exc)}",
