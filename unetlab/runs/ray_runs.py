@@ -119,14 +119,14 @@ def die_with_ray_worker() -> None:
 
 
 def _train_task(command: list[str], env: dict[str, str], tracking_uri: str | None, parent_id: str,
-                run_key: str, cancel_token: str = "", nested_under: str = "") -> dict:
+                run_key: str, cancel_token: str = "", runs_parent: str = "") -> dict:
     """Body of one Ray task: train one run in a child process (``--jsonl``); return its exit code and the
     ``run_end`` event it printed (``{"code": N, "run_end": {...} or None}``), which the driver prints as a
     sequential run's summary line.
 
-    A retry (the previous worker died) finds this run's MLflow run under the parent (under
-    ``nested_under`` for a tuning trial: its study run) and adds ``--resume``, which continues it from its
-    last checkpoint in the same MLflow run.
+    A retry (the previous worker died) finds this run's MLflow run under ``runs_parent`` (the parent, or a
+    tuning trial's study run) and adds ``--resume``, which continues it from its last checkpoint in the same
+    MLflow run.
 
     The child is polled, not waited for: ``ray.cancel`` interrupts this task between Python bytecodes
     (``_thread.interrupt_main``), which a blocking ``wait()`` would not see until the child ended on its own;
@@ -141,7 +141,7 @@ def _train_task(command: list[str], env: dict[str, str], tracking_uri: str | Non
     client = MlflowClient(tracking_uri)
     parent = client.get_run(parent_id)
     earlier = client.search_runs([parent.info.experiment_id], max_results=1, filter_string=(
-        f"tags.`mlflow.parentRunId` = '{nested_under or parent_id}' and tags.`{run_tags.RUN_KEY}` = '{run_key}'"))
+        f"tags.`mlflow.parentRunId` = '{runs_parent or parent_id}' and tags.`{run_tags.RUN_KEY}` = '{run_key}'"))
     if earlier and "--resume" not in command:
         command = [*command, "--resume"]
     child_env = {**os.environ, **env}
@@ -243,7 +243,11 @@ def reservations(plan: RayPlan, threads: Sequence[int], cluster_cpus: float) -> 
     total = max(cluster_cpus, 1.0)
     asked = [float(plan.cpus_per_run if plan.cpus_per_run is not None else t) for t in threads]
     cpus = [min(a, total) for a in asked]
-    at_once = _fitting(cpus, total)
+    at_once, free = 0, total
+    for need in cpus:
+        if need > free + 1e-9:
+            break
+        at_once, free = at_once + 1, free - need
     note = None
     if at_once < len(cpus):
         per_run = "/".join(f"{c:g}" for c in sorted(set(cpus)))
@@ -251,16 +255,6 @@ def reservations(plan: RayPlan, threads: Sequence[int], cluster_cpus: float) -> 
         note = (f"runs reserve {per_run} CPU(s) each ({source}) of the cluster's {total:g}: Ray trains "
                 f"{max(at_once, 1)} at once")
     return cpus, note
-
-
-def _fitting(cpus: Sequence[float], total: float) -> int:
-    """How many of the reservations ``cpus``, taken in order, fit in ``total`` CPUs at once."""
-    at_once, free = 0, total
-    for need in cpus:
-        if need > free + 1e-9:
-            break
-        at_once, free = at_once + 1, free - need
-    return at_once
 
 
 def tasks_at_once(plan: RayPlan, threads: int) -> int:
@@ -300,6 +294,8 @@ def run_on_ray(plan: RayPlan, path: str | Path, overrides: Sequence[str], resume
     """
     import ray
 
+    runs_parent = nested_under or parent_id  # where this batch's runs are created
+    to_end = [runs_parent, parent_id] if nested_under else [parent_id]  # on a stop: their runs, then themselves
     env = task_env(tracker.uri)
     token = f"{os.getpid()}-{time.time_ns()}"  # this invocation's stop request (a resumed parent keeps old tags)
     pending: dict = {}
@@ -312,7 +308,7 @@ def run_on_ray(plan: RayPlan, path: str | Path, overrides: Sequence[str], resume
                                parent_run_id=parent_id)
         # each task reserves as many CPUs as its run has threads: Ray never changes a run's thread count
         pending = {task.options(num_cpus=need).remote([*base, "--run-name", name], env, tracker.uri, parent_id, key,
-                                                      token, nested_under or ""): name
+                                                      token, runs_parent): name
                    for (name, key, _), need in zip(runs, cpus)}
         shown = "/".join(f"{c:g}" for c in sorted(set(cpus)))
         reporter.line(f"submitted {len(pending)} run(s) to Ray ({plan.address or 'local instance'}; "
@@ -331,8 +327,7 @@ def run_on_ray(plan: RayPlan, path: str | Path, overrides: Sequence[str], resume
             if result["code"] != 0:
                 failed.append(name)
             reporter.run_end(name, status, summary, message)
-        tracker.end_running_children(nested_under or parent_id, "FAILED",
-                                     "its Ray worker died and retries were exhausted")
+        tracker.end_running_children(runs_parent, "FAILED", "its Ray worker died and retries were exhausted")
         if nested_under is None:
             tracker.end(parent_id, "FAILED" if failed else "FINISHED")
     except KeyboardInterrupt as exc:
@@ -343,17 +338,17 @@ def run_on_ray(plan: RayPlan, path: str | Path, overrides: Sequence[str], resume
         except Exception:  # noqa: BLE001 -- the store may be what failed: Ray's cancel still goes out
             pass
         _cancel_all(ray, list(pending))  # each run ends itself (KILLED, or FINISHED if it was done)
-        for runs_parent in ([nested_under] if nested_under else []) + [parent_id]:  # what a killed worker left
-            _end_quietly(tracker, runs_parent, "KILLED", "interrupted")                   # RUNNING, then the parent
+        for run_id in to_end:  # what a killed worker left RUNNING, then the run itself
+            _end_quietly(tracker, run_id, "KILLED", "interrupted")
         print(f"unetlab: interrupted by {signal.Signals(signum).name}; Ray tasks cancelled: "
-              f"{_statuses(tracker, nested_under or parent_id, list(pending.values()))}; last checkpoints kept: "
+              f"{_statuses(tracker, runs_parent, list(pending.values()))}; last checkpoints kept: "
               f"resume with 'unetlab run {path} --ray --resume'", file=sys.stderr)
         return 128 + signum
     except BaseException:
         tracker.fail_fast()
         _cancel_all(ray, list(pending))
-        for runs_parent in ([nested_under] if nested_under else []) + [parent_id]:
-            _end_quietly(tracker, runs_parent, "FAILED", "the Ray driver failed")
+        for run_id in to_end:
+            _end_quietly(tracker, run_id, "FAILED", "the Ray driver failed")
         raise
     if failed:
         print(f"unetlab: {len(failed)} run(s) did not finish: {', '.join(failed)}", file=sys.stderr)
